@@ -1,0 +1,76 @@
+"""Drop-in loss modules over :mod:`pdml.ops` (rows form, CUT / DML_CT compatible).
+
+Both take the rows that CUT's ``PatchSampleF`` returns: ``feat_q``, ``feat_k`` of
+shape ``[B·N, C]``, already gathered and L2-normalised; they do not normalise again.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from pdml import ops
+
+_UNSET = object()
+
+
+def _option(opt, attr: str, value, default):
+    """An explicit keyword wins over the options object, which wins over the default."""
+    if value is not _UNSET:
+        return value
+    if opt is not None and hasattr(opt, attr):
+        return getattr(opt, attr)
+    return default
+
+
+class _PatchLoss(nn.Module):
+    _tau_attr: str
+    _tau_default: float
+
+    def __init__(self, opt=None, *, tau=_UNSET, batch_size=_UNSET,
+                 all_negatives_from_minibatch=_UNSET, backend: str = "auto"):
+        super().__init__()
+        self.tau = ops._check_tau(_option(opt, self._tau_attr, tau, self._tau_default))
+        self.batch_size = _option(opt, "batch_size", batch_size, 1)
+        ops._check_batch_size(self.batch_size, self.batch_size)
+        self.all_negatives_from_minibatch = bool(_option(
+            opt, "nce_includes_all_negatives_from_minibatch", all_negatives_from_minibatch, False))
+        if backend not in ops.BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {ops.BACKEND_NAMES}, got {backend!r}")
+        self.backend = backend
+
+    @property
+    def negatives(self) -> str:
+        return "batch" if self.all_negatives_from_minibatch else "image"
+
+    def extra_repr(self) -> str:
+        return (f"tau={self.tau}, batch_size={self.batch_size}, "
+                f"negatives={self.negatives!r}, backend={self.backend!r}")
+
+
+class PatchNCELoss(_PatchLoss):
+    """CUT's PatchNCELoss: ``PatchNCELoss(opt)`` reads ``opt.nce_T``, ``opt.batch_size``,
+    ``opt.nce_includes_all_negatives_from_minibatch``; or give them as keywords
+    (``tau`` default 0.07).
+
+    ``forward(feat_q [B·N, C], feat_k [B·N, C]) -> [B·N]`` per-row loss (float32),
+    equal to CUT's; ``feat_k`` is detached.
+    """
+    _tau_attr, _tau_default = "nce_T", 0.07
+
+    def forward(self, feat_q: Tensor, feat_k: Tensor) -> Tensor:
+        return ops.patch_nce_rows(feat_q, feat_k, self.tau, self.batch_size,
+                                  self.negatives, self.backend)
+
+
+class PatchMetricLoss(_PatchLoss):
+    """The paper's patch-wise metric loss, DML_CT's ``PatchMetricLoss(opt)``: reads
+    ``opt.metric_T``, ``opt.batch_size``, ``opt.nce_includes_all_negatives_from_minibatch``;
+    or give them as keywords (``tau`` default 0.15).
+
+    ``forward(feat_q [B·N, C] output features, feat_k [B·N, C] input features) -> scalar``
+    (float32); gradients flow to both.
+    """
+    _tau_attr, _tau_default = "metric_T", 0.15
+
+    def forward(self, feat_q: Tensor, feat_k: Tensor) -> Tensor:
+        return ops.patch_metric_rows(feat_q, feat_k, self.tau, self.batch_size,
+                                     self.negatives, self.backend)

@@ -1,0 +1,139 @@
+"""Pure-PyTorch reference of every pdml op: the oracle of the tests.
+
+Plain autograd, no custom kernels. It materialises the N×N similarity of every
+group, so its memory is O(G·n²); the fused backends exist to avoid exactly that.
+
+Conventions (DESIGN.md §1):
+- map form: ``fq``/``fk`` are ``[B, C, H, W]`` feature maps, ``ids`` an int64 ``[N]``
+  of distinct flat spatial indices; rows are gathered image-major (row ``b*N + i``
+  is ``fq[b, :, ids[i]]``), exactly as CUT's ``PatchSampleF`` orders them, then
+  L2-normalised with CUT's ``x / (‖x‖₂ + 1e-7)``.
+- rows form: ``feat_q``/``feat_k`` are ``[R, C]``, already gathered and normalised
+  by the caller; they are grouped as CUT's ``view(groups, -1, C)``.
+- ``negatives="image"``: one group per image; ``"batch"``: all rows form one group.
+
+Numerics: half inputs are computed in ``compute_dtype`` (default float32; float64
+inputs stay float64) and the loss is returned in that dtype; gradients come back in
+the input dtype through autograd. Passing ``compute_dtype=x.dtype`` gives the
+"same-dtype reference" the tests use to size their tolerances.
+"""
+from __future__ import annotations
+
+import torch
+
+NORM_EPS = 1e-7
+"""CUT's ``Normalize``: ``x / (‖x‖₂ + 1e-7)``."""
+
+DIAG_FILL = -10.0
+"""CUT's and DML_CT's fill of the self-similarity entries."""
+
+NEGATIVE_MODES = ("image", "batch")
+
+
+def _compute_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
+    if compute_dtype is not None:
+        return compute_dtype
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def gather_rows(fmap: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` map, ``[N]`` int64 ids -> ``[B, N, C]`` rows (input dtype)."""
+    return fmap.flatten(2).index_select(2, ids).transpose(1, 2)
+
+
+def normalize_rows(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """CUT's Normalize over the last dim: ``x / (‖x‖₂ + eps)``; same shape and dtype."""
+    return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps)
+
+
+def _group(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[R, C]`` -> ``[groups, R // groups, C]`` (CUT's ``view(groups, -1, C)``)."""
+    return x.reshape(groups, -1, x.shape[-1])
+
+
+def _fill_diagonal(s: torch.Tensor) -> torch.Tensor:
+    n = s.shape[-1]
+    eye = torch.eye(n, dtype=torch.bool, device=s.device)
+    return s.masked_fill(eye, DIAG_FILL)
+
+
+def nce_grouped(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
+    """PatchNCE of normalised rows ``[G, n, C]`` -> per-row loss ``[G·n]``.
+
+    ``k`` is detached (CUT): the gradient flows to ``q`` only.
+    """
+    k = k.detach()
+    pos = (q * k).sum(-1, keepdim=True)                      # [G, n, 1]
+    neg = _fill_diagonal(torch.matmul(q, k.transpose(1, 2)))  # [G, n, n]
+    logits = torch.cat([pos, neg], dim=-1) / tau
+    return (torch.logsumexp(logits, dim=-1) - logits[..., 0]).reshape(-1)
+
+
+def metric_grouped(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
+    """The paper's patch-wise metric loss of normalised rows ``[G, n, C]`` -> scalar.
+
+    ``(-mean exp(S_qk[i,i]/τ) + mean exp(S̃_kk/τ) + mean exp(S̃_qq/τ)) / C``, the
+    means over every entry (the filled diagonal included). No detach.
+    """
+    dim = q.shape[-1]
+    pos = (q * k).sum(-1)
+    s_kk = _fill_diagonal(torch.matmul(k, k.transpose(1, 2)))
+    s_qq = _fill_diagonal(torch.matmul(q, q.transpose(1, 2)))
+    loss = (-torch.exp(pos / tau).mean() + torch.exp(s_kk / tau).mean()
+            + torch.exp(s_qq / tau).mean())
+    return loss / dim
+
+
+def _map_rows(fq, fk, ids, compute_dtype):
+    """Gather + normalise both maps -> two ``[B, N, C]`` row tensors in compute dtype."""
+    cdt = _compute_dtype(fq, compute_dtype)
+    q = normalize_rows(gather_rows(fq, ids).to(cdt))
+    k = normalize_rows(gather_rows(fk, ids).to(cdt))
+    return q, k
+
+
+def _groups_of(batch: int, negatives: str) -> int:
+    if negatives not in NEGATIVE_MODES:
+        raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {negatives!r}")
+    return batch if negatives == "image" else 1
+
+
+def patch_similarity(fq: torch.Tensor, fk: torch.Tensor, ids: torch.Tensor,
+                     compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Normalised ``q̂ k̂ᵀ`` per image: ``[B, C, H, W]`` ×2, ``[N]`` -> ``[B, N, N]``."""
+    q, k = _map_rows(fq, fk, ids, compute_dtype)
+    return torch.matmul(q, k.transpose(1, 2))
+
+
+def patch_nce(fq: torch.Tensor, fk: torch.Tensor, ids: torch.Tensor, tau: float = 0.07,
+              negatives: str = "image", compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fused-form PatchNCE: maps ``[B, C, H, W]``, ids ``[N]`` -> per-row loss ``[B·N]``."""
+    q, k = _map_rows(fq, fk, ids, compute_dtype)
+    groups = _groups_of(q.shape[0], negatives)
+    return nce_grouped(_group(q.flatten(0, 1), groups), _group(k.flatten(0, 1), groups), tau)
+
+
+def patch_metric(fq: torch.Tensor, fk: torch.Tensor, ids: torch.Tensor, tau: float = 0.15,
+                 negatives: str = "image", compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fused-form patch-wise metric loss: maps ``[B, C, H, W]``, ids ``[N]`` -> scalar."""
+    q, k = _map_rows(fq, fk, ids, compute_dtype)
+    groups = _groups_of(q.shape[0], negatives)
+    return metric_grouped(_group(q.flatten(0, 1), groups), _group(k.flatten(0, 1), groups), tau)
+
+
+def patch_nce_rows(feat_q: torch.Tensor, feat_k: torch.Tensor, tau: float = 0.07,
+                   batch_size: int = 1, negatives: str = "image",
+                   compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """CUT's PatchNCELoss on normalised rows ``[B·N, C]`` -> per-row loss ``[B·N]``."""
+    cdt = _compute_dtype(feat_q, compute_dtype)
+    groups = _groups_of(batch_size, negatives)
+    return nce_grouped(_group(feat_q.to(cdt), groups), _group(feat_k.to(cdt), groups), tau)
+
+
+def patch_metric_rows(feat_q: torch.Tensor, feat_k: torch.Tensor, tau: float = 0.15,
+                      batch_size: int = 1, negatives: str = "image",
+                      compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """DML_CT's PatchMetricLoss on normalised rows ``[B·N, C]`` -> scalar."""
+    cdt = _compute_dtype(feat_q, compute_dtype)
+    groups = _groups_of(batch_size, negatives)
+    return metric_grouped(_group(feat_q.to(cdt), groups), _group(feat_k.to(cdt), groups), tau)
