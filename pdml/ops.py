@@ -279,11 +279,7 @@ def patch_metric_rows(feat_q: torch.Tensor, feat_k: torch.Tensor, tau: float = 0
     return resolve_backend(backend, feat_q).patch_metric_rows(feat_q, feat_k, tau, batch_size, negatives)
 
 
-# --------------------------------------------------------------------------- backend: triton
-# Registered by pdml.kernels (issue "Triton fused kernels"); until then it is unbuilt.
-_UNBUILT["triton"] = "the Triton kernels are not built yet in this version of pdml"
-
-
-# --------------------------------------------------------------------------- backend: ext
-# Registered from pdml._C (issue "C++/CUDA extension"); until then it is unbuilt.
-_UNBUILT["ext"] = "the C++/CUDA extension ops are not built yet in this version of pdml"
+# --------------------------------------------------------------------------- backends
+# Each fused backend registers its custom ops (schema, fake impl, autograd) and calls
+# register_backend() from its own module, or records in _UNBUILT why it cannot.
+from pdml import _ops_ext, _ops_triton  # noqa: E402,F401
