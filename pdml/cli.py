@@ -1,16 +1,184 @@
-"""Console scripts ``pdml-train`` and ``pdml-denoise``."""
+"""Console scripts ``pdml-train`` and ``pdml-denoise``.
+
+Both return a process exit code: 0 on success, 2 on a user error (bad arguments, missing
+or unusable data, a checkpoint of another model), printed as one ``error:`` line without
+a traceback.
+"""
+from __future__ import annotations
+
+import argparse
 import sys
+import warnings
+from pathlib import Path
+
+from pdml import ops
+
+def _train_parser() -> argparse.ArgumentParser:
+    from pdml.train import LOSSES, PRECISIONS, PRESETS
+
+    p = argparse.ArgumentParser(
+        prog="pdml-train",
+        description="Train the paper's unsupervised LDCT denoiser (RRDN generator, PatchGAN, "
+                    "LSGAN + identity + patch-wise metric loss). Without data arguments it "
+                    "trains on the built-in dataset with the 'demo' preset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # None means "the preset's value"; the presets live in pdml.train.PRESETS.
+    data = p.add_argument_group("data")
+    data.add_argument("--ldct", metavar="DIR", help="folder of low-dose DICOM CT (unpaired)")
+    data.add_argument("--ndct", metavar="DIR", help="folder of normal-dose DICOM CT (unpaired)")
+    data.add_argument("--val-ldct", metavar="DIR", help="paired validation: low-dose folder")
+    data.add_argument("--val-ndct", metavar="DIR", help="paired validation: normal-dose folder")
+    run = p.add_argument_group("run")
+    run.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                     help="base settings: demo (minutes on a CPU), paper (GPU), tiny (tests)")
+    run.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<time>-<loss>)")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR exactly (its own config is used)")
+    run.add_argument("--steps", type=int, help="training steps (G step + D step)")
+    run.add_argument("--decay-steps", type=int, help="final steps over which the LR decays to 0")
+    run.add_argument("--batch-size", type=int, help="crops per rank and step")
+    run.add_argument("--crop", type=int, help="training crop size in pixels")
+    run.add_argument("--lr", type=float, help="Adam learning rate (G, D, heads)")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--log-every", type=int, help="steps between metrics.jsonl records")
+    run.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
+    run.add_argument("--ckpt-every", type=int, help="steps between checkpoints (last.pt)")
+    run.add_argument("--max-minutes", type=float,
+                     help="stop (evaluate, checkpoint, summarise) after this many minutes")
+    run.add_argument("--no-time-limit", action="store_true", help="ignore the preset's time limit")
+    run.add_argument("--val-slices", type=int, help="held-out slices evaluated (built-in data)")
+    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    loss = p.add_argument_group("losses")
+    loss.add_argument("--loss", choices=LOSSES, help="third loss term: the paper's patch-wise "
+                      "metric loss (dml), CUT's PatchNCE, or none")
+    loss.add_argument("--tau", type=float, help="temperature (default 0.15 dml, 0.07 patchnce)")
+    loss.add_argument("--num-patches", type=int, help="patches sampled per loss layer")
+    loss.add_argument("--lambda-gan", type=float)
+    loss.add_argument("--lambda-identity", type=float)
+    loss.add_argument("--lambda-metric", type=float, help="weight of the patch loss")
+    loss.add_argument("--no-wavelet", action="store_true",
+                      help="feed whole images instead of the wavelet high-frequency part")
+    ex = p.add_argument_group("execution")
+    ex.add_argument("--precision", choices=PRECISIONS, help="autocast precision (fp16 uses a GradScaler)")
+    ex.add_argument("--loss-backend", choices=ops.BACKEND_NAMES,
+                    help="implementation of the fused patch loss")
+    ex.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
+    ex.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    return p
 
 
-def _not_built(name: str) -> int:
-    print(f"{name}: not built yet in pdml {__import__('pdml').__version__} "
-          "(see the issue 'Training system')", file=sys.stderr)
-    return 2
+_TRAIN_KEYS = ("ldct", "ndct", "val_ldct", "val_ndct", "out", "steps", "decay_steps", "batch_size",
+               "crop", "lr", "seed", "log_every", "eval_every", "ckpt_every", "max_minutes",
+               "val_slices", "loss", "tau", "num_patches", "lambda_gan", "lambda_identity",
+               "lambda_metric", "precision", "loss_backend", "compile", "device")
 
 
 def train_main(argv=None) -> int:
-    return _not_built("pdml-train")
+    """``pdml-train``: parse the arguments, train (or resume), print the summary table."""
+    from pdml.train import TrainError, make_config, train
+
+    args = _train_parser().parse_args(argv)
+    try:
+        if args.resume:
+            given = [k for k in _TRAIN_KEYS if getattr(args, k) is not None]
+            if given:
+                print(f"pdml-train: --resume continues with the run's saved config; ignoring "
+                      f"{', '.join('--' + k.replace('_', '-') for k in given)}", file=sys.stderr)
+            train(resume=args.resume)
+            return 0
+        overrides = {k: getattr(args, k) for k in _TRAIN_KEYS}
+        if args.no_wavelet:
+            overrides["wavelet"] = False
+        if args.no_progress:
+            overrides["progress"] = False
+        cfg = make_config(args.preset, **overrides)
+        if args.no_time_limit:
+            cfg.max_minutes = None
+        train(cfg)
+        return 0
+    except TrainError as e:
+        print(f"pdml-train: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _denoise_parser() -> argparse.ArgumentParser:
+    from pdml.train import PRECISIONS
+
+    p = argparse.ArgumentParser(
+        prog="pdml-denoise",
+        description="Denoise CT series with a pdml-train checkpoint and write them as new "
+                    "DICOM series (never into the input folder).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="a checkpoint file (last.pt, best.pt) or a run folder")
+    p.add_argument("--input", required=True, metavar="FILE_OR_DIR",
+                   help="a DICOM CT file or a folder (searched recursively)")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for the new series")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
+    p.add_argument("--overwrite", action="store_true", help="replace files already in --output")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 def denoise_main(argv=None) -> int:
-    return _not_built("pdml-denoise")
+    """``pdml-denoise``: every CT series under ``--input`` -> a denoised series in ``--output``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from pdml.data import DicomReadError, NoCTImagesError, load_ct, save_ct
+    from pdml.train import TrainError, denoise_hu, generator_from_checkpoint, load_checkpoint
+
+    args = _denoise_parser().parse_args(argv)
+    try:
+        if args.batch_size < 1:
+            raise TrainError(f"--batch-size must be >= 1, got {args.batch_size}")
+        device_name = args.device
+        if device_name == "auto":
+            device_name = "cuda" if torch.cuda.is_available() else "cpu"
+        if device_name.startswith("cuda") and not torch.cuda.is_available():
+            raise TrainError("--device cuda was asked for but no CUDA GPU is visible")
+        device = torch.device(device_name)
+        inp, out = Path(args.input).resolve(), Path(args.output).resolve()
+        if not inp.exists():
+            raise TrainError(f"--input {args.input}: no such file or folder")
+        in_root = inp if inp.is_dir() else inp.parent
+        if _inside(out, in_root):
+            raise TrainError(f"--output {args.output} is inside the input folder {in_root}; "
+                             "pdml-denoise never writes into its input")
+        ckpt = load_checkpoint(args.checkpoint)
+        generator, cfg = generator_from_checkpoint(ckpt, device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # load_ct's per-file skip warnings: counted below
+            series_list = load_ct(inp)
+        if series_list.skipped:
+            print(f"pdml-denoise: skipped {len(series_list.skipped)} file(s) that are not "
+                  f"usable CT images (first: {series_list.skipped[0][1]})", file=sys.stderr)
+        total = sum(len(s) for s in series_list)
+        bar = tqdm(total=total, desc="pdml-denoise", unit="slice", disable=args.no_progress,
+                   file=sys.stderr)
+        written = []
+        for k, series in enumerate(series_list):
+            target = out if len(series_list) == 1 else out / f"series_{k:03d}"
+            done = [0]
+
+            def advance(n, _done=done):
+                bar.update(n - _done[0])
+                _done[0] = n
+
+            hu = denoise_hu(generator, series.hu, cfg, device, precision=args.precision,
+                            batch_size=args.batch_size, progress=advance)
+            written += save_ct(series, hu, target, overwrite=args.overwrite,
+                               description=f"pdml denoised ({cfg.loss}, step {ckpt['step']})")
+        bar.close()
+        print(f"pdml-denoise: wrote {len(written)} slice(s) of {len(series_list)} series "
+              f"to {out}")
+        return 0
+    except (TrainError, DicomReadError, NoCTImagesError, FileNotFoundError, FileExistsError) as e:
+        print(f"pdml-denoise: error: {e}", file=sys.stderr)
+        return 2
