@@ -1,0 +1,28 @@
+"""CT data for pdml: DICOM in and out, HU window, low-dose simulation, acquisition
+shift, wavelet split, the built-in dataset and PyTorch datasets.
+
+Units: every array in HU is float32 HU; the networks' scale is the paper's window
+``[-1000, 1000]`` HU -> ``[0, 1]`` (:func:`hu_to_unit`, :func:`unit_to_hu`).
+See ``notes``-level details in each module's docstring.
+"""
+from pdml.data.builtin import BuiltinDataset, BuiltinRecipe, builtin_dataset, cache_dir, phantom
+from pdml.data.datasets import PairedCTDataset, UnpairedCTDataset, random_crop_flip, read_slices
+from pdml.data.dicom import (CTSeries, CTSeriesList, CTSlice, DicomReadError, NoCTImagesError,
+                             load_ct, save_ct)
+from pdml.data.hu import HU_WINDOW, hu_to_unit, unit_to_hu
+from pdml.data.shift import (BUILTIN_ND_SHIFT, KVP_120_TO_80, KVP_120_TO_100,
+                             AcquisitionShift)
+from pdml.data.simulate import (MU_WATER_PER_MM, fbp, projection_angles, radon,
+                                simulate_low_dose)
+from pdml.data.wavelet import wavelet_split
+
+__all__ = [
+    "load_ct", "save_ct", "CTSeries", "CTSeriesList", "CTSlice", "DicomReadError",
+    "NoCTImagesError",
+    "HU_WINDOW", "hu_to_unit", "unit_to_hu",
+    "simulate_low_dose", "radon", "fbp", "projection_angles", "MU_WATER_PER_MM",
+    "AcquisitionShift", "BUILTIN_ND_SHIFT", "KVP_120_TO_100", "KVP_120_TO_80",
+    "wavelet_split",
+    "builtin_dataset", "BuiltinDataset", "BuiltinRecipe", "cache_dir", "phantom",
+    "UnpairedCTDataset", "PairedCTDataset", "read_slices", "random_crop_flip",
+]

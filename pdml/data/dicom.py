@@ -1,0 +1,506 @@
+"""DICOM CT input and output.
+
+Reading (:func:`load_ct`): a file, or a folder searched recursively. Files are grouped
+into series by SeriesInstanceUID (and image size); slices are ordered along the slice
+normal by ImagePositionPatient, with InstanceNumber, then the file name as fallbacks.
+Single-frame CT and multi-frame (enhanced) CT are read; for enhanced CT each frame is a
+slice and its rescale and position come from the functional groups (per-frame first, then
+shared). Compressed transfer syntaxes decode through pydicom's pixel handlers
+(JPEG 2000 and JPEG lossless need the ``pylibjpeg`` plugins, which pdml depends on).
+HU = stored value · RescaleSlope + RescaleIntercept, float32. Input files are opened
+read-only and never modified.
+
+Folder mode skips what is not a CT image (not DICOM, other modality, no pixel data,
+corrupt or truncated) with one warning line per file and a final count; the skipped files
+and their reasons are in ``result.skipped``. A single file that cannot be used raises
+:class:`DicomReadError` (a ``ValueError``) naming the file. A folder without any CT
+image raises :class:`NoCTImagesError` (a ``FileNotFoundError``).
+
+Writing (:func:`save_ct`): one new single-frame CT image per slice, derived from its
+source slice (same patient, study, frame of reference and geometry; new series and SOP
+instance UIDs; ImageType DERIVED\\SECONDARY; a SeriesDescription naming what made it),
+stored as signed 16-bit integers with RescaleSlope 1 and RescaleIntercept 0 (HU rounded to
+the nearest integer, clipped to [-32768, 32767]), Explicit VR Little Endian. Each file is
+written to a temporary name in the output folder, flushed, then linked to its final name,
+which fails instead of replacing an existing file; writing into the folder the series was
+read from is refused. Both are allowed only when asked (``overwrite=True``,
+``allow_input_dir=True``).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+PathLike = Union[str, os.PathLike]
+
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+
+_INT16_MIN, _INT16_MAX = -32768, 32767
+
+
+class DicomReadError(ValueError):
+    """A file could not be used as a CT image: not DICOM, corrupt or truncated, not CT, or
+    without pixel data. The message names the file."""
+
+
+class NoCTImagesError(FileNotFoundError):
+    """A folder (or empty file list) held no readable CT image."""
+
+
+@dataclass
+class CTSlice:
+    """Where one slice of a series came from, and its header for writing back.
+
+    ``path``: source file. ``frame``: frame index in a multi-frame file, None for a
+    single-frame file. ``header``: the source dataset without its pixel data (a copy).
+    ``position``: ImagePositionPatient in mm or None. ``orientation``: the six direction
+    cosines or None. ``pixel_spacing``: (row, column) spacing in mm or None.
+    ``slope``/``intercept``: the rescale used for this slice.
+    """
+
+    path: Path
+    frame: Optional[int]
+    header: Dataset
+    position: Optional[Tuple[float, float, float]]
+    orientation: Optional[Tuple[float, ...]]
+    pixel_spacing: Optional[Tuple[float, float]]
+    slice_thickness: Optional[float]
+    instance_number: Optional[int]
+    slope: float
+    intercept: float
+
+
+@dataclass
+class CTSeries:
+    """One CT series: ``hu`` float32 ``[S, H, W]`` in HU, slice s from ``slices[s]``."""
+
+    hu: np.ndarray
+    slices: List[CTSlice]
+    series_uid: str
+    source_root: Path
+    description: str = ""
+
+    @property
+    def paths(self) -> List[Path]:
+        return [s.path for s in self.slices]
+
+    @property
+    def pixel_spacing_mm(self) -> Optional[Tuple[float, float]]:
+        """(row, column) spacing of the first slice in mm, None when the files lack it."""
+        return self.slices[0].pixel_spacing
+
+    def __len__(self) -> int:
+        return self.hu.shape[0]
+
+
+class CTSeriesList(list):
+    """``list[CTSeries]`` with ``skipped``: ``[(path, reason), ...]`` of the files that
+    folder mode passed over, and ``files_seen``: how many files were looked at."""
+
+    def __init__(self, series=(), skipped=(), files_seen: int = 0):
+        super().__init__(series)
+        self.skipped: List[Tuple[Path, str]] = list(skipped)
+        self.files_seen = files_seen
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _floats(value, count: int) -> Optional[Tuple[float, ...]]:
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == count else None
+
+
+def _first_item(ds, sequence: str):
+    seq = ds.get(sequence) if ds is not None else None
+    return seq[0] if seq else None
+
+
+def _frame_attr(ds: Dataset, frame_group, shared_group, sequence: str, keyword: str):
+    """Enhanced-IOD lookup: per-frame functional group first, then shared."""
+    for group in (frame_group, shared_group):
+        item = _first_item(group, sequence)
+        if item is not None and keyword in item:
+            return item.get(keyword)
+    return None
+
+
+def _read_file(path: Path) -> Tuple[Dataset, np.ndarray]:
+    """Read one file fully and decode its pixels; DicomReadError naming the file when it
+    is not a usable CT image."""
+    try:
+        ds = pydicom.dcmread(str(path))
+    except pydicom.errors.InvalidDicomError as exc:
+        raise DicomReadError(f"{path}: not a DICOM file ({exc})") from exc
+    except Exception as exc:  # truncated / corrupt headers raise many kinds
+        raise DicomReadError(f"{path}: corrupt or truncated DICOM file "
+                             f"({type(exc).__name__}: {exc})") from exc
+    modality = str(ds.get("Modality", "")).upper()
+    sop_class = str(ds.get("SOPClassUID", ""))
+    is_ct = modality == "CT" or sop_class in (CTImageStorage, ENHANCED_CT_IMAGE_STORAGE)
+    if not is_ct:
+        raise DicomReadError(f"{path}: not a CT image (Modality {modality or 'missing'})")
+    if "PixelData" not in ds:
+        raise DicomReadError(f"{path}: CT file without pixel data")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise DicomReadError(f"{path}: cannot decode pixel data, corrupt or truncated "
+                             f"({type(exc).__name__}: {exc})") from exc
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    expected = (frames, int(ds.Rows), int(ds.Columns)) if frames > 1 else (
+        int(ds.Rows), int(ds.Columns))
+    if pixels.shape != expected:
+        raise DicomReadError(f"{path}: pixel data has shape {pixels.shape}, header says "
+                             f"{expected} (colour or truncated?)")
+    return ds, pixels
+
+
+def _header_copy(ds: Dataset) -> Dataset:
+    header = copy.deepcopy(ds)
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in header:
+            delattr(header, keyword)
+    return header
+
+
+def _slices_of(path: Path, ds: Dataset, pixels: np.ndarray):
+    """Yield (CTSlice, hu [H, W] float32) for every frame of a decoded file."""
+    header = _header_copy(ds)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        thickness = ds.get("SliceThickness")
+        yield CTSlice(
+            path=path, frame=None, header=header,
+            position=_floats(ds.get("ImagePositionPatient"), 3),
+            orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+            pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
+            slice_thickness=float(thickness) if thickness not in (None, "") else None,
+            instance_number=int(ds.InstanceNumber) if ds.get("InstanceNumber") not in
+            (None, "") else None,
+            slope=slope, intercept=intercept), _to_hu(pixels, slope, intercept)
+        return
+    stack = pixels if pixels.ndim == 3 else pixels[None]
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or [None] * frames
+    instance = ds.get("InstanceNumber")
+    for f in range(frames):
+        group = per_frame[f] if f < len(per_frame) else None
+
+        def attr(seq, kw, _g=group):
+            return _frame_attr(ds, _g, shared, seq, kw)
+
+        slope = attr("PixelValueTransformationSequence", "RescaleSlope")
+        intercept = attr("PixelValueTransformationSequence", "RescaleIntercept")
+        slope = float(slope if slope not in (None, "") else ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(intercept if intercept not in (None, "")
+                          else ds.get("RescaleIntercept", 0.0) or 0.0)
+        thickness = attr("PixelMeasuresSequence", "SliceThickness")
+        yield CTSlice(
+            path=path, frame=f, header=header,
+            position=_floats(attr("PlanePositionSequence", "ImagePositionPatient"), 3),
+            orientation=_floats(attr("PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+            pixel_spacing=_floats(attr("PixelMeasuresSequence", "PixelSpacing"), 2),
+            slice_thickness=float(thickness) if thickness not in (None, "") else None,
+            instance_number=int(instance) if instance not in (None, "") else None,
+            slope=slope, intercept=intercept), _to_hu(stack[f], slope, intercept)
+
+
+def _to_hu(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """stored · slope + intercept as float32 (computed in float64 so a non-integer slope
+    rounds once)."""
+    if slope == 1.0:
+        return (stored.astype(np.float64) + intercept).astype(np.float32)
+    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def _sort_key(item):
+    sl, _ = item
+    normal = None
+    if sl.orientation is not None:
+        r, c = np.array(sl.orientation[:3]), np.array(sl.orientation[3:])
+        normal = np.cross(r, c)
+    if sl.position is not None and normal is not None:
+        along = float(np.dot(normal, sl.position))
+    elif sl.position is not None:
+        along = float(sl.position[2])
+    else:
+        along = None
+    return (0 if along is not None else 1, along if along is not None else 0.0,
+            sl.instance_number if sl.instance_number is not None else 0,
+            str(sl.path), sl.frame if sl.frame is not None else 0)
+
+
+def _group(items, root: Path) -> List[CTSeries]:
+    groups = {}
+    for sl, hu in items:
+        key = (str(sl.header.get("SeriesInstanceUID", "")), hu.shape)
+        groups.setdefault(key, []).append((sl, hu))
+    series = []
+    for (uid, _), members in groups.items():
+        members.sort(key=_sort_key)
+        series.append(CTSeries(
+            hu=np.stack([hu for _, hu in members]).astype(np.float32, copy=False),
+            slices=[sl for sl, _ in members], series_uid=uid, source_root=root,
+            description=str(members[0][0].header.get("SeriesDescription", ""))))
+    series.sort(key=lambda s: (str(s.slices[0].path), s.series_uid))
+    return series
+
+
+def load_ct(path: PathLike) -> CTSeriesList:
+    """Read CT images from a DICOM file or a folder (searched recursively).
+
+    Returns a :class:`CTSeriesList` of :class:`CTSeries`, each with ``hu`` float32
+    ``[S, H, W]`` in HU (``S`` ordered along the slice normal) and ``slices`` (source
+    metadata for :func:`save_ct`). A file that is not a usable CT image raises
+    :class:`DicomReadError`; in a folder such files are skipped with a warning each and
+    counted (``result.skipped``); a folder with no CT image raises
+    :class:`NoCTImagesError`. A missing path raises ``FileNotFoundError``.
+    """
+    root = Path(path)
+    if root.is_file():
+        ds, pixels = _read_file(root)
+        return CTSeriesList(_group(list(_slices_of(root, ds, pixels)), root.parent),
+                            files_seen=1)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such file or folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    items, skipped = [], []
+    for file in files:
+        try:
+            ds, pixels = _read_file(file)
+            items.extend(_slices_of(file, ds, pixels))
+        except DicomReadError as exc:
+            reason = str(exc)
+            skipped.append((file, reason))
+            warnings.warn(f"load_ct: skipping {reason}", stacklevel=2)
+    if skipped:
+        warnings.warn(f"load_ct: skipped {len(skipped)} of {len(files)} files in {root}",
+                      stacklevel=2)
+    if not items:
+        raise NoCTImagesError(f"{root}: no CT images found ({len(files)} files looked at, "
+                              f"{len(skipped)} skipped)")
+    return CTSeriesList(_group(items, root), skipped=skipped, files_seen=len(files))
+
+
+# ----------------------------------------------------------------------------- writing
+
+# Attributes of the source that do not describe the new image and must not be copied.
+_DROP = (
+    "PixelData", "FloatPixelData", "DoubleFloatPixelData", "LargestImagePixelValue",
+    "SmallestImagePixelValue", "IconImageSequence", "PixelPaddingValue",
+    "PixelPaddingRangeLimit", "LossyImageCompression", "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod", "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence", "NumberOfFrames", "DimensionIndexSequence",
+    "DimensionOrganizationSequence", "FrameIncrementPointer", "ReferencedImageSequence",
+    "SourceImageSequence", "WindowCenterWidthExplanation", "ContentQualification",
+    "ImageComments", "PresentationLUTShape", "DimensionOrganizationType",
+    "ConcatenationFrameOffsetNumber", "InConcatenationNumber", "InstanceCreatorUID",
+    "PixelPresentation", "VolumetricProperties", "VolumeBasedCalculationTechnique",
+    "AcquisitionContextSequence", "BurnedInAnnotation", "RecognizableVisualFeatures",
+    "RedPaletteColorLookupTableDescriptor", "GreenPaletteColorLookupTableDescriptor",
+    "BluePaletteColorLookupTableDescriptor", "RedPaletteColorLookupTableData",
+    "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableData",
+    "SegmentedRedPaletteColorLookupTableData", "SegmentedGreenPaletteColorLookupTableData",
+    "SegmentedBluePaletteColorLookupTableData", "PaletteColorLookupTableUID",
+    "ICCProfile", "ColorSpace",
+)
+
+_UID_KEYWORDS = ("StudyInstanceUID", "FrameOfReferenceUID", "ReferencedSOPInstanceUID")
+
+
+def _valid_uid(value) -> str:
+    """``value`` if it is a valid DICOM UID, else a valid UID derived from it
+    deterministically (some sources carry e.g. hex digests as UIDs; mapping them keeps
+    every derived slice of one study in one study)."""
+    uid = pydicom.uid.UID(str(value))
+    return str(uid) if uid.is_valid else generate_uid(entropy_srcs=[str(value)])
+
+
+def _derived_dataset(sl: CTSlice, stored: np.ndarray, series_uid: str, index: int,
+                     description: str) -> Dataset:
+    src = sl.header
+    ds = Dataset()
+    for elem in src:
+        if elem.tag.group == 0x0002 or elem.keyword in _DROP or elem.tag.is_private:
+            continue
+        ds.add(copy.deepcopy(elem))
+    for keyword in ("StudyInstanceUID", "FrameOfReferenceUID"):
+        if keyword in ds and ds.get(keyword):
+            setattr(ds, keyword, _valid_uid(ds.get(keyword)))
+    if str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and not (
+            "DeidentificationMethod" in ds or "DeidentificationMethodCodeSequence" in ds):
+        ds.DeidentificationMethod = "unspecified (source marked PatientIdentityRemoved)"
+    now = datetime.now()
+    sop_uid = generate_uid()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = "CT"
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.SeriesDescription = description[:64]
+    ds.DerivationDescription = description[:1024]
+    ds.SeriesNumber = int(src.get("SeriesNumber", 0) or 0) + 1000
+    ds.InstanceNumber = index + 1
+    ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    if sl.position is not None:
+        ds.ImagePositionPatient = [f"{v:.6g}" for v in sl.position]
+    if sl.orientation is not None:
+        ds.ImageOrientationPatient = [f"{v:.6g}" for v in sl.orientation]
+    if sl.pixel_spacing is not None:
+        ds.PixelSpacing = [f"{v:.6g}" for v in sl.pixel_spacing]
+    if sl.slice_thickness is not None:
+        ds.SliceThickness = f"{sl.slice_thickness:.6g}"
+    for keyword in ("KVP", "AcquisitionNumber", "PatientPosition", "FrameOfReferenceUID",
+                    "PositionReferenceIndicator", "Manufacturer", "ReferringPhysicianName",
+                    "AccessionNumber", "StudyID", "PatientSex", "PatientBirthDate"):
+        if keyword not in ds:
+            setattr(ds, keyword, generate_uid() if keyword == "FrameOfReferenceUID" else "")
+    for keyword in ("StudyDate", "StudyTime"):
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    # General Series Laterality (type 2C) is required when the body part is unknown or
+    # paired, and must be absent for an unpaired one: add it empty only when unknown.
+    if "Laterality" not in ds and not str(ds.get("BodyPartExamined", "")).strip():
+        ds.Laterality = ""
+    _sanitise_values(ds)
+    source = Dataset()
+    source.ReferencedSOPClassUID = src.get("SOPClassUID", CTImageStorage)
+    source.ReferencedSOPInstanceUID = _valid_uid(src.get("SOPInstanceUID", ""))
+    if sl.frame is not None:
+        source.ReferencedFrameNumber = sl.frame + 1
+    ds.SourceImageSequence = [source]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = stored.shape
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleSlope = "1"
+    ds.RescaleIntercept = "0"
+    ds.RescaleType = "HU"
+    ds.PixelData = stored.astype("<i2").tobytes()
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    return ds
+
+
+def _sanitise_values(ds: Dataset) -> None:
+    """Make copied top-level text values valid for their VR, so the derived file validates
+    even when the source did not: too-long strings are cut to the VR's maximum, an age such
+    as "22Y" is zero-padded ("022Y"), anything else invalid is removed."""
+    from pydicom import config
+    from pydicom.valuerep import MAX_VALUE_LEN, validate_value
+
+    def valid(vr, items):
+        try:
+            for item in items:
+                validate_value(vr, item, config.RAISE)
+            return True
+        except (ValueError, TypeError):
+            return False
+
+    for elem in list(ds):
+        if elem.VR not in ("AS", "AE", "CS", "SH", "LO", "ST", "LT") or elem.value is None:
+            continue
+        items = list(elem.value) if elem.VM > 1 else [elem.value]
+        if not all(isinstance(v, str) for v in items) or valid(elem.VR, items):
+            continue
+        if elem.VR == "AS":
+            items = [v.strip().zfill(4) for v in items]
+        else:
+            items = [v[: MAX_VALUE_LEN[elem.VR]] if elem.VR in MAX_VALUE_LEN else v
+                     for v in items]
+        if valid(elem.VR, items):
+            elem.value = items if len(items) > 1 else items[0]
+        else:
+            del ds[elem.tag]
+
+
+def _write_new(ds: Dataset, target: Path, overwrite: bool) -> None:
+    """Write ``ds`` atomically: temporary file in the target folder, fsync, then a hard
+    link (fails if ``target`` exists) or, with ``overwrite``, an atomic replace."""
+    fd, tmp = tempfile.mkstemp(prefix=".pdml-", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            os.link(tmp, target)   # atomic and never clobbers: FileExistsError instead
+            os.unlink(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_ct(series: CTSeries, hu, out_dir: PathLike, *,
+            description: str = "pdml denoised (patch-wise metric learning)",
+            overwrite: bool = False, allow_input_dir: bool = False) -> List[Path]:
+    """Write ``hu`` (``[S, H, W]`` HU, NumPy or torch; S, H, W as ``series.hu``) as a new
+    CT series derived from ``series`` in ``out_dir`` (created if missing).
+
+    File ``s`` is ``out_dir / f"{s:04d}_{source stem}[_f{frame}].dcm"``. Returns the
+    written paths. Raises ``FileExistsError`` (before writing anything) when a target
+    exists and ``overwrite`` is False, and ``ValueError`` when ``out_dir`` is the folder
+    the series was read from (or inside it, or holds one of its files) unless
+    ``allow_input_dir``.
+    """
+    if not isinstance(hu, np.ndarray):
+        hu = hu.detach().cpu().numpy()
+    hu = np.asarray(hu, dtype=np.float64)
+    if hu.ndim == 2:
+        hu = hu[None]
+    if hu.shape != series.hu.shape:
+        raise ValueError(f"hu has shape {hu.shape}, the series {series.hu.shape}")
+    if not np.isfinite(hu).all():
+        raise ValueError("hu contains NaN or inf")
+    out = Path(out_dir).resolve()
+    if not allow_input_dir:
+        inputs = {series.source_root.resolve()} | {s.path.resolve().parent
+                                                    for s in series.slices}
+        for folder in inputs:
+            if out == folder or folder in out.parents:
+                raise ValueError(f"refusing to write into the input folder {folder}; "
+                                 "pass allow_input_dir=True to do so")
+    targets = []
+    for i, sl in enumerate(series.slices):
+        suffix = f"_f{sl.frame:03d}" if sl.frame is not None else ""
+        targets.append(out / f"{i:04d}_{sl.path.stem}{suffix}.dcm")
+    if not overwrite:
+        existing = [t for t in targets if t.exists()]
+        if existing:
+            raise FileExistsError(f"{existing[0]} exists ({len(existing)} of the targets); "
+                                  "pass overwrite=True to replace")
+    out.mkdir(parents=True, exist_ok=True)
+    stored = np.clip(np.rint(hu), _INT16_MIN, _INT16_MAX).astype(np.int16)
+    series_uid = generate_uid()
+    for i, (sl, target) in enumerate(zip(series.slices, targets)):
+        _write_new(_derived_dataset(sl, stored[i], series_uid, i, description), target,
+                   overwrite)
+    return targets
