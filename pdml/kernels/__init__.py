@@ -1,0 +1,35 @@
+"""Triton kernels of pdml (DESIGN.md §1, §4): :mod:`.patch_loss` holds the ``@triton.jit``
+kernels, :mod:`.launch` the helpers that size the grids and launch them on tensors.
+
+Triton decides at decoration time whether a kernel is compiled for the GPU or run by
+its CPU interpreter (``TRITON_INTERPRET``). pdml keeps one copy of the kernel module
+per mode (:func:`kernel_module`), so CUDA tensors always get compiled kernels and CPU
+tensors the interpreter, whatever the process-wide setting was when pdml was imported.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+from triton import knobs
+
+_SOURCE = Path(__file__).with_name("patch_loss.py")
+_MODULES: dict[bool, types.ModuleType] = {}
+
+
+def kernel_module(interpret: bool) -> types.ModuleType:
+    """The kernels of :mod:`pdml.kernels.patch_loss`, decorated for the interpreter
+    (``interpret=True``) or for compilation (``False``); each copy is loaded once."""
+    module = _MODULES.get(interpret)
+    if module is None:
+        name = f"pdml.kernels._patch_loss_{'interpreted' if interpret else 'compiled'}"
+        spec = importlib.util.spec_from_file_location(name, _SOURCE)
+        module = importlib.util.module_from_spec(spec)
+        with knobs.runtime.scope():
+            knobs.runtime.interpret = interpret
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        _MODULES[interpret] = module
+    return module
