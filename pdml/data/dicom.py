@@ -40,6 +40,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.valuerep import DS
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 PathLike = Union[str, os.PathLike]
@@ -144,19 +145,23 @@ def _read_file(path: Path) -> Tuple[Dataset, np.ndarray]:
     """Read one file fully and decode its pixels; DicomReadError naming the file when it
     is not a usable CT image."""
     try:
-        ds = pydicom.dcmread(str(path))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(str(path))
     except pydicom.errors.InvalidDicomError as exc:
         raise DicomReadError(f"{path}: not a DICOM file ({exc})") from exc
     except Exception as exc:  # truncated / corrupt headers raise many kinds
         raise DicomReadError(f"{path}: corrupt or truncated DICOM file "
                              f"({type(exc).__name__}: {exc})") from exc
+    _check_complete(path, ds, caught)
     modality = str(ds.get("Modality", "")).upper()
     sop_class = str(ds.get("SOPClassUID", ""))
     is_ct = modality == "CT" or sop_class in (CTImageStorage, ENHANCED_CT_IMAGE_STORAGE)
     if not is_ct:
         raise DicomReadError(f"{path}: not a CT image (Modality {modality or 'missing'})")
     if "PixelData" not in ds:
-        raise DicomReadError(f"{path}: CT file without pixel data")
+        raise DicomReadError(f"{path}: CT file without pixel data (not an image, or "
+                             "truncated before its pixels)")
     try:
         pixels = ds.pixel_array
     except Exception as exc:
@@ -169,6 +174,27 @@ def _read_file(path: Path) -> Tuple[Dataset, np.ndarray]:
         raise DicomReadError(f"{path}: pixel data has shape {pixels.shape}, header says "
                              f"{expected} (colour or truncated?)")
     return ds, pixels
+
+
+def _check_complete(path: Path, ds: Dataset, caught) -> None:
+    """pydicom returns what it could parse of a truncated file without raising: detect the
+    signs (an end-of-file warning; the last element shorter than its declared length)."""
+    for w in caught:
+        text = str(w.message)
+        if "End of file" in text or "delimiter" in text:
+            raise DicomReadError(f"{path}: truncated DICOM file ({text})")
+    raw = getattr(ds, "_dict", {})
+    if raw:
+        last = raw[next(reversed(raw))]
+        length, value = getattr(last, "length", None), getattr(last, "value", None)
+        if (isinstance(value, (bytes, bytearray)) and length is not None
+                and length != 0xFFFFFFFF and len(value) < length):
+            raise DicomReadError(f"{path}: truncated DICOM file (element {last.tag} has "
+                                 f"{len(value)} of its {length} bytes)")
+    else:
+        raise DicomReadError(f"{path}: no data elements (truncated or empty DICOM file)")
+    for w in caught:   # anything else pydicom had to say is passed on
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _header_copy(ds: Dataset) -> Dataset:
@@ -361,14 +387,15 @@ def _derived_dataset(sl: CTSlice, stored: np.ndarray, series_uid: str, index: in
     ds.InstanceNumber = index + 1
     ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
     ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-    if sl.position is not None:
-        ds.ImagePositionPatient = [f"{v:.6g}" for v in sl.position]
-    if sl.orientation is not None:
-        ds.ImageOrientationPatient = [f"{v:.6g}" for v in sl.orientation]
-    if sl.pixel_spacing is not None:
-        ds.PixelSpacing = [f"{v:.6g}" for v in sl.pixel_spacing]
-    if sl.slice_thickness is not None:
-        ds.SliceThickness = f"{sl.slice_thickness:.6g}"
+    # Geometry: a single-frame source's own strings are kept (exact); for a frame of an
+    # enhanced CT the values come from its functional groups, written as valid DS.
+    for keyword, value in (("ImagePositionPatient", sl.position),
+                           ("ImageOrientationPatient", sl.orientation),
+                           ("PixelSpacing", sl.pixel_spacing),
+                           ("SliceThickness", sl.slice_thickness)):
+        if value is not None and (sl.frame is not None or keyword not in ds):
+            values = [DS(v, auto_format=True) for v in np.atleast_1d(value)]
+            setattr(ds, keyword, values if len(values) > 1 else values[0])
     for keyword in ("KVP", "AcquisitionNumber", "PatientPosition", "FrameOfReferenceUID",
                     "PositionReferenceIndicator", "Manufacturer", "ReferringPhysicianName",
                     "AccessionNumber", "StudyID", "PatientSex", "PatientBirthDate"):

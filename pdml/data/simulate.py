@@ -16,7 +16,7 @@ Sinogram layout: ``[B, views, detectors]`` (scikit-image uses the transpose, one
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -200,57 +200,68 @@ def fbp(sinogram: torch.Tensor, theta, output_size: Optional[int] = None,
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 
-def simulate_low_dose(hu: ArrayLike, i0: float = 2.5e4, views: int = 720, seed: int = 0,
-                      pixel_size_mm: float = 0.5, electronic_noise: float = 0.0,
-                      mu_water: float = MU_WATER_PER_MM, return_clean: bool = False,
-                      device=None):
+def simulate_low_dose(hu: ArrayLike, i0: float = 2.5e4, views: int = 720,
+                      seed: Union[int, Sequence[int]] = 0,
+                      pixel_size_mm: Union[float, Sequence[float]] = 0.5,
+                      electronic_noise: float = 0.0, mu_water: float = MU_WATER_PER_MM,
+                      return_clean: bool = False, device=None):
     """Simulate a low-dose acquisition of CT slices.
 
     ``hu``: ``[H, W]`` or ``[B, H, W]`` (square) in HU, NumPy or torch. ``i0``: incident
     photons per detector bin and view (the dose: the noise std scales as 1/√i0).
-    ``views``: parallel-beam views over 180°. ``pixel_size_mm``: pixel side in mm (the
-    path lengths, hence the attenuation, scale with it). ``electronic_noise``: std of
-    additive Gaussian noise on the counts (0 = photon noise only). ``seed``: the Poisson
-    and Gaussian draws are a function of the seed (deterministic on one device).
+    ``views``: parallel-beam views over 180°. ``pixel_size_mm``: pixel side in mm, one
+    value or one per slice (path lengths, hence attenuation and noise, scale with it).
+    ``electronic_noise``: std of additive Gaussian noise on the counts (0 = photon noise
+    only). ``seed``: one int, or one per slice; slice b's noise is a function of its seed
+    only (with one int, slice b uses ``seed + b``), so batching does not change it.
     ``device``: where to compute (default: the tensor's device, CPU for NumPy).
 
     Pipeline: μ = μ_water·(1 + HU/1000) clipped at 0 (air is 0), projection over the
     diagonal-padded image (the whole field of view, table included), counts ~
-    Poisson(i0·exp(−p)) (+ electronic noise, counts clipped at 1 so the log exists),
+    Poisson(i0·exp(−p)) (+ electronic noise; counts clipped at 1 so the log exists),
     p̃ = −log(counts / i0), FBP, back to HU.
 
     Returns the low-dose HU, same kind, shape and float dtype as ``hu`` (float32 for
     integer input); with ``return_clean`` also the noiseless FBP (the same pipeline
     without noise: the paired truth at the simulation's resolution).
     """
-    is_numpy = isinstance(hu, np.ndarray)
+    is_numpy = not isinstance(hu, torch.Tensor)
     x = torch.from_numpy(np.asarray(hu)) if is_numpy else hu
     out_dtype = x.dtype if x.is_floating_point() else torch.float32
     work_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     if device is None:
         device = x.device
+    device = torch.device(device)
     x, squeeze = _as_batch(x.to(device=device, dtype=work_dtype), "hu")
-    n = x.shape[-1]
+    B, n = x.shape[0], x.shape[-1]
     if x.shape[-2] != n:
         raise ValueError(f"hu slices must be square, got {tuple(x.shape[-2:])}")
-    if i0 <= 0 or views < 1 or pixel_size_mm <= 0:
-        raise ValueError("i0, views and pixel_size_mm must be positive")
+    pixel = torch.as_tensor(pixel_size_mm, dtype=work_dtype, device=device).reshape(-1)
+    pixel = pixel.expand(B) if pixel.numel() == 1 else pixel
+    seeds = [int(seed) + b for b in range(B)] if np.isscalar(seed) else [int(s) for s in seed]
+    if pixel.numel() != B or len(seeds) != B:
+        raise ValueError(f"pixel_size_mm and seed must be scalars or have {B} entries")
+    if i0 <= 0 or views < 1 or bool((pixel <= 0).any()) or electronic_noise < 0:
+        raise ValueError("i0, views and pixel_size_mm must be positive, "
+                         "electronic_noise non-negative")
     theta = projection_angles(views, device=device)
     mu = (mu_water * (1.0 + x / 1000.0)).clamp_min(0.0)
-    line_integrals = radon(mu * pixel_size_mm, theta, circle=False)      # [B, V, P]
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
+    line_integrals = radon(mu * pixel.view(B, 1, 1), theta, circle=False)   # [B, V, P]
     expected = i0 * torch.exp(-line_integrals)
-    counts = torch.poisson(expected.double() if device == "cpu" else expected,
-                           generator=gen).to(work_dtype)
-    if electronic_noise > 0:
-        counts = counts + electronic_noise * torch.randn(
-            counts.shape, generator=gen, dtype=work_dtype, device=device)
-    noisy = -torch.log(counts.clamp_min(1.0) / i0)
+    noisy = torch.empty_like(line_integrals)
+    for b in range(B):
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seeds[b])
+        counts = torch.poisson(expected[b], generator=gen)
+        if electronic_noise > 0:
+            counts = counts + electronic_noise * torch.randn(
+                counts.shape, generator=gen, dtype=counts.dtype, device=device)
+        noisy[b] = -torch.log(counts.clamp_min(1.0) / i0)
     sinos = torch.cat((noisy, line_integrals)) if return_clean else noisy
-    recon = fbp(sinos, theta, output_size=n, circle=False) / pixel_size_mm
+    recon = fbp(sinos, theta, output_size=n, circle=False)
+    recon = recon / pixel.repeat(2 if return_clean else 1).view(-1, 1, 1)
     recon_hu = 1000.0 * (recon / mu_water - 1.0)
-    ld, clean = recon_hu[: x.shape[0]], recon_hu[x.shape[0]:]
+    ld, clean = recon_hu[:B], recon_hu[B:]
 
     def _back(t):
         t = t[0] if squeeze else t
