@@ -158,5 +158,5 @@ def similarity_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     _kernels(q).similarity_backward_kernel[grid](
         q, k, ids, grad, dq, dk, n_img, width, channels, *grad.stride(),
         *q.stride(), *k.stride(), *dq.stride(), *dk.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps)
+        IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps)
     return dq, dk

@@ -60,9 +60,10 @@ def _row_offsets(rows, mask, ids_ptr, n_img, width, s_row, s_h, s_w, GATHER: tl.
     """Element offsets (int64) of the first channel of every row in ``rows``."""
     if GATHER:
         pix = tl.load(ids_ptr + rows % n_img, mask=mask, other=0).to(tl.int64)
-        return (rows // n_img).to(tl.int64) * s_row + (pix // width) * s_h + (pix % width) * s_w
+        offs = (rows // n_img).to(tl.int64) * s_row + (pix // width) * s_h + (pix % width) * s_w
     else:
-        return rows.to(tl.int64) * s_row
+        offs = rows.to(tl.int64) * s_row
+    return offs
 
 
 @triton.jit
@@ -77,18 +78,20 @@ def _inv_norm(x, NORMALIZE: tl.constexpr):
     """Per-row ``1 / (‖x‖₂ + eps)`` in fp32 (ones when the rows are already normalised)."""
     xf = x.to(tl.float32)
     if NORMALIZE:
-        return 1.0 / (tl.sqrt(_row_sum(xf * xf)) + NORM_EPS)
+        inv = 1.0 / (tl.sqrt(_row_sum(xf * xf)) + NORM_EPS)
     else:
-        return _row_sum(xf * 0.0) + 1.0
+        inv = _row_sum(xf * 0.0) + 1.0
+    return inv
 
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     """``a @ b`` with fp32 accumulation; exact fp32 products for fp32 inputs (see module doc)."""
     if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+        prod = tl.dot(a, b, input_precision="ieee")
     else:
-        return tl.dot(a, b)
+        prod = tl.dot(a, b)
+    return prod
 
 
 @triton.jit
@@ -104,9 +107,10 @@ def _normaliser_backward(x, dxhat, NORMALIZE: tl.constexpr):
         denom = norm + NORM_EPS
         proj = _row_sum(xf * dxhat) / tl.where(norm > 0.0, norm * denom, 1.0)
         proj = tl.where(norm > 0.0, proj, 0.0)
-        return (dxhat - xf * proj[:, None]) / denom[:, None]
+        dx = (dxhat - xf * proj[:, None]) / denom[:, None]
     else:
-        return dxhat
+        dx = dxhat
+    return dx
 
 
 # ----------------------------------------------------------------------------- PatchNCE
@@ -360,13 +364,14 @@ def similarity_backward_kernel(
     n_img, width, C, g_sb, g_si, g_sj,
     q_sb, q_sc, q_sh, q_sw, k_sb, k_sc, k_sh, k_sw,
     dq_sb, dq_sc, dq_sh, dq_sw, dk_sb, dk_sc, dk_sh, dk_sw,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dq, dk of ``S = q̂ k̂ᵀ`` given ``dS [B, N, N]`` for BLOCK_M rows of one image.
 
     ``dq̂_i = Σ_j dS_ij k̂_j``, ``dk̂_i = Σ_j dS_ji q̂_j``. dS is an arbitrary upstream
-    gradient (no bound on its range), so these dots stay in fp32 with
-    ``input_precision="ieee"`` for every input dtype: an fp16 cast could overflow.
+    gradient (no bound on its range): each row of a dS tile is divided by its largest
+    magnitude before the cast to fp16/bf16 for the dot (so it cannot overflow) and
+    multiplied back after.
     """
     image = tl.program_id(1)
     local_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -388,15 +393,19 @@ def similarity_backward_kernel(
                          q_sc, cols, mask_n, C)
         k_n = _load_rows(k_ptr, _row_offsets(rows_n, mask_n, ids_ptr, n_img, width, k_sb, k_sh, k_sw, True),
                          k_sc, cols, mask_n, C)
-        q_hat_n = q_n.to(tl.float32) * _inv_norm(q_n, True)[:, None]
-        k_hat_n = k_n.to(tl.float32) * _inv_norm(k_n, True)[:, None]
+        q_hat_n = (q_n.to(tl.float32) * _inv_norm(q_n, True)[:, None]).to(q.dtype)
+        k_hat_n = (k_n.to(tl.float32) * _inv_norm(k_n, True)[:, None]).to(k.dtype)
         tile_mask = mask_m[:, None] & mask_n[None, :]
         m64 = local_m[:, None].to(tl.int64)
         n64 = local_n[None, :].to(tl.int64)
         g_ij = tl.load(g_base + m64 * g_si + n64 * g_sj, mask=tile_mask, other=0.0).to(tl.float32)
         g_ji = tl.load(g_base + n64 * g_si + m64 * g_sj, mask=tile_mask, other=0.0).to(tl.float32)
-        acc_q += tl.dot(g_ij, k_hat_n, input_precision="ieee")
-        acc_k += tl.dot(g_ji, q_hat_n, input_precision="ieee")
+        scale_ij = _row_max(tl.abs(g_ij))
+        scale_ij = tl.where(scale_ij > 0.0, scale_ij, 1.0)
+        scale_ji = _row_max(tl.abs(g_ji))
+        scale_ji = tl.where(scale_ji > 0.0, scale_ji, 1.0)
+        acc_q += _dot((g_ij / scale_ij[:, None]).to(q.dtype), k_hat_n, IEEE) * scale_ij[:, None]
+        acc_k += _dot((g_ji / scale_ji[:, None]).to(k.dtype), q_hat_n, IEEE) * scale_ji[:, None]
     dq = _normaliser_backward(q, acc_q, True)
     dk = _normaliser_backward(k, acc_k, True)
     cmask = mask_m[:, None] & (cols[None, :] < C)

@@ -1,0 +1,414 @@
+"""Backend "triton" (pdml/kernels, pdml/_ops_triton.py): numerics, gradients, custom-op
+registration, torch.compile, memory, determinism.
+
+On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1 is set per test by
+the ``interpreter`` fixture; the interpreter is slow, so shapes are small and the grid of
+the issue — B ∈ {1,3}, N ∈ {16,97,256}, C ∈ {16,123,256}, both ops, both negative modes,
+map and rows forms, fp32 and fp16 — is covered by a reduced cross-product in which every
+value of every factor appears for each (op, form)). bf16 and real-GPU numerics are the
+``cuda``-marked tests; kernel compilation for sm_80/sm_90 is tests/test_triton_compile.py.
+
+Accuracy rule (COMMON): ``|impl − truth| ≤ 2·|same-dtype reference − truth| + tol``, truth
+the float64 reference, for the loss and every gradient.
+"""
+import math
+
+import pytest
+
+pytest.importorskip("triton", reason="triton cannot be imported")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from pdml import _ops_triton, ops, reference  # noqa: E402
+from pdml.kernels import kernel_module  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+"""``tol`` of the accuracy rule, relative to the largest magnitude of the truth."""
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """CPU tensors may use backend "triton" (the interpreter) inside the test only."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _side(n):
+    """Side of a square map with at least n + a few pixels (so ids skip some)."""
+    return math.isqrt(n) + 2
+
+
+def _make_inputs(form, batch, n, channels, dtype, seed, device="cpu", strided=False):
+    """Map form: (fq, fk, ids) with fq/fk [B, C, H, W]; rows form: (feat_q, feat_k) [B·N, C]
+    already normalised (as CUT's head gives them). ``strided`` makes the features
+    non-contiguous (channels-last maps, column-major rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    if form == "map":
+        side = _side(n)
+        fq = torch.randn(batch, channels, side, side, generator=gen)
+        fk = fq * 0.6 + 0.8 * torch.randn(batch, channels, side, side, generator=gen)
+        ids = torch.randperm(side * side, generator=gen)[:n].to(device)
+        fq, fk = (x.to(device=device, dtype=dtype) for x in (fq, fk))
+        if strided:
+            fq, fk = (x.contiguous(memory_format=torch.channels_last) for x in (fq, fk))
+        return fq, fk, ids
+    q = torch.randn(batch * n, channels, generator=gen)
+    k = q * 0.6 + 0.8 * torch.randn(batch * n, channels, generator=gen)
+    feat_q, feat_k = (F.normalize(x, dim=1).to(device=device, dtype=dtype) for x in (q, k))
+    if strided:
+        feat_q, feat_k = (x.t().contiguous().t() for x in (feat_q, feat_k))
+    return feat_q, feat_k
+
+
+def _leaf(x, dtype=None):
+    return x.detach().to(dtype or x.dtype).requires_grad_(True)
+
+
+def _run(fn, inputs, weight):
+    """Loss and gradients of ``(weight * fn(*inputs)).sum()`` w.r.t. the feature inputs."""
+    feats = [_leaf(x) for x in inputs[:2]]
+    out = fn(*feats, *inputs[2:])
+    (out * weight.to(out.dtype)).sum().backward()
+    return out.detach(), [f.grad for f in feats]
+
+
+def _assert_rule(name, impl, same, truth, dtype):
+    """The accuracy rule, elementwise."""
+    impl, same, truth = (x.detach().double().cpu() for x in (impl, same, truth))
+    tol = TOL[dtype] * max(truth.abs().max().item(), 1e-12)
+    err = (impl - truth).abs()
+    bound = 2 * (same - truth).abs() + tol
+    assert torch.isfinite(impl).all(), f"{name}: non-finite values"
+    excess = (err - bound).max().item()
+    assert excess <= 0, (f"{name}: |impl - truth| exceeds the bound by {excess:.3g} "
+                         f"(max err {err.max().item():.3g}, tol {tol:.3g})")
+
+
+def _check_against_reference(op, form, inputs, dtype, negatives, tau, batch, backend="triton"):
+    """Loss and gradients of the triton backend vs the float64 and same-dtype references."""
+    is_nce = op == "nce"
+    rows = inputs[0].shape[0] * (inputs[2].numel() if form == "map" else 1)
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.rand(rows, generator=gen) + 0.5 if is_nce else torch.tensor(1.0)
+    weight = weight.to(inputs[0].device)
+    if form == "map":
+        fq, fk, ids = inputs
+        public = ops.patch_nce if is_nce else ops.patch_metric
+        ref = reference.patch_nce if is_nce else reference.patch_metric
+        impl = _run(lambda q, k: public(q, k, ids, tau, negatives, backend=backend), (fq, fk), weight)
+        truth = _run(lambda q, k: ref(q, k, ids, tau, negatives), (fq.double(), fk.double()), weight)
+        same = _run(lambda q, k: ref(q, k, ids, tau, negatives, compute_dtype=dtype), (fq, fk), weight)
+    else:
+        feat_q, feat_k = inputs
+        public = ops.patch_nce_rows if is_nce else ops.patch_metric_rows
+        ref = reference.patch_nce_rows if is_nce else reference.patch_metric_rows
+        impl = _run(lambda q, k: public(q, k, tau, batch, negatives, backend=backend), (feat_q, feat_k), weight)
+        truth = _run(lambda q, k: ref(q, k, tau, batch, negatives), (feat_q.double(), feat_k.double()), weight)
+        same = _run(lambda q, k: ref(q, k, tau, batch, negatives, compute_dtype=dtype), (feat_q, feat_k), weight)
+    assert impl[0].dtype == torch.float32 and impl[0].shape == truth[0].shape
+    _assert_rule(f"{op} {form} loss", impl[0], same[0], truth[0], dtype)
+    assert impl[1][0].dtype == dtype and impl[1][0].shape == inputs[0].shape
+    _assert_rule(f"{op} {form} grad q", impl[1][0], same[1][0], truth[1][0], dtype)
+    if is_nce:  # CUT detaches k: no gradient at all
+        assert impl[1][1] is None or not impl[1][1].any()
+    else:
+        _assert_rule(f"{op} {form} grad k", impl[1][1], same[1][1], truth[1][1], dtype)
+    if form == "map":  # pixels that were not sampled get exactly zero
+        for grad in impl[1]:
+            if grad is not None:
+                flat = grad.flatten(2).clone()
+                flat[:, :, inputs[2]] = 0
+                assert not flat.any()
+
+
+# (op, form, B, N, C, negatives, dtype, strided): per (op, form) every B, N, C, mode and dtype
+CASES = [
+    ("nce", "map", 1, 16, 16, "image", torch.float32, False),
+    ("nce", "map", 3, 97, 123, "batch", torch.float16, True),
+    ("nce", "map", 3, 256, 256, "image", torch.float32, False),
+    ("nce", "rows", 3, 16, 256, "batch", torch.float32, True),
+    ("nce", "rows", 1, 97, 16, "image", torch.float16, False),
+    ("nce", "rows", 1, 256, 123, "batch", torch.float16, False),
+    ("metric", "map", 3, 16, 123, "image", torch.float16, False),
+    ("metric", "map", 1, 97, 256, "batch", torch.float32, False),
+    ("metric", "map", 1, 256, 16, "image", torch.float16, True),
+    ("metric", "rows", 3, 97, 16, "image", torch.float32, False),
+    ("metric", "rows", 3, 256, 123, "batch", torch.float16, False),
+    ("metric", "rows", 1, 16, 256, "batch", torch.float32, True),
+]
+
+
+def _case_id(case):
+    op, form, b, n, c, neg, dtype, strided = case
+    return f"{op}-{form}-B{b}-N{n}-C{c}-{neg}-{str(dtype)[6:]}{'-strided' if strided else ''}"
+
+
+# --------------------------------------------------------------------------- numerics (interpreter)
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_losses_and_grads_match_float64_reference(case, interpreter):
+    op, form, batch, n, channels, negatives, dtype, strided = case
+    inputs = _make_inputs(form, batch, n, channels, dtype, seed=n + channels, strided=strided)
+    tau = 0.07 if op == "nce" else 0.15
+    _check_against_reference(op, form, inputs, dtype, negatives, tau, batch)
+
+
+@pytest.mark.parametrize("batch,n,channels,dtype", [(3, 97, 123, torch.float32), (1, 16, 256, torch.float16)])
+def test_similarity_and_grads_match_float64_reference(batch, n, channels, dtype, interpreter):
+    fq, fk, ids = _make_inputs("map", batch, n, channels, dtype, seed=3)
+    upstream = torch.randn(batch, n, n, generator=torch.Generator().manual_seed(1))
+    impl = _run(lambda q, k: ops.patch_similarity(q, k, ids, backend="triton"), (fq, fk), upstream)
+    truth = _run(lambda q, k: reference.patch_similarity(q, k, ids), (fq.double(), fk.double()), upstream)
+    same = _run(lambda q, k: reference.patch_similarity(q, k, ids, compute_dtype=dtype), (fq, fk), upstream)
+    assert impl[0].dtype == torch.float32 and impl[0].shape == (batch, n, n)
+    _assert_rule("similarity", impl[0], same[0], truth[0], dtype)
+    _assert_rule("similarity grad q", impl[1][0], same[1][0], truth[1][0], dtype)
+    _assert_rule("similarity grad k", impl[1][1], same[1][1], truth[1][1], dtype)
+
+
+def test_gradients_are_deterministic(interpreter):
+    fq, fk, ids = _make_inputs("map", 3, 40, 16, torch.float32, seed=5)
+    grads = []
+    for _ in range(2):
+        q, k = _leaf(fq), _leaf(fk)
+        (ops.patch_metric(q, k, ids, negatives="batch", backend="triton")
+         + ops.patch_nce(q, k, ids, negatives="batch", backend="triton").mean()).backward()
+        grads.append((q.grad, k.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+# --------------------------------------------------------------------------- backend choice
+
+def test_backend_choice_rules(monkeypatch):
+    x32 = torch.randn(2, 16, 5, 5)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET" in ops.available_backends(x32)["triton"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops.available_backends(x32)["triton"] is None
+    assert ops.resolve_backend("auto", x32).name != "triton"  # auto never picks it on CPU
+    assert "float64" in ops.available_backends(x32.double())["triton"]
+    with pytest.raises(RuntimeError, match="triton"):
+        ops.patch_nce(x32.double(), x32.double(), torch.arange(4), backend="triton")
+    assert ops.available_backends(x32.bfloat16())["triton"] is not None  # interpreter bf16 dots are wrong
+    assert ops.available_backends(torch.randn(4, 2048))["triton"] is not None  # C > MAX_CHANNELS
+
+
+def test_direct_op_call_checks_ids_before_any_kernel(interpreter):
+    fq, fk, ids = _make_inputs("map", 1, 16, 16, torch.float32, seed=1)
+    bad = ids.clone()
+    bad[3] = fq.shape[2] * fq.shape[3]  # one past the end
+    with pytest.raises(ValueError, match="ids"):
+        torch.ops.pdml_triton.nce(fq, fk, bad, 0.07, 16)
+    bad[3] = bad[4]
+    with pytest.raises(ValueError, match="distinct"):
+        torch.ops.pdml_triton.metric(fq, fk, bad, 0.15, 16)
+
+
+# --------------------------------------------------------------------------- several layers, one launch
+
+def _count_launches(monkeypatch, kernel):
+    calls = []
+    original = kernel.run
+
+    def counting_run(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", counting_run)
+    return calls
+
+
+@pytest.mark.parametrize("op", ["nce", "metric"])
+def test_rows_layers_entry_is_one_launch_and_matches_per_layer(op, interpreter, monkeypatch):
+    layers = [_make_inputs("rows", 2, 24, 32, torch.float32, seed=s) for s in range(3)]
+    is_nce = op == "nce"
+    per_layer_fn = ops.patch_nce_rows if is_nce else ops.patch_metric_rows
+    fused_fn = _ops_triton.patch_nce_rows_layers if is_nce else _ops_triton.patch_metric_rows_layers
+
+    singles, single_grads = [], []
+    for feat_q, feat_k in layers:
+        q, k = _leaf(feat_q), _leaf(feat_k)
+        out = per_layer_fn(q, k, batch_size=2, negatives="image", backend="triton")
+        out.sum().backward()
+        singles.append(out.detach())
+        single_grads.append((q.grad, k.grad))
+
+    kernels = kernel_module(True)
+    forward_calls = _count_launches(monkeypatch, kernels.nce_forward_kernel if is_nce else kernels.metric_forward_kernel)
+    backward_calls = _count_launches(monkeypatch, kernels.nce_backward_kernel if is_nce else kernels.metric_backward_kernel)
+    qs = [_leaf(q) for q, _ in layers]
+    ks = [_leaf(k) for _, k in layers]
+    fused = fused_fn(qs, ks, batch_size=2, negatives="image")
+    fused.sum().backward()
+    assert len(forward_calls) == 1 and len(backward_calls) == 1
+    assert fused.shape == ((3, 48) if is_nce else (3,))
+    torch.testing.assert_close(fused.detach(), torch.stack(singles), rtol=1e-6, atol=1e-7)
+    for layer in range(3):
+        torch.testing.assert_close(qs[layer].grad, single_grads[layer][0], rtol=1e-6, atol=1e-8)
+        if not is_nce:
+            torch.testing.assert_close(ks[layer].grad, single_grads[layer][1], rtol=1e-6, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- custom-op registration
+
+def _opcheck_cases():
+    fq, fk, ids = _make_inputs("map", 2, 16, 16, torch.float32, seed=11)
+    feat_q, feat_k = _make_inputs("rows", 2, 16, 16, torch.float32, seed=12)
+    grad_rows = torch.rand(32, generator=torch.Generator().manual_seed(2))
+    lse = torch.ops.pdml_triton.nce(fq, fk, ids, 0.07, 32)[1]
+    lse_rows = torch.ops.pdml_triton.nce(feat_q, feat_k, None, 0.07, 16)[1]
+    req = _leaf
+    return {
+        "nce-map": ("nce", (req(fq), fk, ids, 0.07, 32, True)),
+        "nce-rows": ("nce", (req(feat_q), feat_k, None, 0.07, 16, False)),
+        "metric-map": ("metric", (req(fq), req(fk), ids, 0.15, 16, 1, True)),
+        "metric-rows": ("metric", (req(feat_q), req(feat_k), None, 0.15, 32, 1, False)),
+        "similarity": ("similarity", (req(fq), req(fk), ids, True)),
+        "nce_backward": ("nce_backward", (grad_rows, fq, fk, ids, lse, 0.07, 32)),
+        "nce_backward-rows": ("nce_backward", (grad_rows, feat_q, feat_k, None, lse_rows, 0.07, 16)),
+        "metric_backward": ("metric_backward", (grad_rows, fq, fk, ids, 0.15, 16, 1)),
+        "similarity_backward": ("similarity_backward", (torch.randn(2, 16, 16), fq, fk, ids)),
+    }
+
+
+@pytest.mark.parametrize("name", ["nce-map", "nce-rows", "metric-map", "metric-rows", "similarity",
+                                  "nce_backward", "nce_backward-rows", "metric_backward",
+                                  "similarity_backward"])
+def test_opcheck(name, interpreter):
+    op_name, args = _opcheck_cases()[name]
+    torch.library.opcheck(getattr(torch.ops.pdml_triton, op_name).default, args)
+
+
+def _compiled_loss(fq, fk, ids, feat_q, feat_k):
+    return (ops.patch_nce(fq, fk, ids, negatives="batch", backend="triton").mean()
+            + ops.patch_metric(fq, fk, ids, backend="triton")
+            + ops.patch_nce_rows(feat_q, feat_k, batch_size=2, backend="triton").mean()
+            + ops.patch_metric_rows(feat_q, feat_k, batch_size=2, backend="triton")
+            + ops.patch_similarity(fq, fk, ids, backend="triton").square().mean())
+
+
+def test_torch_compile_fullgraph_aot_eager(interpreter):
+    """fullgraph tracing through Dynamo + AOTAutograd (fake impls, autograd formulas,
+    backward ops); at run time the graph calls the interpreter kernels. Inductor's
+    codegen around the ops is exercised by the cuda test below."""
+    torch._dynamo.reset()
+    fq, fk, ids = _make_inputs("map", 2, 20, 16, torch.float32, seed=21)
+    feat_q, feat_k = _make_inputs("rows", 2, 20, 16, torch.float32, seed=22)
+    compiled = torch.compile(_compiled_loss, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (_compiled_loss, compiled):
+        leaves = [_leaf(x) for x in (fq, fk, feat_q, feat_k)]
+        loss = fn(leaves[0], leaves[1], ids, leaves[2], leaves[3])
+        loss.backward()
+        results.append((loss.detach(), [x.grad for x in leaves]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for eager_grad, compiled_grad in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(compiled_grad, eager_grad)
+    # pdml.ops skips the ids check while compiling; the op runs it: no out-of-bounds kernel
+    bad = ids.clone()
+    bad[0] = fq.shape[2] * fq.shape[3] + 5
+    with pytest.raises(ValueError, match="ids"):
+        compiled(fq, fk, bad, feat_q, feat_k)
+
+
+# --------------------------------------------------------------------------- memory
+
+def _largest_allocation(fn):
+    """Bytes of the largest single allocation of the torch CPU allocator while ``fn`` runs."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("negatives", ["image", "batch"])
+def test_no_bnn_sized_buffer_is_allocated(negatives, interpreter):
+    """Every tensor the triton path allocates (forward + backward of both losses, map and
+    rows form), measured at the allocator, is far below one B·N·N fp32 buffer; the
+    reference path, measured the same way, does allocate one (so the probe works)."""
+    batch, n, channels = 3, 256, 16
+    fq, fk, ids = _make_inputs("map", batch, n, channels, torch.float32, seed=31)
+    feat_q, feat_k = _make_inputs("rows", batch, n, channels, torch.float32, seed=32)
+    bnn_bytes = batch * n * n * 4
+
+    def losses(backend):
+        q, k, rq, rk = (_leaf(x) for x in (fq, fk, feat_q, feat_k))
+        (ops.patch_nce(q, k, ids, negatives=negatives, backend=backend).mean()
+         + ops.patch_metric(q, k, ids, negatives=negatives, backend=backend)
+         + ops.patch_nce_rows(rq, rk, batch_size=batch, negatives=negatives, backend=backend).mean()
+         + ops.patch_metric_rows(rq, rk, batch_size=batch, negatives=negatives, backend=backend)).backward()
+
+    assert _largest_allocation(lambda: losses("reference")) >= bnn_bytes
+    largest = _largest_allocation(lambda: losses("triton"))
+    map_bytes = fq.numel() * 4
+    assert largest <= 2 * map_bytes < bnn_bytes / 4, (largest, map_bytes, bnn_bytes)
+
+
+# --------------------------------------------------------------------------- real GPU
+
+GPU_CASES = [
+    ("nce", "map", 3, 256, 256, "batch"), ("nce", "rows", 1, 97, 123, "image"),
+    ("metric", "map", 3, 97, 256, "image"), ("metric", "rows", 3, 256, 16, "batch"),
+    ("nce", "map", 1, 16, 16, "image"), ("metric", "map", 1, 1024, 256, "batch"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cuda_numerics(case, dtype):
+    op, form, batch, n, channels, negatives = case
+    inputs = _make_inputs(form, batch, n, channels, dtype, seed=n, device="cuda", strided=batch == 3)
+    tau = 0.07 if op == "nce" else 0.15
+    _check_against_reference(op, form, inputs, dtype, negatives, tau, batch)
+    # auto picks triton for CUDA tensors
+    assert ops.resolve_backend("auto", inputs[0]).name == "triton"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_similarity(dtype):
+    fq, fk, ids = _make_inputs("map", 3, 97, 123, dtype, seed=4, device="cuda")
+    upstream = torch.randn(3, 97, 97, device="cuda")
+    impl = _run(lambda q, k: ops.patch_similarity(q, k, ids, backend="triton"), (fq, fk), upstream)
+    truth = _run(lambda q, k: reference.patch_similarity(q, k, ids), (fq.double(), fk.double()), upstream)
+    same = _run(lambda q, k: reference.patch_similarity(q, k, ids, compute_dtype=dtype), (fq, fk), upstream)
+    for got, s, t, name in zip([impl[0], *impl[1]], [same[0], *same[1]], [truth[0], *truth[1]], "sqk"):
+        _assert_rule(f"similarity {name}", got, s, t, dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_peak_memory_has_no_bnn_buffer():
+    batch, n, channels = 4, 1024, 64
+    fq, fk, ids = _make_inputs("map", batch, n, channels, torch.float16, seed=2, device="cuda")
+    q, k = _leaf(fq), _leaf(fk)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    (ops.patch_nce(q, k, ids, backend="triton").mean() + ops.patch_metric(q, k, ids, backend="triton")).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < batch * n * n * 4 / 4, extra
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_and_compiled_inductor():
+    torch._dynamo.reset()
+    fq, fk, ids = _make_inputs("map", 2, 256, 256, torch.float16, seed=8, device="cuda")
+    feat_q, feat_k = _make_inputs("rows", 2, 256, 256, torch.float16, seed=9, device="cuda")
+    compiled = torch.compile(_compiled_loss, fullgraph=True)
+    results = []
+    for fn in (_compiled_loss, _compiled_loss, compiled):
+        leaves = [_leaf(x) for x in (fq, fk, feat_q, feat_k)]
+        loss = fn(leaves[0], leaves[1], ids, leaves[2], leaves[3])
+        loss.backward()
+        results.append((loss.detach(), [x.grad for x in leaves]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    torch.testing.assert_close(results[2][0], results[0][0], rtol=1e-3, atol=1e-4)
+    for eager_grad, compiled_grad in zip(results[0][1], results[2][1]):
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-2, atol=1e-3)
+
