@@ -609,7 +609,10 @@ class TrainingRun:
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr, betas=betas)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda s: lr_factor(s, cfg))
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, lambda s: lr_factor(s, cfg))
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        # fp16: start at 2**10, not torch's 2**16, which overflows the first steps' gradients
+        # (the metric loss's exp(s/τ) terms are up to e^{1/0.15}) and so skips them.
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 10,
+                                           enabled=cfg.precision == "fp16")
         self.autocast = _autocast(device, cfg.precision)
 
         g_pass: nn.Module = GeneratorPass(self.generator, self.heads, cfg.loss_layers)
@@ -636,7 +639,7 @@ class TrainingRun:
         random.seed(cfg.seed + 104_729 * (info.rank + 1))
         if ckpt is not None:
             self._load_state(ckpt)
-        self.stream = IndexStream(len(self.data.train), info, cfg.seed)
+        self.samples = IndexStream(len(self.data.train), info, cfg.seed)
         self.telemetry = GpuTelemetry(device)
         if info.is_main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -687,7 +690,7 @@ class TrainingRun:
     # ---------------------------------------------------------------- one step
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.cfg.batch_size
-        pairs = [self.data.train.get(e, i) for e, i in self.stream.positions(step * b, b)]
+        pairs = [self.data.train.get(e, i) for e, i in self.samples.positions(step * b, b)]
         x = torch.stack([p[0] for p in pairs])
         y = torch.stack([p[1] for p in pairs])
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -718,8 +721,11 @@ class TrainingRun:
         self.scaler.scale(loss_d).backward()
         self.scaler.step(self.opt_d)
         self.scaler.update()
-        self.sched_g.step()
-        self.sched_d.step()
+        with warnings.catch_warnings():
+            # fp16: a step the scaler skipped (inf gradients) still advances the schedule
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.sched_g.step()
+            self.sched_d.step()
         return {"loss_G": loss_g.detach().float(), "loss_D": loss_d.detach(),
                 "loss_gan": loss_gan.detach(), "loss_idt": loss_idt.detach(),
                 "loss_patch": loss_patch.detach().float()}

@@ -1,0 +1,251 @@
+"""pdml.train: schedule, config, checkpoints, one step per precision and loss, a full tiny
+run, exact resume after SIGKILL, and a 2-process torchrun (gloo) run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pdml
+from pdml import train as T
+from pdml.cli import train_main
+
+PDML_TRAIN = str(Path(sys.executable).with_name("pdml-train"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_and_private_cache(tmp_path_factory):
+    """One intra-op thread (oversubscribed CI cores), built-in data cached per session."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    old = os.environ.get("PDML_CACHE_DIR")
+    os.environ["PDML_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "pdml-cache")
+    yield
+    torch.set_num_threads(threads)
+    if old is None:
+        os.environ.pop("PDML_CACHE_DIR", None)
+    else:
+        os.environ["PDML_CACHE_DIR"] = old
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _records(run_dir, kind):
+    out = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == kind:
+            out.append(rec)
+    return out
+
+
+def _params(ckpt):
+    return {f"{m}.{k}": v for m in ("generator", "discriminator", "heads")
+            for k, v in ckpt["model"][m].items()}
+
+
+# --------------------------------------------------------------------------- units
+
+def test_lr_schedule_constant_then_linear_decay():
+    cfg = T.make_config("tiny", steps=10, decay_steps=4)
+    factors = [T.lr_factor(s, cfg) for s in range(11)]
+    assert factors[:6] == [1.0] * 6
+    assert factors[6:] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+def test_presets_and_config_validation():
+    demo = T.make_config()
+    assert (demo.preset, demo.loss, demo.lambda_gan, demo.lambda_identity, demo.lambda_metric,
+            demo.resolved_tau, demo.num_patches, demo.loss_layers, demo.lr, demo.beta1,
+            demo.beta2, demo.wavelet) == ("demo", "dml", 1.0, 5.0, 0.1, 0.15, 128,
+                                          ("trunk", "fusion"), 2e-4, 0.5, 0.999, True)
+    assert T.make_config(loss="patchnce").resolved_tau == 0.07
+    assert T.TrainConfig.from_dict(demo.to_dict()) == demo
+    for kwargs, match in [({"loss": "nce"}, "--loss"), ({"precision": "fp8"}, "--precision"),
+                          ({"ldct": "/a"}, "--ldct and --ndct"), ({"steps": 0}, "--steps"),
+                          ({"decay_steps": 10**9}, "--decay-steps"),
+                          ({"loss_backend": "cuda"}, "--loss-backend"), ({"crop": 4}, "--crop")]:
+        with pytest.raises(T.TrainError, match=match):
+            T.make_config("tiny", **kwargs)
+    with pytest.raises(T.TrainError, match="--preset"):
+        T.make_config("huge")
+
+
+def test_patch_loss_uses_the_same_ids_for_output_and_input():
+    cfg = T.make_config("tiny", num_patches=16)
+    torch.manual_seed(0)
+    fq = [torch.randn(2, 8, 6, 5) for _ in range(2)]
+    fk = [torch.randn(2, 8, 6, 5) for _ in range(2)]
+    torch.manual_seed(5)
+    got = T.patch_loss(cfg, fq, fk)
+    torch.manual_seed(5)
+    want = sum(pdml.reference.patch_metric(q, k, torch.randperm(30)[:16], tau=0.15)
+               for q, k in zip(fq, fk)) / 2
+    torch.testing.assert_close(got, want)
+    cfg_nce = T.make_config("tiny", num_patches=16, loss="patchnce")
+    torch.manual_seed(5)
+    got = T.patch_loss(cfg_nce, fq, fk)
+    torch.manual_seed(5)
+    want = sum(pdml.reference.patch_nce(q, k, torch.randperm(30)[:16], tau=0.07).mean()
+               for q, k in zip(fq, fk)) / 2
+    torch.testing.assert_close(got, want)
+
+
+def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
+    import random
+
+    state = T.capture_rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    T.save_checkpoint({"rng": state}, tmp_path / "s.pt")
+    T.restore_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_load_checkpoint_rejects_foreign_and_corrupt_files(tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "other.pt")
+    with pytest.raises(T.TrainError, match="not a pdml-train checkpoint"):
+        T.load_checkpoint(tmp_path / "other.pt")
+    (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(T.TrainError, match="cannot read checkpoint"):
+        T.load_checkpoint(tmp_path / "torn.pt")
+    with pytest.raises(T.TrainError, match="does not exist"):
+        T.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_atomic_write_leaves_old_or_new_file(tmp_path):
+    path = tmp_path / "f.bin"
+    T.atomic_write_bytes(path, b"old")
+    T.atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no tmp file left behind
+
+
+# --------------------------------------------------------------------------- training
+
+@pytest.mark.parametrize("precision,loss", [("fp32", "dml"), ("fp32", "patchnce"),
+                                            ("fp32", "none"), ("bf16", "dml"), ("fp16", "dml")])
+def test_one_training_step(tmp_path, monkeypatch, precision, loss):
+    seen = []
+    for name in ("patch_metric", "patch_nce"):
+        real = getattr(pdml.ops, name)
+
+        def spy(fq, fk, ids, *a, _real=real, _name=name, **k):
+            seen.append((_name, fq.dtype, fk.dtype, tuple(ids.shape), k.get("backend")))
+            return _real(fq, fk, ids, *a, **k)
+        monkeypatch.setattr(pdml.ops, name, spy)
+    cfg = T.make_config("tiny", precision=precision, loss=loss, out=str(tmp_path / "run"),
+                        progress=False)
+    run = T.TrainingRun(cfg)
+    try:
+        before = {k: v.detach().clone() for k, v in run.generator.named_parameters()}
+        d_before = {k: v.detach().clone() for k, v in run.discriminator.named_parameters()}
+        x, y = run._batch(0)
+        assert x.shape == y.shape == (2, 1, 32, 32) and x.dtype == torch.float32
+        losses = run.train_step(x, y)
+    finally:
+        run.close()
+    assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in losses.values())
+    # both optimizers stepped (fp16: the scaler did not skip the step)
+    assert any(not torch.equal(before[k], v) for k, v in run.generator.named_parameters())
+    assert any(not torch.equal(d_before[k], v) for k, v in run.discriminator.named_parameters())
+    if loss == "none":
+        assert seen == [] and run.heads is None and float(losses["loss_patch"]) == 0.0
+    else:
+        op = "patch_metric" if loss == "dml" else "patch_nce"
+        half = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        # one call per loss layer, half-precision features under autocast
+        assert seen == [(op, half, half, (32,), "auto")] * 2
+        assert float(losses["loss_patch"]) != 0.0
+    assert run.scaler.is_enabled() == (precision == "fp16")
+
+
+def test_tiny_run_writes_the_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(["--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "pdml-train summary" in printed and "denoised" in printed and "LD input" in printed
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["preset"] == "tiny" and cfg["loss"] == "dml"
+    train_recs, eval_recs = _records(out, "train"), _records(out, "eval")
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
+    assert all(r["img_per_s"] > 0 and np.isfinite(r["loss_G"]) for r in train_recs)
+    assert [r["step"] for r in eval_recs] == [2, 4]
+    for key in ("psnr", "ssim", "noise_std", "hu_shift", "ld_psnr", "ld_noise_std"):
+        assert np.isfinite(eval_recs[-1][key])
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(out / "checkpoints" / name, weights_only=True)
+        assert ckpt["format"] == T.CHECKPOINT_FORMAT and ckpt["config"]["preset"] == "tiny"
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    for fig in ("eval_step0000002.png", "eval_step0000004.png", "losses.png"):
+        assert (out / "figures" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["final_eval"]["step"] == 4
+    # a second run into the same folder is refused (resume it instead)
+    assert train_main(["--preset", "tiny", "--out", str(out), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    steps = 8
+    args = ["--preset", "tiny", "--steps", str(steps), "--decay-steps", "3", "--ckpt-every", "1",
+            "--eval-every", "3", "--no-progress"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([PDML_TRAIN, *args, "--out", str(killed)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 180
+    try:  # kill it right after step 2 is logged: mid-run, a checkpoint at step >= 1 exists
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and '"step": 2,' in metrics.read_text():
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    last = killed / "checkpoints" / "last.pt"
+    step_killed = torch.load(last, weights_only=True)["step"]
+    assert 1 <= step_killed < steps
+    with open(killed / "metrics.jsonl", "a") as f:  # a record torn by the kill
+        f.write('{"kind": "train", "step": 99, "loss')
+    assert train_main(["--resume", str(killed)]) == 0
+
+    straight = tmp_path / "straight"
+    assert train_main([*args, "--out", str(straight)]) == 0
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["step"] == b["step"] == steps
+    pa, pb = _params(a), _params(b)
+    assert pa.keys() == pb.keys()
+    assert all(torch.equal(pa[k], pb[k]) for k in pa), "resumed run diverged"
+    for group in ("generator", "discriminator"):
+        sa, sb = a["optimizer"][group]["state"], b["optimizer"][group]["state"]
+        assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert [r["step"] for r in _records(killed, "train")] == list(range(1, steps + 1))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_keep_identical_parameters(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node=2",
+           "--master_port=0", PDML_TRAIN, "--preset", "tiny", "--steps", "3",
+           "--out", str(out), "--no-progress"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
+    assert res.stdout.count("pdml-train summary") == 1  # rank 0 alone prints and writes
+    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3]
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
