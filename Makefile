@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.pdml-installed
 SOURCES := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install train test bench
+.PHONY: install train test test-tools bench
 install: $(STAMP)
 
 $(STAMP): $(SOURCES)
@@ -20,8 +20,12 @@ $(STAMP): $(SOURCES)
 train: install
 	$(BIN)/pdml-train $(ARGS)
 
-test: install
+test: install test-tools
 	$(BIN)/python -m pytest tests $(ARGS)
+
+# dciodvfy (Debian's dicom3tools) validates the DICOM files pdml writes (tests/test_data_dicom.py)
+test-tools:
+	command -v dciodvfy >/dev/null || { apt-get update -qq && apt-get install -y -qq dicom3tools; }
 
 bench: install
 	$(BIN)/python -m pytest benchmarks $(ARGS)
