@@ -10,7 +10,7 @@ from pdml.data import (BUILTIN_ND_SHIFT, PairedCTDataset, UnpairedCTDataset, bui
                        cache_dir, read_slices)
 from pdml.data.builtin import SPLITS, phantom
 
-TINY = dict(size=128, ld_per_source=1, nd_per_source=1, test_per_frame=1, views=60)
+TINY = dict(size=128, ld_per_source=1, nd_per_source=1, test_per_slice=1, views=60)
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 
 
@@ -22,7 +22,7 @@ def tiny(tmp_path_factory):
 
 def test_builtin_layout_and_contents(tiny):
     counts = tiny.manifest["counts"]
-    assert counts == {"train/ld": 3, "train/nd": 4, "test/ld": 3, "test/truth": 3}
+    assert counts == {"train/ld": 3, "train/nd": 5, "test/ld": 2, "test/truth": 2}
     for split in SPLITS:
         arr = tiny.load(split)
         assert arr.dtype == np.float32 and arr.shape[1:] == (128, 128)
@@ -124,7 +124,7 @@ def test_unit_scale_is_unclipped_and_paired_dataset(tiny):
     np.testing.assert_allclose(ds[0]["ld"][0, 0, :2].numpy(), [0.0, 0.0])
     assert float(ds[0]["ld"].max()) == pytest.approx(1.5)
     paired = PairedCTDataset(tiny.test_ld, tiny.test_truth)
-    assert len(paired) == 3
+    assert len(paired) == 2
     item = paired[1]
     assert item["ld"].shape == item["truth"].shape == (1, 128, 128) and item["index"] == 1
     np.testing.assert_allclose(item["truth"][0].numpy(),
@@ -138,7 +138,7 @@ def test_unit_scale_is_unclipped_and_paired_dataset(tiny):
 def test_read_slices_sources(tiny, tmp_path):
     from pydicom.data import get_testdata_file
 
-    assert read_slices(tiny.train_nd).shape == (4, 128, 128)
+    assert read_slices(tiny.train_nd).shape == (5, 128, 128)
     np.save(tmp_path / "one.npy", np.zeros((5, 5), np.float32))
     assert read_slices(tmp_path / "one.npy").shape == (1, 5, 5)
     assert read_slices(get_testdata_file("eCT_Supplemental.dcm")).shape == (2, 512, 512)

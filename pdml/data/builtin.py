@@ -8,10 +8,10 @@ file                              anatomy         used for
 ================================  ==============  =============================================
 J2K_pixelrep_mismatch.dcm         head, 512²      low-dose domain (training LD)
 explicit_VR-UN.dcm                abdomen, 512²   low-dose domain (training LD)
-693_UNCR.dcm                      head, 512²      full-dose domain (training ND)
 bad_sequence.dcm                  neck, 512²      full-dose domain (training ND)
 CT_small.dcm                      spine, 128²     full-dose domain (training ND)
-eCT_Supplemental.dcm (2 frames)   head, 512²      held-out paired test set only
+eCT_Supplemental.dcm (2 frames)   brain, 512²     full-dose domain (training ND)
+693_UNCR.dcm                      head, 512²      held-out paired test set only
 ================================  ==============  =============================================
 
 Each real slice is clipped below at -1024 HU (outside-the-field padding is air), then
@@ -24,8 +24,8 @@ split. Pixel sizes follow from the source spacing and the crop (phantoms: 0.8 mm
 - ``train/nd``: full-dose domain slices (no simulated noise; the real scans' own noise)
   through :data:`pdml.data.shift.BUILTIN_ND_SHIFT`: their CT numbers differ from the
   low-dose domain's, as between real acquisitions.
-- ``test/ld`` and ``test/truth``: held-out slices (eCT_Supplemental's frames and
-  phantoms): the simulated low dose and its noiseless FBP (the same pipeline without
+- ``test/ld`` and ``test/truth``: held-out slices (693_UNCR, a head no training slice
+  comes from, and phantoms): the simulated low dose and its noiseless FBP (the same pipeline without
   noise: the clean truth at the low-dose domain's CT numbers, same resolution).
 
 Every file is a float32 ``[size, size]`` ``.npy`` in HU, named ``00000.npy``, ... .
@@ -57,8 +57,8 @@ from pdml.data.shift import BUILTIN_ND_SHIFT
 
 RECIPE_VERSION = 1
 LD_SOURCES = ("J2K_pixelrep_mismatch.dcm", "explicit_VR-UN.dcm")
-ND_SOURCES = ("693_UNCR.dcm", "bad_sequence.dcm", "CT_small.dcm")
-TEST_SOURCES = ("eCT_Supplemental.dcm",)
+ND_SOURCES = ("bad_sequence.dcm", "CT_small.dcm", "eCT_Supplemental.dcm")
+TEST_SOURCES = ("693_UNCR.dcm",)
 SPLITS = ("train/ld", "train/nd", "test/ld", "test/truth")
 PHANTOM_PIXEL_MM = 0.8
 
@@ -106,7 +106,8 @@ class BuiltinDataset:
 # ------------------------------------------------------------------------ augmentation
 
 def _real_slices(name: str) -> List[Tuple[np.ndarray, float]]:
-    """[(hu [N, N] float32 clipped at -1024, pixel mm)] for each frame of a test file."""
+    """[(hu [N, N] float32 clipped at -1024, pixel mm)] for each slice (frame) of a
+    pydicom / pydicom-data test file."""
     from pydicom.data import get_testdata_file
 
     from pdml.data.dicom import load_ct
@@ -179,7 +180,7 @@ class BuiltinRecipe:
     size: int = 256
     ld_per_source: int = 12
     nd_per_source: int = 8
-    test_per_frame: int = 4
+    test_per_slice: int = 8
     i0: float = 5e4
     views: int = 360
 
@@ -195,7 +196,7 @@ def _plan(recipe: BuiltinRecipe, rng: np.random.Generator):
     items: Dict[str, List[Tuple[np.ndarray, float]]] = {"ld": [], "nd": [], "test": []}
     for key, sources, count in (("ld", LD_SOURCES, recipe.ld_per_source),
                                 ("nd", ND_SOURCES, recipe.nd_per_source),
-                                ("test", TEST_SOURCES, recipe.test_per_frame)):
+                                ("test", TEST_SOURCES, recipe.test_per_slice)):
         for name in sources:
             for hu, pixel_mm in _real_slices(name):
                 for _ in range(count):
