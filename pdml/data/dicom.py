@@ -198,10 +198,13 @@ def _check_complete(path: Path, ds: Dataset, caught) -> None:
 
 
 def _header_copy(ds: Dataset) -> Dataset:
-    header = copy.deepcopy(ds)
-    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        if keyword in header:
-            delattr(header, keyword)
+    """The dataset without its pixel data (element by element: a deepcopy of the whole
+    dataset would also copy the pixel bytes and pydicom's decoded-array cache)."""
+    header = Dataset()
+    for elem in ds:
+        if elem.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            header.add(copy.deepcopy(elem))
+    header.file_meta = copy.deepcopy(getattr(ds, "file_meta", FileMetaDataset()))
     return header
 
 
@@ -250,10 +253,7 @@ def _slices_of(path: Path, ds: Dataset, pixels: np.ndarray):
 
 
 def _to_hu(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    """stored · slope + intercept as float32 (computed in float64 so a non-integer slope
-    rounds once)."""
-    if slope == 1.0:
-        return (stored.astype(np.float64) + intercept).astype(np.float32)
+    """stored · slope + intercept as float32 (computed in float64, rounded once)."""
     return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
 
 
