@@ -1,9 +1,11 @@
 """CT data for pdml: DICOM in and out, HU window, low-dose simulation, acquisition
 shift, wavelet split, the built-in dataset and PyTorch datasets.
 
-Units: every array in HU is float32 HU; the networks' scale is the paper's window
+Units: images are float32 arrays in HU; the networks' scale is the paper's window
 ``[-1000, 1000]`` HU -> ``[0, 1]`` (:func:`hu_to_unit`, :func:`unit_to_hu`).
-See ``notes``-level details in each module's docstring.
+Each module's docstring gives its details: ``dicom`` (reading, writing), ``hu``,
+``simulate`` (projector, FBP, low dose), ``shift`` (acquisition shift and its numbers),
+``wavelet``, ``builtin`` (the built-in dataset), ``datasets`` (torch datasets).
 """
 from pdml.data.builtin import BuiltinDataset, BuiltinRecipe, builtin_dataset, cache_dir, phantom
 from pdml.data.datasets import PairedCTDataset, UnpairedCTDataset, random_crop_flip, read_slices
