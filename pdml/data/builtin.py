@@ -283,9 +283,15 @@ def builtin_dataset(root: Optional[os.PathLike] = None, seed: int = 0, size: int
     tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.key()}-", dir=base))
     try:
         manifest = build(tmp, recipe, progress=progress, device=device)
-        if target.exists():
+        if rebuild and target.exists():
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)    # atomic; fails if another process got there first
+        except OSError:
+            if not manifest_path.is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)   # an identical build finished first
+            manifest = json.loads(manifest_path.read_text())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
