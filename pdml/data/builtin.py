@@ -45,6 +45,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -112,8 +113,13 @@ def _real_slices(name: str) -> List[Tuple[np.ndarray, float]]:
 
     from pdml.data.dicom import load_ct
 
+    with warnings.catch_warnings():
+        # pydicom-data's files carry some invalid header values on purpose (it is a test
+        # suite): pydicom's complaints about them say nothing about the pixels used here
+        warnings.simplefilter("ignore", UserWarning)
+        all_series = load_ct(get_testdata_file(name))
     out = []
-    for series in load_ct(get_testdata_file(name)):
+    for series in all_series:
         spacing = series.pixel_spacing_mm
         for hu in series.hu:
             out.append((np.maximum(hu, -1024.0), float(spacing[0]) if spacing else 0.5))
