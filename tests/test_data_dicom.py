@@ -207,6 +207,21 @@ def test_truncated_file_is_a_clear_error(tmp_path, name, fraction):
     assert str(path) in str(info.value)
 
 
+def test_file_without_preamble(tmp_path):
+    """Older writers omit the preamble: the dataset starts directly with group 0008."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, src)                         # the dataset alone: no preamble/meta
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(buffer.getvalue())
+    assert bare.read_bytes()[:2] == b"\x08\x00"
+    assert np.array_equal(load_ct(bare)[0].hu, pydicom_hu(src))
+
+
 def test_non_dicom_and_non_ct_files(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a DICOM file\n")

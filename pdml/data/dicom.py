@@ -7,8 +7,9 @@ Single-frame CT and multi-frame (enhanced) CT are read; for enhanced CT each fra
 slice and its rescale and position come from the functional groups (per-frame first, then
 shared). Compressed transfer syntaxes decode through pydicom's pixel handlers
 (JPEG 2000 and JPEG lossless need the ``pylibjpeg`` plugins, which pdml depends on).
-HU = stored value · RescaleSlope + RescaleIntercept, float32. Input files are opened
-read-only and never modified.
+HU = stored value · RescaleSlope + RescaleIntercept, float32. Files without the DICOM
+preamble (a bare little-endian dataset starting with group 0008) are read too. Input
+files are opened read-only and never modified.
 
 Folder mode skips what is not a CT image (not DICOM, other modality, no pixel data,
 corrupt or truncated) with one warning line per file and a final count; the skipped files
@@ -41,7 +42,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.valuerep import DS
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                         generate_uid)
 
 PathLike = Union[str, os.PathLike]
 
@@ -147,13 +149,24 @@ def _read_file(path: Path) -> Tuple[Dataset, np.ndarray]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(str(path))
+            # Files without the 128-byte preamble + "DICM" (older writers) are read when
+            # they start like a little-endian dataset: group 0x0008, the usual first group.
+            with open(path, "rb") as fh:
+                bare_dataset = fh.read(2) == b"\x08\x00"
+            ds = pydicom.dcmread(str(path), force=bare_dataset)
     except pydicom.errors.InvalidDicomError as exc:
         raise DicomReadError(f"{path}: not a DICOM file ({exc})") from exc
     except Exception as exc:  # truncated / corrupt headers raise many kinds
         raise DicomReadError(f"{path}: corrupt or truncated DICOM file "
                              f"({type(exc).__name__}: {exc})") from exc
     _check_complete(path, ds, caught)
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        # no file meta (bare dataset): the syntax is the encoding pydicom detected
+        implicit, little = ds.original_encoding
+        ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else
+            ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
     modality = str(ds.get("Modality", "")).upper()
     sop_class = str(ds.get("SOPClassUID", ""))
     is_ct = modality == "CT" or sop_class in (CTImageStorage, ENHANCED_CT_IMAGE_STORAGE)
