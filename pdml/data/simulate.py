@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pdml.data.hu import HU_AIR
 
 MU_WATER_PER_MM = 0.0192
 """Linear attenuation of water at a typical effective energy of a 120 kVp spectrum
@@ -90,8 +89,8 @@ def radon(image: torch.Tensor, theta, circle: bool = True) -> torch.Tensor:
     Returns ``[B, V, P]`` (or ``[V, P]`` for a 2-D input), same dtype and device.
     """
     image, squeeze = _as_batch(image, "image")
-    if image.shape[-1] != image.shape[-2]:
-        raise ValueError(f"image must be square, got {tuple(image.shape[-2:])}")
+    if image.shape[-1] != image.shape[-2] or image.shape[-1] < 2:
+        raise ValueError(f"image must be square and at least 2x2, got {tuple(image.shape[-2:])}")
     if not circle:
         image = diagonal_pad(image)
     angles = _angles_rad(theta, image)

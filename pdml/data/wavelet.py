@@ -23,6 +23,7 @@ Two evaluations of the same linear map:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -42,14 +43,14 @@ def _padding(size: int, level: int, filter_len: int):
     return before, total - size - before
 
 
+@contextlib.contextmanager
 def _quiet_level_warning():
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
     # PyWavelets warns that level 6 exceeds its "useful" level for small images; the
     # periodised transform is still perfectly invertible, and the padding margin keeps
     # the wrap-around away from the cropped image.
-    warnings.filterwarnings("ignore", message="Level value of", category=UserWarning)
-    return ctx
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Level value of", category=UserWarning)
+        yield
 
 
 def _split_numpy(arr: np.ndarray, wavelet: str, level: int):
@@ -59,8 +60,7 @@ def _split_numpy(arr: np.ndarray, wavelet: str, level: int):
     filter_len = pywt.Wavelet(wavelet).dec_len
     ph, pw = _padding(H, level, filter_len), _padding(W, level, filter_len)
     padded = np.pad(arr, [(0, 0)] * (arr.ndim - 2) + [ph, pw], mode="symmetric")
-    ctx = _quiet_level_warning()
-    try:
+    with _quiet_level_warning():
         coeffs = pywt.wavedec2(padded, wavelet, mode="periodization", level=level,
                                axes=(-2, -1))
         approx_only = [coeffs[0]] + [tuple(np.zeros_like(d) for d in det)
@@ -69,8 +69,6 @@ def _split_numpy(arr: np.ndarray, wavelet: str, level: int):
         crop = (Ellipsis, slice(ph[0], ph[0] + H), slice(pw[0], pw[0] + W))
         low = pywt.waverec2(approx_only, wavelet, mode="periodization", axes=(-2, -1))[crop]
         high = pywt.waverec2(detail_only, wavelet, mode="periodization", axes=(-2, -1))[crop]
-    finally:
-        ctx.__exit__(None, None, None)
     return low, high
 
 
@@ -84,13 +82,10 @@ def lowpass_matrix(size: int, wavelet: str = DEFAULT_WAVELET,
     filter_len = pywt.Wavelet(wavelet).dec_len
     before, after = _padding(size, level, filter_len)
     padded = np.pad(np.eye(size), [(before, after), (0, 0)], mode="symmetric")
-    ctx = _quiet_level_warning()
-    try:
+    with _quiet_level_warning():
         coeffs = pywt.wavedec(padded, wavelet, mode="periodization", level=level, axis=0)
         coeffs = [coeffs[0]] + [np.zeros_like(c) for c in coeffs[1:]]
         low = pywt.waverec(coeffs, wavelet, mode="periodization", axis=0)
-    finally:
-        ctx.__exit__(None, None, None)
     return np.ascontiguousarray(low[before:before + size])
 
 
