@@ -1,0 +1,5 @@
+"""Experiments that test the paper's claims with pdml's trainer and data.
+
+- :mod:`pdml.experiments.hu_shift`: the HU-shift ablation (GAN only vs PatchNCE vs the
+  patch-wise metric loss), ``python -m pdml.experiments.hu_shift``.
+"""
