@@ -17,16 +17,15 @@ from typing import Optional
 
 import torch
 import triton
-from triton import knobs
 
-from pdml.kernels import kernel_module
+from pdml.kernels import interpret_everywhere, kernel_module
 
 MAX_CHANNELS = 1024
 """Largest feature dimension C: a program holds whole rows (``BLOCK_C = next_pow2(C)``)."""
 
 
 def _kernels(t: torch.Tensor):
-    return kernel_module(t.device.type != "cuda" or bool(knobs.runtime.interpret))
+    return kernel_module(t.device.type != "cuda" or interpret_everywhere())
 
 
 def block_sizes(n_group: int, channels: int, interpret: bool) -> tuple[int, int, int, int]:
@@ -63,7 +62,7 @@ def _grad_buffer(x: torch.Tensor) -> torch.Tensor:
 
 def _launch_setup(q: torch.Tensor, ids: Optional[torch.Tensor], n_group: int):
     rows, n_img, width, channels, q_strides = _geometry(q, ids)
-    interpret = q.device.type != "cuda" or bool(knobs.runtime.interpret)
+    interpret = q.device.type != "cuda" or interpret_everywhere()
     block_m, block_n, block_c, num_warps = block_sizes(n_group, channels, interpret)
     grid = (triton.cdiv(n_group, block_m), rows // n_group)
     meta = dict(GATHER=ids is not None, NORMALIZE=ids is not None, IEEE=q.dtype == torch.float32,
@@ -132,7 +131,7 @@ def metric_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ids: O
 def _similarity_setup(q: torch.Tensor, ids: torch.Tensor):
     batch, channels, _, width = q.shape
     n_img = ids.numel()
-    interpret = q.device.type != "cuda" or bool(knobs.runtime.interpret)
+    interpret = q.device.type != "cuda" or interpret_everywhere()
     block_m, block_n, block_c, num_warps = block_sizes(n_img, channels, interpret)
     return batch, channels, width, n_img, block_m, block_n, block_c, num_warps
 
