@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -52,6 +53,7 @@ VARIANT_NAMES = {
     "patchnce": "+ PatchNCE (`--loss patchnce`)",
     "dml": "+ patch-wise metric (`--loss dml`)",
 }
+SHORT_NAMES = {"none": "GAN only", "patchnce": "+ PatchNCE", "dml": "+ metric loss (dml)"}
 LD_NAME = "LD input (untouched)"
 COLUMNS = (  # (key, header, format): per-slice means over the held-out slices
     ("psnr", "PSNR (dB)", ".2f"),
@@ -209,6 +211,20 @@ def source_commit() -> dict:
     return {"commit": commit, "pdml_modified": dirty}
 
 
+def cpu_name() -> str:
+    """The CPU model and core count, e.g. ``"AMD EPYC 9654 (2 cores)"``."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:  # not Linux
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model} ({cores} cores)"
+
+
 def _fmt_minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
@@ -291,7 +307,7 @@ def save_figure(path: Path, item, outputs: dict, slice_index: int) -> None:
     from pdml.train import DISPLAY_WINDOW
 
     truth = item.nd
-    images = [(LD_NAME.split(" (")[0], item.ld)] + [(f"--loss {k}", v) for k, v in outputs.items()]
+    images = [("LD input", item.ld)] + [(SHORT_NAMES[k], v) for k, v in outputs.items()]
     cols = 1 + len(images)
     fig, axes = plt.subplots(2, cols, figsize=(2.6 * cols, 5.6), layout="constrained")
     lo, hi = DISPLAY_WINDOW
@@ -338,9 +354,12 @@ def train_or_reuse(cfg, stream) -> tuple[dict, str]:
     last = run_dir / "checkpoints" / "last.pt"
     if not last.exists():
         return train(cfg, stream=stream), "trained"
-    saved = json.loads((run_dir / "config.json").read_text())
-    if _comparable(saved) != _comparable(cfg.to_dict()):
-        raise TrainError(f"{run_dir} holds a run with other settings; choose another --out")
+    saved, wanted = _comparable(json.loads((run_dir / "config.json").read_text())), \
+        _comparable(cfg.to_dict())
+    if saved != wanted:
+        differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        raise TrainError(f"{run_dir} holds a run with other settings ({', '.join(differ)}); "
+                         f"choose another --out")
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -426,7 +445,7 @@ def run_ablation(preset: str = "demo", out=None, seeds: Sequence[int] = (0,),
             "shared_config": shared, "held_out_slices": len(items),
             "figure_slice": figure_slice,
             "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                       else f"CPU ({platform.processor() or platform.machine()})"),
+                       else cpu_name()),
             "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
             "pdml": __import__("pdml").__version__, "python": platform.python_version(),
             "source": source_commit(), "started_utc": started_utc,
