@@ -28,8 +28,31 @@ static std::string build_info() {
   return info;
 }
 
+// Schemas of the ops; their CPU/CUDA bodies are in patch_ops.cpp, their fake impls and
+// autograd in pdml/_ops_ext.py. `float` is a C++ double; `batch_negatives` selects
+// negatives="batch" (all B·N rows one group) instead of "image" (one group per image);
+// `groups` is the rows form's number of groups (batch_size, or 1 for "batch").
+// The forward of PatchNCE also returns the per-row logsumexp its backward needs (with the
+// loss itself, from which the backward takes the positive's weight exactly); the
+// forward of PatchMetric, with compute_grad, also returns ∂L/∂q̂ and ∂L/∂k̂ (rows [B·N, C],
+// computed in the same sweep), which its backward scales and scatters (the rows form's
+// backward is that scale alone, done in Python).
 TORCH_LIBRARY(pdml, m) {
   m.def("build_info() -> str", &build_info);
+  m.def("patch_nce(Tensor fq, Tensor fk, Tensor ids, float tau, bool batch_negatives) -> (Tensor, Tensor)");
+  m.def("patch_nce_backward(Tensor grad_loss, Tensor fq, Tensor fk, Tensor ids, Tensor loss, Tensor lse, "
+        "float tau, bool batch_negatives) -> Tensor");
+  m.def("patch_metric(Tensor fq, Tensor fk, Tensor ids, float tau, bool batch_negatives, bool compute_grad) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("patch_metric_backward(Tensor grad, Tensor d_q, Tensor d_k, Tensor fq, Tensor fk, Tensor ids) "
+        "-> (Tensor, Tensor)");
+  m.def("patch_similarity(Tensor fq, Tensor fk, Tensor ids) -> Tensor");
+  m.def("patch_similarity_backward(Tensor grad, Tensor fq, Tensor fk, Tensor ids) -> (Tensor, Tensor)");
+  m.def("patch_nce_rows(Tensor feat_q, Tensor feat_k, float tau, int groups) -> (Tensor, Tensor)");
+  m.def("patch_nce_rows_backward(Tensor grad_loss, Tensor feat_q, Tensor feat_k, Tensor loss, Tensor lse, "
+        "float tau, int groups) -> Tensor");
+  m.def("patch_metric_rows(Tensor feat_q, Tensor feat_k, float tau, int groups, bool compute_grad) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace pdml

@@ -1,4 +1,265 @@
-"""Backend "ext": fake impls and autograd of the C++/CUDA ops of ``pdml._C``."""
+"""Backend "ext": the C++/CUDA ops of the extension ``pdml._C`` (``csrc/``).
+
+When ``pdml._C`` loads, this module registers, for each op the library defines
+(``csrc/pdml.cpp``), its fake (meta) impl and its autograd formula, then the backend
+"ext"; otherwise it records in ``ops._UNBUILT`` why there is no such backend.
+
+The ops (all features ``[B, C, H, W]`` or rows ``[R, C]``; "acc" = float64 for float64
+inputs, float32 otherwise):
+
+- ``pdml::patch_nce(fq, fk, ids, tau, batch_negatives) -> (loss [B·N] acc, lse [B·N] acc)``
+  and ``patch_nce_backward(grad_loss, fq, fk, ids, loss, lse, tau, batch_negatives) -> grad_fq``
+  (the backward recomputes the similarities tile by tile; ``fk`` gets no gradient, as in CUT).
+- ``pdml::patch_metric(fq, fk, ids, tau, batch_negatives, compute_grad)
+  -> (loss 0-dim acc, d_q [B·N, C] acc, d_k [B·N, C] acc)``: with ``compute_grad`` the
+  gradient w.r.t. the normalised rows comes out of the same sweep as the loss (it needs no
+  global normaliser), else ``d_q``/``d_k`` are empty; ``patch_metric_backward(grad, d_q, d_k,
+  fq, fk, ids) -> (grad_fq, grad_fk)`` scales them and takes them back to the maps.
+- ``pdml::patch_similarity(fq, fk, ids) -> [B, N, N] acc`` and its backward.
+- rows form: ``patch_nce_rows(feat_q, feat_k, tau, groups)`` (+ backward) and
+  ``patch_metric_rows(feat_q, feat_k, tau, groups, compute_grad)`` (its backward is a scale).
+
+Mixed precision: float16/bfloat16 features (e.g. from a model under ``torch.autocast``)
+are read as they are and computed in float32; the loss is float32 and the gradients come
+back in the features' dtype. Gradients are linear in the upstream gradient, so a
+``GradScaler``-scaled loss scales them exactly.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
 from pdml import ops
 
-ops._UNBUILT["ext"] = "the C++/CUDA extension ops are not built yet in this version of pdml"
+
+def _load() -> Optional[str]:
+    """None when ``pdml._C`` loaded with the op kernels, else why not."""
+    try:
+        import pdml._C  # noqa: F401  (registers the ops through TORCH_LIBRARY)
+    except ImportError as err:
+        return (f"pdml._C is not built or does not load ({err}); build it with "
+                "`pip install --no-build-isolation -e .`")
+    if not hasattr(torch.ops.pdml, "patch_nce"):
+        return "pdml._C is an older build without the op kernels; rebuild it"
+    return None
+
+
+LOAD_ERROR = _load()
+
+
+def build_info() -> Optional[str]:
+    """What ``pdml._C`` contains, e.g. ``"cpu,cuda:800,900"``; None if it is not loaded."""
+    return None if LOAD_ERROR else torch.ops.pdml.build_info()
+
+
+def cuda_archs() -> tuple[int, ...]:
+    """The CUDA architectures the kernels were compiled for, e.g. ``(800, 900)``."""
+    info = build_info() or ""
+    for part in info.split(",cuda:")[1:]:
+        return tuple(int(a) for a in part.split(",") if a.strip().isdigit())
+    return ()
+
+
+@functools.lru_cache(maxsize=None)
+def _why_not_cuda_device(index: int) -> Optional[str]:
+    archs = cuda_archs()
+    if not archs:
+        return f"pdml._C was built without CUDA kernels ({build_info()})"
+    major, minor = torch.cuda.get_device_capability(index)
+    cc = major * 100 + minor * 10
+    # A cubin for sm_XY runs on sm_XZ with Z >= Y (no PTX is embedded).
+    if not any(a // 100 == major and a <= cc for a in archs):
+        return f"pdml._C has CUDA code for sm {archs}, not for this GPU (sm_{major}{minor})"
+    return None
+
+
+def _unsupported(t: torch.Tensor) -> Optional[str]:
+    if t.device.type == "cpu":
+        return None  # float32/float64/float16/bfloat16
+    if t.device.type == "cuda":
+        if t.dtype == torch.float64:
+            return "the CUDA kernels take float32, float16 or bfloat16 features, not float64"
+        if not cuda_archs():
+            return f"pdml._C was built without CUDA kernels ({build_info()})"
+        return _why_not_cuda_device(t.device.index if t.device.index is not None
+                                    else torch.cuda.current_device())
+    return f"pdml._C has no kernels for {t.device.type} tensors"
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _register_fakes_and_autograd() -> None:
+    # ------------------------------------------------------------------ fake impls
+    @torch.library.register_fake("pdml::patch_nce")
+    def _(fq, fk, ids, tau, batch_negatives):
+        rows = fq.shape[0] * ids.shape[0]
+        acc = _acc_dtype(fq.dtype)
+        return fq.new_empty(rows, dtype=acc), fq.new_empty(rows, dtype=acc)
+
+    @torch.library.register_fake("pdml::patch_nce_backward")
+    def _(grad_loss, fq, fk, ids, loss, lse, tau, batch_negatives):
+        return fq.new_empty(fq.shape)
+
+    @torch.library.register_fake("pdml::patch_metric")
+    def _(fq, fk, ids, tau, batch_negatives, compute_grad):
+        acc = _acc_dtype(fq.dtype)
+        shape = (fq.shape[0] * ids.shape[0], fq.shape[1]) if compute_grad else (0,)
+        return fq.new_empty((), dtype=acc), fq.new_empty(shape, dtype=acc), fq.new_empty(shape, dtype=acc)
+
+    @torch.library.register_fake("pdml::patch_metric_backward")
+    def _(grad, d_q, d_k, fq, fk, ids):
+        return fq.new_empty(fq.shape), fk.new_empty(fk.shape)
+
+    @torch.library.register_fake("pdml::patch_similarity")
+    def _(fq, fk, ids):
+        n = ids.shape[0]
+        return fq.new_empty((fq.shape[0], n, n), dtype=_acc_dtype(fq.dtype))
+
+    @torch.library.register_fake("pdml::patch_similarity_backward")
+    def _(grad, fq, fk, ids):
+        return fq.new_empty(fq.shape), fk.new_empty(fk.shape)
+
+    @torch.library.register_fake("pdml::patch_nce_rows")
+    def _(feat_q, feat_k, tau, groups):
+        acc = _acc_dtype(feat_q.dtype)
+        return feat_q.new_empty(feat_q.shape[0], dtype=acc), feat_q.new_empty(feat_q.shape[0], dtype=acc)
+
+    @torch.library.register_fake("pdml::patch_nce_rows_backward")
+    def _(grad_loss, feat_q, feat_k, loss, lse, tau, groups):
+        return feat_q.new_empty(feat_q.shape)
+
+    @torch.library.register_fake("pdml::patch_metric_rows")
+    def _(feat_q, feat_k, tau, groups, compute_grad):
+        acc = _acc_dtype(feat_q.dtype)
+        shape = feat_q.shape if compute_grad else (0,)
+        return (feat_q.new_empty((), dtype=acc), feat_q.new_empty(shape, dtype=acc),
+                feat_q.new_empty(shape, dtype=acc))
+
+    # ------------------------------------------------------------------ autograd
+    def nce_setup(ctx, inputs, output):
+        fq, fk, ids, tau, batch_negatives = inputs
+        ctx.save_for_backward(fq, fk, ids, output[0], output[1])
+        ctx.tau, ctx.batch_negatives = tau, batch_negatives
+        ctx.mark_non_differentiable(output[1])
+
+    def nce_backward(ctx, grad_loss, _grad_lse):
+        fq, fk, ids, loss, lse = ctx.saved_tensors
+        grad_fq = None
+        if ctx.needs_input_grad[0]:
+            grad_fq = torch.ops.pdml.patch_nce_backward(grad_loss, fq, fk, ids, loss, lse, ctx.tau,
+                                                        ctx.batch_negatives)
+        return grad_fq, None, None, None, None  # fk is detached (CUT)
+
+    torch.library.register_autograd("pdml::patch_nce", nce_backward, setup_context=nce_setup)
+
+    def metric_setup(ctx, inputs, output):
+        fq, fk, ids, tau, batch_negatives, compute_grad = inputs
+        ctx.save_for_backward(fq, fk, ids, output[1], output[2])
+        ctx.compute_grad = compute_grad
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def metric_backward(ctx, grad, _grad_d_q, _grad_d_k):
+        if not ctx.compute_grad:
+            raise RuntimeError("pdml::patch_metric ran with compute_grad=False, so it has no "
+                               "gradient to give; call it with compute_grad=True")
+        fq, fk, ids, d_q, d_k = ctx.saved_tensors
+        grad_fq, grad_fk = torch.ops.pdml.patch_metric_backward(grad, d_q, d_k, fq, fk, ids)
+        return grad_fq, grad_fk, None, None, None, None
+
+    torch.library.register_autograd("pdml::patch_metric", metric_backward, setup_context=metric_setup)
+
+    def similarity_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def similarity_backward(ctx, grad):
+        fq, fk, ids = ctx.saved_tensors
+        grad_fq, grad_fk = torch.ops.pdml.patch_similarity_backward(grad, fq, fk, ids)
+        return grad_fq, grad_fk, None
+
+    torch.library.register_autograd("pdml::patch_similarity", similarity_backward,
+                                    setup_context=similarity_setup)
+
+    def nce_rows_setup(ctx, inputs, output):
+        feat_q, feat_k, tau, groups = inputs
+        ctx.save_for_backward(feat_q, feat_k, output[0], output[1])
+        ctx.tau, ctx.groups = tau, groups
+        ctx.mark_non_differentiable(output[1])
+
+    def nce_rows_backward(ctx, grad_loss, _grad_lse):
+        feat_q, feat_k, loss, lse = ctx.saved_tensors
+        grad_q = None
+        if ctx.needs_input_grad[0]:
+            grad_q = torch.ops.pdml.patch_nce_rows_backward(grad_loss, feat_q, feat_k, loss, lse, ctx.tau,
+                                                            ctx.groups)
+        return grad_q, None, None, None
+
+    torch.library.register_autograd("pdml::patch_nce_rows", nce_rows_backward, setup_context=nce_rows_setup)
+
+    def metric_rows_setup(ctx, inputs, output):
+        feat_q, feat_k, tau, groups, compute_grad = inputs
+        ctx.save_for_backward(output[1], output[2])
+        ctx.dtypes = (feat_q.dtype, feat_k.dtype)
+        ctx.compute_grad = compute_grad
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def metric_rows_backward(ctx, grad, _grad_d_q, _grad_d_k):
+        if not ctx.compute_grad:
+            raise RuntimeError("pdml::patch_metric_rows ran with compute_grad=False, so it has no "
+                               "gradient to give; call it with compute_grad=True")
+        d_q, d_k = ctx.saved_tensors
+        return (d_q * grad).to(ctx.dtypes[0]), (d_k * grad).to(ctx.dtypes[1]), None, None, None
+
+    torch.library.register_autograd("pdml::patch_metric_rows", metric_rows_backward,
+                                    setup_context=metric_rows_setup)
+
+
+# ---------------------------------------------------------------------- backend callables
+# They take the arguments pdml.ops validated, in the public functions' order.
+
+def _patch_nce(fq, fk, ids, tau, negatives):
+    return torch.ops.pdml.patch_nce(fq, fk, ids, tau, negatives == "batch")[0]
+
+
+def _patch_metric(fq, fk, ids, tau, negatives):
+    return torch.ops.pdml.patch_metric(fq, fk, ids, tau, negatives == "batch", _needs_grad(fq, fk))[0]
+
+
+def _patch_similarity(fq, fk, ids):
+    return torch.ops.pdml.patch_similarity(fq, fk, ids)
+
+
+def _groups(batch_size: int, negatives: str) -> int:
+    return batch_size if negatives == "image" else 1
+
+
+def _patch_nce_rows(feat_q, feat_k, tau, batch_size, negatives):
+    return torch.ops.pdml.patch_nce_rows(feat_q, feat_k, tau, _groups(batch_size, negatives))[0]
+
+
+def _patch_metric_rows(feat_q, feat_k, tau, batch_size, negatives):
+    return torch.ops.pdml.patch_metric_rows(feat_q, feat_k, tau, _groups(batch_size, negatives),
+                                            _needs_grad(feat_q, feat_k))[0]
+
+
+if LOAD_ERROR is None:
+    _register_fakes_and_autograd()
+    ops.register_backend(ops.Backend(
+        name="ext",
+        unavailable=lambda: None,
+        unsupported=_unsupported,
+        patch_nce=_patch_nce,
+        patch_metric=_patch_metric,
+        patch_similarity=_patch_similarity,
+        patch_nce_rows=_patch_nce_rows,
+        patch_metric_rows=_patch_metric_rows,
+    ))
+else:
+    ops._UNBUILT["ext"] = LOAD_ERROR

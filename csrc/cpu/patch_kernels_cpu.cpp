@@ -1,0 +1,405 @@
+// CPU kernels of the pdml ops (declared in patch_kernels.h; math in patch_math.h).
+//
+// Each group's n×n similarity is swept in kTile×kTile tiles: a tile S = A_I A_Jᵀ is one
+// small GEMM (ATen's BLAS, single-threaded inside the parallel region) into per-thread
+// scratch, the per-element math runs over that cache-resident tile, and gradients are
+// accumulated with a second GEMM (dA_I += W A_J). Memory beyond the O(B·N·C) rows is
+// one tile per thread; the n×n matrix never exists.
+//
+// Parallelism (at::parallel_for):
+// - PatchNCE (forward and backward) and the metric forward: over (group, row tile) or
+//   (matrix, group, tile pair) tasks, each writing only its own outputs.
+// - PatchMetric: its gradient needs no global normaliser (unlike PatchNCE's logsumexp),
+//   so the forward computes it in the same sweep when asked (compute_grad), and the
+//   backward only scales it. The similarity of q with q (and k with k) is symmetric, so each
+//   unordered tile pair {I, J} is computed once and feeds both dA_I and dA_J. The pairs
+//   are scheduled in round-robin rounds (the circle method) in which every tile appears
+//   at most once, so tasks of a round never write the same rows: no atomics, no
+//   per-thread copies of the gradient, and a fixed, thread-count-independent order of
+//   accumulation (deterministic results).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "patch_kernels.h"
+#include "patch_math.h"
+
+namespace pdml {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+// 128 rows × C=128 channels of float is 64 KiB per operand tile: two operand tiles and
+// the S tile stay in L2, and a 128³ GEMM is large enough for BLAS to run near peak.
+constexpr int64_t kTile = 128;
+
+int64_t num_tiles(int64_t n) { return (n + kTile - 1) / kTile; }
+
+struct TileSpan {
+  int64_t begin;
+  int64_t size;
+};
+
+TileSpan tile_span(int64_t tile, int64_t n) {
+  const int64_t begin = tile * kTile;
+  return {begin, std::min(kTile, n - begin)};
+}
+
+// The first rows*cols entries of a flat scratch buffer, as a contiguous [rows, cols].
+Tensor scratch_matrix(const Tensor& scratch, int64_t rows, int64_t cols) {
+  return scratch.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+Tensor rows_of(const Tensor& x, int64_t group, TileSpan span) {
+  return x.select(0, group).narrow(0, span.begin, span.size);
+}
+
+// A tile pair {first, second} of one matrix (0: k·kᵀ, 1: q·qᵀ) of one group.
+struct PairTask {
+  int matrix;
+  int64_t group;
+  int64_t first;
+  int64_t second;
+};
+
+// Round-robin schedule of the unordered tile pairs of `tiles` tiles: round 0 holds the
+// diagonal pairs {I, I}; rounds 1.. hold the off-diagonal pairs by the circle method
+// (a dummy tile completes an odd count). Within a round no tile appears twice.
+std::vector<std::vector<std::pair<int64_t, int64_t>>> pair_rounds(int64_t tiles) {
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds;
+  rounds.emplace_back();
+  for (int64_t t = 0; t < tiles; ++t) rounds[0].push_back({t, t});
+  const int64_t even = tiles + (tiles % 2);
+  for (int64_t r = 0; r + 1 < even; ++r) {
+    std::vector<std::pair<int64_t, int64_t>> round;
+    if (even - 1 < tiles) round.push_back({r, even - 1});
+    for (int64_t s = 1; s < even / 2; ++s) {
+      const int64_t a = (r + s) % (even - 1);
+      const int64_t b = (r - s + even - 1) % (even - 1);
+      if (a < tiles && b < tiles) round.push_back({std::min(a, b), std::max(a, b)});
+    }
+    rounds.push_back(std::move(round));
+  }
+  return rounds;
+}
+
+template <typename acc_t>
+acc_t row_dot(const acc_t* a, const acc_t* b, int64_t c) {
+  acc_t s = 0;
+  for (int64_t j = 0; j < c; ++j) s += a[j] * b[j];
+  return s;
+}
+
+void check_slabs(const Tensor& q, const Tensor& k) {
+  TORCH_INTERNAL_ASSERT(q.dim() == 3 && q.sizes() == k.sizes() && q.is_contiguous() && k.is_contiguous());
+  TORCH_INTERNAL_ASSERT(q.scalar_type() == k.scalar_type());
+}
+
+// ---- per-tile elementwise loops: raw loops over a cache-resident tile, written so the
+// compiler vectorises them (the float exp is patch_math.h's polynomial; sums and maxima
+// keep 8 independent lanes because float reductions are not reassociated otherwise).
+// On x86-64 GCC also emits an AVX2+FMA clone picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PDML_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PDML_VECTOR_CLONES
+#endif
+
+constexpr int kLanes = 8;
+
+// x[i] = exp(x[i]·inv_tau − shift)
+template <typename acc_t>
+void exp_shifted(acc_t* x, int64_t count, acc_t inv_tau, acc_t shift) {
+  for (int64_t i = 0; i < count; ++i) x[i] = math::nce_weight(x[i], shift, inv_tau);
+}
+
+template <>
+PDML_VECTOR_CLONES void exp_shifted<float>(float* x, int64_t count, float inv_tau, float shift) {
+  for (int64_t i = 0; i < count; ++i) x[i] = math::nce_weight(x[i], shift, inv_tau);
+}
+
+template <typename acc_t>
+acc_t sum_of(const acc_t* x, int64_t count) {
+  acc_t s = 0;
+  for (int64_t i = 0; i < count; ++i) s += x[i];
+  return s;
+}
+
+template <>
+PDML_VECTOR_CLONES float sum_of<float>(const float* x, int64_t count) {
+  float lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + kLanes <= count; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += x[i + l];
+  float s = 0;
+  for (; i < count; ++i) s += x[i];
+  for (int l = 0; l < kLanes; ++l) s += lanes[l];
+  return s;
+}
+
+template <typename acc_t>
+acc_t max_of(const acc_t* x, int64_t count) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t i = 0; i < count; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+template <>
+PDML_VECTOR_CLONES float max_of<float>(const float* x, int64_t count) {
+  float lanes[kLanes];
+  for (int l = 0; l < kLanes; ++l) lanes[l] = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= count; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] = x[i + l] > lanes[l] ? x[i + l] : lanes[l];
+  float m = -std::numeric_limits<float>::infinity();
+  for (; i < count; ++i) m = x[i] > m ? x[i] : m;
+  for (int l = 0; l < kLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
+  return m;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ gather / scatter
+
+std::tuple<Tensor, Tensor> gather_normalize(const Tensor& fmap, const Tensor& ids) {
+  const auto acc = fmap.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t batch = fmap.size(0), channels = fmap.size(1), width = fmap.size(3);
+  const int64_t n = ids.numel();
+  Tensor rows = at::empty({batch * n, channels}, fmap.options().dtype(acc));
+  Tensor norms = at::empty({batch * n}, fmap.options().dtype(acc));
+  const Tensor ids_c = ids.contiguous();
+  const int64_t* id = ids_c.const_data_ptr<int64_t>();
+  const int64_t sb = fmap.stride(0), sc = fmap.stride(1), sh = fmap.stride(2), sw = fmap.stride(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fmap.scalar_type(), "pdml_gather_normalize", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = fmap.const_data_ptr<scalar_t>();
+    acc_t* out = rows.data_ptr<acc_t>();
+    acc_t* out_norm = norms.data_ptr<acc_t>();
+    at::parallel_for(0, batch * n, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / n, pos = id[r % n];
+        const scalar_t* x = src + b * sb + (pos / width) * sh + (pos % width) * sw;
+        acc_t* y = out + r * channels;
+        acc_t sumsq = 0;
+        for (int64_t c = 0; c < channels; ++c) {
+          y[c] = static_cast<acc_t>(x[c * sc]);
+          sumsq += y[c] * y[c];
+        }
+        const acc_t norm = math::norm_from_sumsq(sumsq);
+        for (int64_t c = 0; c < channels; ++c) y[c] = math::normalized(y[c], norm);
+        out_norm[r] = norm;
+      }
+    });
+  });
+  return {rows, norms};
+}
+
+Tensor normalize_backward_scatter(const Tensor& d_rows, const Tensor& rows_hat, const Tensor& norms,
+                                  const Tensor& ids, at::IntArrayRef map_sizes, at::ScalarType out_dtype) {
+  const int64_t channels = map_sizes[1], hw = map_sizes[2] * map_sizes[3];
+  const int64_t n = ids.numel(), rows = d_rows.size(0);
+  Tensor grad = at::zeros(map_sizes, d_rows.options().dtype(out_dtype));
+  const Tensor g_c = d_rows.contiguous(), x_c = rows_hat.contiguous(), n_c = norms.contiguous();
+  const Tensor ids_c = ids.contiguous();
+  const int64_t* id = ids_c.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "pdml_normalize_backward_scatter", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_INTERNAL_ASSERT(g_c.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
+    const acc_t* g = g_c.const_data_ptr<acc_t>();
+    const acc_t* xhat = x_c.const_data_ptr<acc_t>();
+    const acc_t* norm = n_c.const_data_ptr<acc_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    // ids are distinct (checked by the op), so rows never write the same entry.
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const acc_t* gr = g + r * channels;
+        const acc_t* xr = xhat + r * channels;
+        const auto s = math::normalize_backward_scales(norm[r], row_dot(gr, xr, channels));
+        scalar_t* dst = out + (r / n) * channels * hw + id[r % n];
+        for (int64_t c = 0; c < channels; ++c) {
+          dst[c * hw] = static_cast<scalar_t>(gr[c] * s.scale_g - xr[c] * s.scale_xhat);
+        }
+      }
+    });
+  });
+  return grad;
+}
+
+// ------------------------------------------------------------------ PatchNCE
+
+std::tuple<Tensor, Tensor> nce_forward(const Tensor& q, const Tensor& k, double tau) {
+  check_slabs(q, k);
+  const int64_t groups = q.size(0), n = q.size(1), channels = q.size(2), tiles = num_tiles(n);
+  Tensor loss = at::empty({groups * n}, q.options());
+  Tensor lse = at::empty({groups * n}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pdml_nce_forward", [&] {
+    using acc_t = scalar_t;
+    const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
+    const acc_t* qp = q.const_data_ptr<acc_t>();
+    const acc_t* kp = k.const_data_ptr<acc_t>();
+    acc_t* loss_p = loss.data_ptr<acc_t>();
+    acc_t* lse_p = lse.data_ptr<acc_t>();
+    at::parallel_for(0, groups * tiles, 1, [&](int64_t t0, int64_t t1) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: plain ATen
+      Tensor scratch = at::empty({kTile * kTile}, q.options());
+      std::vector<math::Lse<acc_t>> running(kTile);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t g = t / tiles;
+        const TileSpan rows = tile_span(t % tiles, n);
+        const Tensor q_rows = rows_of(q, g, rows);
+        std::fill(running.begin(), running.end(), math::lse_init<acc_t>());
+        for (int64_t j = 0; j < tiles; ++j) {
+          const TileSpan cols = tile_span(j, n);
+          Tensor s = scratch_matrix(scratch, rows.size, cols.size);
+          at::mm_out(s, q_rows, rows_of(k, g, cols).t());
+          acc_t* sp = s.data_ptr<acc_t>();
+          if (j == t % tiles) {  // the sweep covers the negatives only: drop j = i
+            for (int64_t r = 0; r < rows.size; ++r) sp[r * cols.size + r] = -std::numeric_limits<acc_t>::infinity();
+          }
+          for (int64_t r = 0; r < rows.size; ++r) {
+            acc_t* row = sp + r * cols.size;
+            // max of s·(1/τ) is (max s)·(1/τ) since 1/τ > 0
+            const acc_t block_max = max_of(row, cols.size) * inv_tau;
+            exp_shifted(row, cols.size, inv_tau, block_max);
+            running[r] = math::lse_merge(running[r], block_max, sum_of(row, cols.size));
+          }
+        }
+        for (int64_t r = 0; r < rows.size; ++r) {
+          const int64_t row = g * n + rows.begin + r;
+          const acc_t s_pos = row_dot(qp + row * channels, kp + row * channels, channels);
+          loss_p[row] = math::nce_row_loss(running[r], s_pos, inv_tau);
+          lse_p[row] = math::nce_row_lse(loss_p[row], s_pos, inv_tau);
+        }
+      }
+    });
+  });
+  return {loss, lse};
+}
+
+Tensor nce_backward(const Tensor& q, const Tensor& k, const Tensor& loss, const Tensor& lse, double tau) {
+  check_slabs(q, k);
+  const int64_t groups = q.size(0), n = q.size(1), channels = q.size(2), tiles = num_tiles(n);
+  Tensor dq = at::zeros_like(q);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pdml_nce_backward", [&] {
+    using acc_t = scalar_t;
+    const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
+    const acc_t* kp = k.const_data_ptr<acc_t>();
+    const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+    const acc_t* loss_p = loss.const_data_ptr<acc_t>();
+    acc_t* dqp = dq.data_ptr<acc_t>();
+    at::parallel_for(0, groups * tiles, 1, [&](int64_t t0, int64_t t1) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: plain ATen
+      Tensor scratch = at::empty({kTile * kTile}, q.options());
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t g = t / tiles;
+        const TileSpan rows = tile_span(t % tiles, n);
+        const Tensor q_rows = rows_of(q, g, rows);
+        Tensor dq_rows = rows_of(dq, g, rows);
+        const acc_t* row_lse = lse_p + g * n + rows.begin;
+        for (int64_t j = 0; j < tiles; ++j) {
+          const TileSpan cols = tile_span(j, n);
+          const Tensor k_cols = rows_of(k, g, cols);
+          Tensor w = scratch_matrix(scratch, rows.size, cols.size);
+          at::mm_out(w, q_rows, k_cols.t());
+          acc_t* wp = w.data_ptr<acc_t>();
+          for (int64_t r = 0; r < rows.size; ++r) exp_shifted(wp + r * cols.size, cols.size, inv_tau, row_lse[r]);
+          if (j == t % tiles) {  // j = i is the positive: nce_grad_finish adds it exactly
+            for (int64_t r = 0; r < rows.size; ++r) wp[r * cols.size + r] = 0;
+          }
+          dq_rows.addmm_(w, k_cols);
+        }
+        for (int64_t r = 0; r < rows.size; ++r) {
+          const int64_t row = g * n + rows.begin + r, o = row * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            dqp[o + c] = math::nce_grad_finish(dqp[o + c], kp[o + c], loss_p[row], inv_tau);
+          }
+        }
+      }
+    });
+  });
+  return dq;
+}
+
+// ------------------------------------------------------------------ PatchMetric
+
+std::tuple<Tensor, Tensor, Tensor> metric_forward(const Tensor& q, const Tensor& k, double tau,
+                                                  bool compute_grad) {
+  check_slabs(q, k);
+  const int64_t groups = q.size(0), n = q.size(1), channels = q.size(2), tiles = num_tiles(n);
+  Tensor dq = compute_grad ? at::zeros_like(q) : at::empty({0}, q.options());
+  Tensor dk = compute_grad ? at::zeros_like(k) : at::empty({0}, k.options());
+  double loss = 0;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pdml_metric_forward", [&] {
+    using acc_t = scalar_t;
+    const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
+    const acc_t* qp = q.const_data_ptr<acc_t>();
+    const acc_t* kp = k.const_data_ptr<acc_t>();
+    // Σ_{i≠j} e^{s_ij/τ} of k·kᵀ (matrix 0) and q·qᵀ (1), one tile pair at a time;
+    // with compute_grad, dA_i also accumulates Σ_{j≠i} e^{s_ij/τ} a_j (unscaled).
+    double offdiag_sum[2] = {0, 0};
+    for (const auto& round : pair_rounds(tiles)) {
+      std::vector<PairTask> tasks;
+      for (int matrix = 0; matrix < 2; ++matrix)
+        for (int64_t g = 0; g < groups; ++g)
+          for (const auto& pair : round) tasks.push_back({matrix, g, pair.first, pair.second});
+      std::vector<double> partial(tasks.size());
+      at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: plain ATen
+      Tensor scratch = at::empty({kTile * kTile}, q.options());
+        for (int64_t t = t0; t < t1; ++t) {
+          const PairTask& task = tasks[t];
+          const Tensor& a = task.matrix == 0 ? k : q;
+          const TileSpan rows = tile_span(task.first, n), cols = tile_span(task.second, n);
+          const bool diagonal = task.first == task.second;
+          const Tensor a_rows = rows_of(a, task.group, rows), a_cols = rows_of(a, task.group, cols);
+          Tensor w = scratch_matrix(scratch, rows.size, cols.size);
+          at::mm_out(w, a_rows, a_cols.t());
+          acc_t* wp = w.data_ptr<acc_t>();
+          exp_shifted(wp, rows.size * cols.size, inv_tau, acc_t(0));  // metric_pair_term
+          if (diagonal) {
+            for (int64_t r = 0; r < rows.size; ++r) wp[r * cols.size + r] = 0;  // j ≠ i
+          }
+          double sum = 0;
+          for (int64_t r = 0; r < rows.size; ++r) sum += sum_of(wp + r * cols.size, cols.size);
+          partial[t] = diagonal ? sum : 2 * sum;  // an off-diagonal pair stands for (I,J) and (J,I)
+          if (!compute_grad) continue;
+          Tensor& da = task.matrix == 0 ? dk : dq;
+          rows_of(da, task.group, rows).addmm_(w, a_cols);
+          if (!diagonal) rows_of(da, task.group, cols).addmm_(w.t(), a_rows);
+        }
+      });
+      for (size_t t = 0; t < tasks.size(); ++t) offdiag_sum[tasks[t].matrix] += partial[t];
+    }
+    // Σ_i e^{p_i/τ} and, with compute_grad, the final scaling of the gradients.
+    std::vector<double> pos_terms(groups * n);
+    const acc_t pair_scale = math::metric_pair_grad_scale<acc_t>(groups, n, channels, inv_tau);
+    acc_t* dqp = compute_grad ? dq.data_ptr<acc_t>() : nullptr;
+    acc_t* dkp = compute_grad ? dk.data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, groups * n, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = r * channels;
+        const acc_t s_pos = row_dot(qp + o, kp + o, channels);
+        pos_terms[r] = math::metric_pair_term(s_pos, inv_tau);
+        if (!compute_grad) continue;
+        const acc_t pos_scale = math::metric_pos_grad_scale<acc_t>(s_pos, groups, n, channels, inv_tau);
+        for (int64_t c = 0; c < channels; ++c) {
+          dqp[o + c] = pair_scale * dqp[o + c] + pos_scale * kp[o + c];
+          dkp[o + c] = pair_scale * dkp[o + c] + pos_scale * qp[o + c];
+        }
+      }
+    });
+    double pos_sum = 0;
+    for (double v : pos_terms) pos_sum += v;
+    loss = math::metric_loss<double>(pos_sum, offdiag_sum[0], offdiag_sum[1], groups, n, channels, 1.0 / tau);
+  });
+  return {at::scalar_tensor(loss, q.options()), dq, dk};
+}
+
+}  // namespace cpu
+}  // namespace pdml
