@@ -253,6 +253,35 @@ def test_rows_layers_entry_is_one_launch_and_matches_per_layer(op, interpreter, 
             torch.testing.assert_close(ks[layer].grad, single_grads[layer][1], rtol=1e-6, atol=1e-8)
 
 
+def test_tiles_shrink_when_the_gpu_refuses_a_configuration(interpreter, monkeypatch):
+    """A GPU without enough shared memory for a tile size raises OutOfResources at launch;
+    the launcher halves the tiles (then turns pipelining off), remembers what fits, and
+    the result is unchanged. Simulated here: any launch with tiles above 16 rows fails."""
+    from triton.runtime.errors import OutOfResources
+    from pdml.kernels import launch
+
+    fq, fk, ids = _make_inputs("map", 2, 40, 16, torch.float32, seed=41)
+    expected = ops.patch_metric(fq, fk, ids, backend="triton")
+    kernel = kernel_module(True).metric_forward_kernel
+    original = kernel.run
+    tried = []
+
+    def small_gpu_run(*args, **kwargs):
+        tried.append(kwargs["BLOCK_M"])
+        if kwargs["BLOCK_M"] > 16:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", small_gpu_run)
+    monkeypatch.setattr(launch, "_FITTING", {})
+    got = ops.patch_metric(fq, fk, ids, backend="triton")
+    assert tried == [64, 32, 16]
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+    tried.clear()
+    ops.patch_metric(fq, fk, ids, backend="triton")
+    assert tried == [16]  # remembered
+
+
 # --------------------------------------------------------------------------- custom-op registration
 
 def _opcheck_cases():

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from pdml.kernels import interpret_everywhere, kernel_module
 
@@ -26,6 +27,41 @@ MAX_CHANNELS = 1024
 
 def _kernels(t: torch.Tensor):
     return kernel_module(t.device.type != "cuda" or interpret_everywhere())
+
+
+_FITTING: dict[tuple, tuple[int, Optional[int]]] = {}
+"""(kernel, device, dtype, BLOCK_C, GATHER) -> (largest BLOCK_M, num_stages) that fit the GPU."""
+
+
+def _launch(t: torch.Tensor, name: str, grid, args: tuple, meta: dict) -> None:
+    """Launch kernel ``name`` of ``t``'s mode on ``grid(meta)``.
+
+    The block sizes are a guess for the GPU's shared memory (fp32 "ieee" dots over wide
+    rows stage much more than fp16: e.g. 205 KB for the metric backward at C=256 with
+    32-row tiles and triton's 3 pipeline stages, more than an A100 has). When the GPU
+    refuses a configuration (OutOfResources, raised before anything runs), the tiles are
+    halved down to 16 rows, then pipelining is turned off; what fits is remembered.
+    """
+    kernel = getattr(_kernels(t), name)
+    key = (name, str(t.device), t.dtype, meta["BLOCK_C"], meta.get("GATHER"))
+    meta = dict(meta)
+    if key in _FITTING:
+        block, stages = _FITTING[key]
+        meta["BLOCK_M"] = meta["BLOCK_N"] = min(meta["BLOCK_M"], block)
+        if stages is not None:
+            meta["num_stages"] = stages
+    while True:
+        try:
+            kernel[grid](*args, **meta)
+            return
+        except OutOfResources:
+            if meta["BLOCK_M"] > 16:
+                meta["BLOCK_M"] = meta["BLOCK_N"] = meta["BLOCK_M"] // 2
+            elif meta.get("num_stages") != 1:
+                meta["num_stages"] = 1
+            else:
+                raise
+            _FITTING[key] = (meta["BLOCK_M"], meta.get("num_stages"))
 
 
 def block_sizes(n_group: int, channels: int, interpret: bool) -> tuple[int, int, int, int]:
@@ -64,7 +100,8 @@ def _launch_setup(q: torch.Tensor, ids: Optional[torch.Tensor], n_group: int):
     rows, n_img, width, channels, q_strides = _geometry(q, ids)
     interpret = q.device.type != "cuda" or interpret_everywhere()
     block_m, block_n, block_c, num_warps = block_sizes(n_group, channels, interpret)
-    grid = (triton.cdiv(n_group, block_m), rows // n_group)
+    groups = rows // n_group
+    grid = lambda m: (triton.cdiv(n_group, m["BLOCK_M"]), groups)  # noqa: E731
     meta = dict(GATHER=ids is not None, NORMALIZE=ids is not None, IEEE=q.dtype == torch.float32,
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps)
     ids_arg = ids if ids is not None else q  # never read when GATHER is off
@@ -78,8 +115,8 @@ def nce_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor], t
     k_s = _geometry(k, ids)[4]
     loss = torch.empty(rows, dtype=torch.float32, device=q.device)
     lse = torch.empty(rows, dtype=torch.float32, device=q.device)
-    _kernels(q).nce_forward_kernel[grid](
-        q, k, ids_arg, loss, lse, n_group, n_img, width, channels, 1.0 / tau, *q_s, *k_s, **meta)
+    _launch(q, "nce_forward_kernel", grid, (
+        q, k, ids_arg, loss, lse, n_group, n_img, width, channels, 1.0 / tau, *q_s, *k_s), meta)
     return loss, lse
 
 
@@ -89,9 +126,9 @@ def nce_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ids: Opti
     rows, n_img, width, channels, q_s, grid, meta, ids_arg = _launch_setup(q, ids, n_group)
     k_s = _geometry(k, ids)[4]
     dq = _grad_buffer(q)
-    _kernels(q).nce_backward_kernel[grid](
+    _launch(q, "nce_backward_kernel", grid, (
         q, k, ids_arg, lse, grad, dq, n_group, n_img, width, channels, 1.0 / tau, grad.stride(0),
-        *q_s, *k_s, *_geometry(dq, ids)[4], **meta)
+        *q_s, *k_s, *_geometry(dq, ids)[4]), meta)
     return dq
 
 
@@ -109,9 +146,9 @@ def metric_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor]
     k_s = _geometry(k, ids)[4]
     pos_scale, pair_scale = _metric_scales(rows, n_group, channels, layers)
     out = torch.empty(rows, dtype=torch.float32, device=q.device)
-    _kernels(q).metric_forward_kernel[grid](
+    _launch(q, "metric_forward_kernel", grid, (
         q, k, ids_arg, out, n_group, n_img, width, channels, 1.0 / tau, pos_scale, pair_scale,
-        *q_s, *k_s, **meta)
+        *q_s, *k_s), meta)
     return out
 
 
@@ -122,9 +159,9 @@ def metric_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ids: O
     k_s = _geometry(k, ids)[4]
     pos_scale, pair_scale = _metric_scales(rows, n_group, channels, layers)
     dq, dk = _grad_buffer(q), _grad_buffer(k)
-    _kernels(q).metric_backward_kernel[grid](
+    _launch(q, "metric_backward_kernel", grid, (
         q, k, ids_arg, grad, dq, dk, n_group, n_img, width, channels, 1.0 / tau, pos_scale, pair_scale,
-        grad.stride(0), *q_s, *k_s, *_geometry(dq, ids)[4], *_geometry(dk, ids)[4], **meta)
+        grad.stride(0), *q_s, *k_s, *_geometry(dq, ids)[4], *_geometry(dk, ids)[4]), meta)
     return dq, dk
 
 
@@ -140,11 +177,11 @@ def similarity_forward(q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor) -> t
     """``q̂ k̂ᵀ`` per image of two ``[B, C, H, W]`` maps -> ``[B, N, N]`` fp32."""
     batch, channels, width, n_img, block_m, block_n, block_c, num_warps = _similarity_setup(q, ids)
     out = torch.empty(batch, n_img, n_img, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(n_img, block_m), triton.cdiv(n_img, block_n), batch)
-    _kernels(q).similarity_forward_kernel[grid](
-        q, k, ids, out, n_img, width, channels, *q.stride(), *k.stride(),
-        IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
-        num_warps=num_warps)
+    grid = lambda m: (triton.cdiv(n_img, m["BLOCK_M"]), triton.cdiv(n_img, m["BLOCK_N"]), batch)  # noqa: E731
+    meta = dict(IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
+                num_warps=num_warps)
+    _launch(q, "similarity_forward_kernel", grid, (
+        q, k, ids, out, n_img, width, channels, *q.stride(), *k.stride()), meta)
     return out
 
 
@@ -153,9 +190,10 @@ def similarity_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     """Backward of :func:`similarity_forward`: ``grad [B, N, N]`` (any strides) -> ``(dq, dk)``."""
     batch, channels, width, n_img, block_m, block_n, block_c, num_warps = _similarity_setup(q, ids)
     dq, dk = _grad_buffer(q), _grad_buffer(k)
-    grid = (triton.cdiv(n_img, block_m), batch)
-    _kernels(q).similarity_backward_kernel[grid](
+    grid = lambda m: (triton.cdiv(n_img, m["BLOCK_M"]), batch)  # noqa: E731
+    meta = dict(IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
+                num_warps=num_warps)
+    _launch(q, "similarity_backward_kernel", grid, (
         q, k, ids, grad, dq, dk, n_img, width, channels, *grad.stride(),
-        *q.stride(), *k.stride(), *dq.stride(), *dk.stride(),
-        IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps)
+        *q.stride(), *k.stride(), *dq.stride(), *dk.stride()), meta)
     return dq, dk
