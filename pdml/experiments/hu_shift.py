@@ -71,7 +71,7 @@ METRIC_KEYS = tuple(key for key, _, _ in COLUMNS)
 # thread when other jobs share the cores); the time limit is a safety net per variant and
 # the table reports the steps each run made.
 ABLATION_OVERRIDES: dict[str, dict[str, Any]] = {
-    "demo": dict(steps=160, decay_steps=80, eval_every=80, ckpt_every=40, max_minutes=8.5),
+    "demo": dict(steps=160, decay_steps=80, eval_every=80, ckpt_every=40, max_minutes=8.0),
     "paper": {},
     # tiny: one evaluation and one checkpoint, at the end (the ablation evaluates anyway)
     "tiny": dict(eval_every=4, ckpt_every=4),
