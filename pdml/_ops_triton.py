@@ -18,7 +18,9 @@ below pass ``True`` only while ``torch.compile`` traces them, because :mod:`pdml
 then skipped that check; in eager mode it already ran.
 
 Multi-layer entries (one launch for all layers of equal shape, e.g. CUT's heads that all
-project to 256 channels): :func:`patch_nce_rows_layers`, :func:`patch_metric_rows_layers`.
+project to 256 channels; the layers are concatenated and become consecutive groups):
+:func:`patch_nce_rows_layers`, :func:`patch_metric_rows_layers` (rows form) and
+:func:`patch_nce_layers`, :func:`patch_metric_layers` (map form, ids shared).
 """
 from __future__ import annotations
 
@@ -240,19 +242,48 @@ def patch_metric_rows(feat_q: Tensor, feat_k: Tensor, tau: float, batch_size: in
 
 # --------------------------------------------------------------------------- several layers, one launch
 
-def _stack_layers(feat_qs: Sequence[Tensor], feat_ks: Sequence[Tensor], tau, batch_size, negatives):
-    if len(feat_qs) == 0 or len(feat_qs) != len(feat_ks):
-        raise ValueError(f"feat_qs and feat_ks must be non-empty lists of the same length, "
-                         f"got {len(feat_qs)} and {len(feat_ks)}")
-    for feat_q, feat_k in zip(feat_qs, feat_ks):
-        ops._validate_rows(feat_q, feat_k, batch_size)
-        if feat_q.shape != feat_qs[0].shape or feat_q.dtype != feat_qs[0].dtype:
+def _stack_layers(qs: Sequence[Tensor], ks: Sequence[Tensor], validate) -> tuple[Tensor, Tensor]:
+    """Validate every layer with ``validate(q, k)``, check they share shape and dtype, and
+    concatenate them along dim 0: the layers become consecutive groups of one launch."""
+    if len(qs) == 0 or len(qs) != len(ks):
+        raise ValueError(f"the q and k lists must be non-empty and of the same length, got {len(qs)} and {len(ks)}")
+    for q, k in zip(qs, ks):
+        validate(q, k)
+        if q.shape != qs[0].shape or q.dtype != qs[0].dtype:
             raise ValueError(f"all layers must have the same shape and dtype (one launch), got "
-                             f"{tuple(feat_q.shape)} {feat_q.dtype} and {tuple(feat_qs[0].shape)} {feat_qs[0].dtype}")
-    tau, negatives = ops._check_tau(tau), ops._check_negatives(negatives)
-    ops.resolve_backend("triton", feat_qs[0])  # raises when triton cannot run on these tensors
-    n_group = _rows_group(feat_qs[0], batch_size, negatives)
-    return torch.cat(list(feat_qs)), torch.cat(list(feat_ks)), tau, n_group
+                             f"{tuple(q.shape)} {q.dtype} and {tuple(qs[0].shape)} {qs[0].dtype}")
+    ops.resolve_backend("triton", qs[0])  # raises when triton cannot run on these tensors
+    return torch.cat(list(qs)), torch.cat(list(ks))
+
+
+def _map_layers(fqs, fks, ids, tau, negatives):
+    checked = []
+    q, k = _stack_layers(fqs, fks, lambda q, k: checked.append(ops._validate_map(q, k, ids)))
+    # the layers' images are consecutive images of the stacked map; with negatives="batch"
+    # one layer's B·N rows are one group
+    return q, k, checked[0], ops._check_tau(tau), _map_group(fqs[0], checked[0], ops._check_negatives(negatives))
+
+
+def _rows_layers(feat_qs, feat_ks, tau, batch_size, negatives):
+    q, k = _stack_layers(feat_qs, feat_ks, lambda q, k: ops._validate_rows(q, k, batch_size))
+    return q, k, ops._check_tau(tau), _rows_group(feat_qs[0], batch_size, ops._check_negatives(negatives))
+
+
+def patch_nce_layers(fqs: Sequence[Tensor], fks: Sequence[Tensor], ids: Tensor, tau: float = 0.07,
+                     negatives: str = "image") -> Tensor:
+    """Fused PatchNCE of L layers of equal shape ``[B, C, H, W]`` sharing ``ids``, one launch
+    -> ``[L, B·N]``; row ``l`` equals ``ops.patch_nce(fqs[l], fks[l], ids, ...)``."""
+    fq, fk, ids, tau, n_group = _map_layers(fqs, fks, ids, tau, negatives)
+    return nce(fq, fk, ids, tau, n_group, torch.compiler.is_compiling())[0].view(len(fqs), -1)
+
+
+def patch_metric_layers(fqs: Sequence[Tensor], fks: Sequence[Tensor], ids: Tensor, tau: float = 0.15,
+                        negatives: str = "image") -> Tensor:
+    """Fused metric loss of L layers of equal shape ``[B, C, H, W]`` sharing ``ids``, one
+    launch -> ``[L]``; entry ``l`` equals ``ops.patch_metric(fqs[l], fks[l], ids, ...)``."""
+    fq, fk, ids, tau, n_group = _map_layers(fqs, fks, ids, tau, negatives)
+    per_row = metric(fq, fk, ids, tau, n_group, len(fqs), torch.compiler.is_compiling())
+    return per_row.view(len(fqs), -1).sum(1)
 
 
 def patch_nce_rows_layers(feat_qs: Sequence[Tensor], feat_ks: Sequence[Tensor], tau: float = 0.07,
@@ -261,7 +292,7 @@ def patch_nce_rows_layers(feat_qs: Sequence[Tensor], feat_ks: Sequence[Tensor], 
 
     Row ``l`` equals ``ops.patch_nce_rows(feat_qs[l], feat_ks[l], ...)``.
     """
-    feat_q, feat_k, tau, n_group = _stack_layers(feat_qs, feat_ks, tau, batch_size, negatives)
+    feat_q, feat_k, tau, n_group = _rows_layers(feat_qs, feat_ks, tau, batch_size, negatives)
     return nce(feat_q, feat_k, None, tau, n_group, False)[0].view(len(feat_qs), -1)
 
 
@@ -271,7 +302,7 @@ def patch_metric_rows_layers(feat_qs: Sequence[Tensor], feat_ks: Sequence[Tensor
 
     Entry ``l`` equals ``ops.patch_metric_rows(feat_qs[l], feat_ks[l], ...)``.
     """
-    feat_q, feat_k, tau, n_group = _stack_layers(feat_qs, feat_ks, tau, batch_size, negatives)
+    feat_q, feat_k, tau, n_group = _rows_layers(feat_qs, feat_ks, tau, batch_size, negatives)
     per_row = metric(feat_q, feat_k, None, tau, n_group, len(feat_qs), False)
     return per_row.view(len(feat_qs), -1).sum(1)
 

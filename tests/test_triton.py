@@ -222,17 +222,28 @@ def _count_launches(monkeypatch, kernel):
     return calls
 
 
+@pytest.mark.parametrize("form", ["map", "rows"])
 @pytest.mark.parametrize("op", ["nce", "metric"])
-def test_rows_layers_entry_is_one_launch_and_matches_per_layer(op, interpreter, monkeypatch):
-    layers = [_make_inputs("rows", 2, 24, 32, torch.float32, seed=s) for s in range(3)]
+def test_layers_entry_is_one_launch_and_matches_per_layer(op, form, interpreter, monkeypatch):
+    negatives = "batch" if form == "map" else "image"
+    layers = [_make_inputs(form, 2, 24, 32, torch.float32, seed=s) for s in range(3)]
+    ids = layers[0][2] if form == "map" else None
     is_nce = op == "nce"
-    per_layer_fn = ops.patch_nce_rows if is_nce else ops.patch_metric_rows
-    fused_fn = _ops_triton.patch_nce_rows_layers if is_nce else _ops_triton.patch_metric_rows_layers
+    if form == "map":
+        single_fn = ops.patch_nce if is_nce else ops.patch_metric
+        per_layer = lambda q, k: single_fn(q, k, ids, negatives=negatives, backend="triton")  # noqa: E731
+        fused_fn = _ops_triton.patch_nce_layers if is_nce else _ops_triton.patch_metric_layers
+        fused_call = lambda qs, ks: fused_fn(qs, ks, ids, negatives=negatives)  # noqa: E731
+    else:
+        single_fn = ops.patch_nce_rows if is_nce else ops.patch_metric_rows
+        per_layer = lambda q, k: single_fn(q, k, batch_size=2, negatives=negatives, backend="triton")  # noqa: E731
+        fused_fn = _ops_triton.patch_nce_rows_layers if is_nce else _ops_triton.patch_metric_rows_layers
+        fused_call = lambda qs, ks: fused_fn(qs, ks, batch_size=2, negatives=negatives)  # noqa: E731
 
     singles, single_grads = [], []
-    for feat_q, feat_k in layers:
-        q, k = _leaf(feat_q), _leaf(feat_k)
-        out = per_layer_fn(q, k, batch_size=2, negatives="image", backend="triton")
+    for layer in layers:
+        q, k = _leaf(layer[0]), _leaf(layer[1])
+        out = per_layer(q, k)
         out.sum().backward()
         singles.append(out.detach())
         single_grads.append((q.grad, k.grad))
@@ -240,9 +251,9 @@ def test_rows_layers_entry_is_one_launch_and_matches_per_layer(op, interpreter, 
     kernels = kernel_module(True)
     forward_calls = _count_launches(monkeypatch, kernels.nce_forward_kernel if is_nce else kernels.metric_forward_kernel)
     backward_calls = _count_launches(monkeypatch, kernels.nce_backward_kernel if is_nce else kernels.metric_backward_kernel)
-    qs = [_leaf(q) for q, _ in layers]
-    ks = [_leaf(k) for _, k in layers]
-    fused = fused_fn(qs, ks, batch_size=2, negatives="image")
+    qs = [_leaf(layer[0]) for layer in layers]
+    ks = [_leaf(layer[1]) for layer in layers]
+    fused = fused_call(qs, ks)
     fused.sum().backward()
     assert len(forward_calls) == 1 and len(backward_calls) == 1
     assert fused.shape == ((3, 48) if is_nce else (3,))
