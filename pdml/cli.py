@@ -64,13 +64,15 @@ def _train_parser() -> argparse.ArgumentParser:
                     help="implementation of the fused patch loss")
     ex.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
     ex.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    ex.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's, or 1 "
+                    "when the machine is already busy)")
     return p
 
 
 _TRAIN_KEYS = ("ldct", "ndct", "val_ldct", "val_ndct", "out", "steps", "decay_steps", "batch_size",
                "crop", "lr", "seed", "log_every", "eval_every", "ckpt_every", "max_minutes",
                "val_slices", "loss", "tau", "num_patches", "lambda_gan", "lambda_identity",
-               "lambda_metric", "precision", "loss_backend", "compile", "device")
+               "lambda_metric", "precision", "loss_backend", "compile", "device", "threads")
 
 
 def train_main(argv=None) -> int:

@@ -11,8 +11,8 @@ One training step (the paper's, after CUT):
 
 ``x`` is a low-dose (LD) crop, ``y`` an unpaired normal-dose (ND) crop, both in the
 paper's unit window; with the wavelet split on (default) the networks see only the
-high-frequency part (``_hi``) and the LD image's low-frequency part is added back at
-inference, so the global CT numbers come from the input.
+high-frequency part (``_hi``, times ``net_scale``) and the LD image's low-frequency part
+is added back at inference, so the global CT numbers come from the input.
 
 Everything a run writes goes to its run folder (rank 0 only): ``config.json``,
 ``metrics.jsonl``, ``checkpoints/last.pt`` and ``checkpoints/best.pt`` (atomic: tmp file,
@@ -99,11 +99,18 @@ class TrainConfig:
     wavelet: bool = True
     wavelet_name: str = "db3"
     wavelet_level: int = 6
+    # The networks see the image times ``net_scale`` (None: 20 with the wavelet split,
+    # 1 without). The high-frequency part is small in the unit window (25 HU noise is
+    # 0.0125); spectral norm makes every layer 1-Lipschitz, so a discriminator fed such
+    # inputs cannot move its scores far from its bias and stays at chance. At 20, one unit
+    # is 100 HU. Losses other than the adversarial one are computed in the unit window.
+    net_scale: Optional[float] = None
     # execution
     precision: str = "fp32"
     loss_backend: str = "auto"
     compile: bool = False
     device: str = "auto"
+    threads: Optional[int] = None
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -111,6 +118,12 @@ class TrainConfig:
     max_minutes: Optional[float] = None
     val_slices: int = 4
     progress: bool = True
+
+    @property
+    def resolved_net_scale(self) -> float:
+        if self.net_scale is not None:
+            return float(self.net_scale)
+        return 20.0 if self.wavelet else 1.0
 
     @property
     def resolved_tau(self) -> float:
@@ -163,8 +176,12 @@ class TrainConfig:
         if unknown or not self.loss_layers:
             raise TrainError(f"loss layers must be a non-empty subset of {FEATURE_LAYERS}, "
                              f"got {list(self.loss_layers)}")
+        if not self.resolved_net_scale > 0:
+            raise TrainError(f"net_scale must be > 0, got {self.net_scale}")
         if self.resolved_tau <= 0:
             raise TrainError(f"--tau must be > 0, got {self.tau}")
+        if self.threads is not None and self.threads < 1:
+            raise TrainError(f"--threads must be >= 1, got {self.threads}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise TrainError(f"--max-minutes must be > 0, got {self.max_minutes}")
 
@@ -173,7 +190,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Finishes in minutes on a 2-core CPU with the built-in data (the default without data).
     # The built-in slices at 128² build in seconds (256²: minutes on a busy 2-core CPU).
     "demo": dict(steps=400, decay_steps=200, batch_size=4, crop=64, log_every=10,
-                 eval_every=100, ckpt_every=50, max_minutes=8.5, val_slices=4,
+                 eval_every=100, ckpt_every=50, max_minutes=8.0, val_slices=4,
                  builtin_size=128, crop_margin=8),
     # The paper's settings, for a GPU: the full model, larger crops, a long schedule.
     "paper": dict(steps=100_000, decay_steps=50_000, batch_size=8, crop=128, log_every=50,
@@ -237,6 +254,24 @@ def init_distributed(device_request: str) -> tuple[DistInfo, torch.device]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         info.initialized_here = True
     return info, device
+
+
+def cpu_threads(requested: Optional[int]) -> int:
+    """Intra-op threads for CPU training: ``requested``, else torch's default unless the
+    machine is already busy (1-minute load average + our threads > cores), then 1.
+
+    Why: OpenMP worker threads spin while they wait; on an oversubscribed machine two
+    spinning threads per process run several times slower than one thread.
+    """
+    if requested is not None:
+        return requested
+    current = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # platforms without them: keep torch's choice
+        return current
+    return 1 if current > 1 and load + current > cores + 0.5 else current
 
 
 def barrier(info: DistInfo) -> None:
@@ -464,10 +499,11 @@ def denoise_hu(generator: RRDNGenerator, hu, cfg: TrainConfig, device: torch.dev
             low, high = wavelet_split(unit, cfg.wavelet_name, cfg.wavelet_level)
         else:
             low, high = np.zeros_like(unit), unit
-        x = torch.from_numpy(np.ascontiguousarray(high)).unsqueeze(1).to(device)
+        scale = cfg.resolved_net_scale
+        x = torch.from_numpy(np.ascontiguousarray(high * scale)).unsqueeze(1).to(device)
         with autocast:
             y = generator(x)
-        y = y.float().squeeze(1).cpu().numpy()
+        y = y.float().squeeze(1).cpu().numpy() / scale
         out[start:start + batch_size] = unit_to_hu(low + y)
         if progress is not None:
             progress(min(start + batch_size, hu.shape[0]))
@@ -594,6 +630,8 @@ class TrainingRun:
                              f"--resume {self.run_dir} or choose another --out")
         if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise TrainError("--precision bf16 needs a GPU with bfloat16 support")
+        if device.type == "cpu":
+            torch.set_num_threads(cpu_threads(cfg.threads))
         # identical initial weights on every rank (DDP also broadcasts rank 0's)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -691,10 +729,13 @@ class TrainingRun:
 
     # ---------------------------------------------------------------- one step
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``step``'s crops of this rank: LD ``x`` and ND ``y`` ``[B, 1, crop, crop]``
+        float32, in the networks' scale (unit window × ``net_scale``), on the device."""
         b = self.cfg.batch_size
         pairs = [self.data.train.get(e, i) for e, i in self.samples.positions(step * b, b)]
-        x = torch.stack([p[0] for p in pairs])
-        y = torch.stack([p[1] for p in pairs])
+        scale = self.cfg.resolved_net_scale
+        x = torch.stack([p[0] for p in pairs]) * scale
+        y = torch.stack([p[1] for p in pairs]) * scale
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -707,7 +748,9 @@ class TrainingRun:
         with self.autocast:
             fake, idt, fq, fk = self.g_pass(x, y if cfg.lambda_identity > 0 else None)
             loss_gan = (self.d_for_g(fake).float() - 1.0).square().mean()
-            loss_idt = (idt.float() - y).abs().mean() if idt is not None else zero
+            # identity L1 in the unit window (the paper's scale), not the networks' scale
+            loss_idt = ((idt.float() - y).abs().mean() / cfg.resolved_net_scale
+                        if idt is not None else zero)
             loss_patch = patch_loss(cfg, fq, fk) if fq else zero
             loss_g = (cfg.lambda_gan * loss_gan + cfg.lambda_identity * loss_idt
                       + cfg.lambda_metric * loss_patch)
@@ -888,6 +931,7 @@ class TrainingRun:
             "img_per_s": (self.step - start_step) * self.cfg.batch_size * self.info.world
             / max(elapsed, 1e-9),
             "ranks_in_sync": in_sync, "best": self.best,
+            "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
             "final_eval": self.last_eval,
         }
         if self.info.is_main:
@@ -989,7 +1033,8 @@ def format_summary(summary: dict, cfg: TrainConfig) -> str:
         + (" (stopped at the time limit)" if summary["stopped_early"] else "")
         + f", {_fmt_time(summary['elapsed_s'])} this session"
         + f", {summary['img_per_s']:.1f} img/s, {summary['world_size']} rank(s)"
-        + f", loss={cfg.loss}, precision={cfg.precision}",
+        + f", loss={cfg.loss}, precision={cfg.precision}"
+        + (f", {summary['cpu_threads']} CPU thread(s)" if summary.get("cpu_threads") else ""),
     ]
     if summary.get("ranks_in_sync") is not None:
         lines.append(f"  ranks hold identical parameters: {summary['ranks_in_sync']}")

@@ -8,6 +8,15 @@ from pdml.models import (DEFAULT_LOSS_LAYERS, FEATURE_LAYERS, PatchDiscriminator
                          RRDNGenerator)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: the CI's cores are shared, where two spinning threads crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _convs(module):
     return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
 
@@ -49,6 +58,7 @@ def test_spectral_norm_and_replicate_padding(generator):
         assert parametrize.is_parametrized(conv, "weight")
         if conv.kernel_size != (1, 1):
             assert conv.padding_mode == "replicate"
+    assert generator.tail.bias is None  # no constant offset of the predicted image
     for conv in _convs(PatchDiscriminator()):
         assert parametrize.is_parametrized(conv, "weight")
         assert conv.kernel_size == (3, 3)

@@ -239,7 +239,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 def test_torchrun_two_processes_keep_identical_parameters(tmp_path):
     out = tmp_path / "ddp"
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node=2",
-           "--master_port=0", PDML_TRAIN, "--preset", "tiny", "--steps", "3",
+           "--standalone", PDML_TRAIN, "--preset", "tiny", "--steps", "3",
            "--out", str(out), "--no-progress"]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

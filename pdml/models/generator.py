@@ -7,7 +7,7 @@ borders of a CT slice are not pulled towards zero):
     └─ head       3×3 conv 1 → F                         (F = 32 features)
        └─ trunk   residual-in-residual group: head + β·RDB₃(RDB₂(RDB₁(head)))
           └─ fusion  1×1 conv F → F
-             └─ tail 3×3 conv F → 1 of (head + fusion)
+             └─ tail 3×3 conv F → 1 of (head + fusion), without bias
     out = x + tail   (``input_residual=True``: the trunk learns what to remove)
 
 Each residual dense block (RDB) has its own weights: 5 densely connected 3×3 convs
@@ -35,9 +35,9 @@ RESIDUAL_SCALE = 0.2
 """β of the dense blocks' and the group's residuals (keeps the deep stack near identity at init)."""
 
 
-def sn_conv(in_ch: int, out_ch: int, kernel: int) -> nn.Module:
+def sn_conv(in_ch: int, out_ch: int, kernel: int, bias: bool = True) -> nn.Module:
     """Spectral-normalised conv, stride 1, 'same' size; replicate padding for kernels > 1."""
-    conv = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2,
+    conv = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=bias,
                      padding_mode="replicate" if kernel > 1 else "zeros")
     return spectral_norm(conv)
 
@@ -102,7 +102,9 @@ class RRDNGenerator(nn.Module):
         self.rdbs = nn.ModuleList(
             ResidualDenseBlock(features, growth, block_layers) for _ in range(blocks))
         self.fusion = sn_conv(features, features, 1)
-        self.tail = sn_conv(features, channels, 3)
+        # no bias: the generator predicts a zero-mean high-frequency image, and a constant
+        # offset of its output would shift the CT numbers, the very error the paper fights
+        self.tail = sn_conv(features, channels, 3, bias=False)
 
     def _run(self, x: torch.Tensor, layers: Sequence[str], stop_early: bool):
         """Run the network, collecting the maps of ``layers``; returns (out or None, maps)."""
