@@ -290,8 +290,6 @@ def metric_backward_kernel(
                    k_sc, cols, mask_m, C)
     inv_q = _inv_norm(q, NORMALIZE)
     inv_k = _inv_norm(k, NORMALIZE)
-    q_hat = q.to(tl.float32) * inv_q[:, None]
-    k_hat = k.to(tl.float32) * inv_k[:, None]
     pos = _row_sum(q.to(tl.float32) * k.to(tl.float32)) * inv_q * inv_k
     grad_m = tl.load(grad_ptr + rows_m.to(tl.int64) * grad_stride, mask=mask_m, other=0.0).to(tl.float32)
 
@@ -318,6 +316,9 @@ def metric_backward_kernel(
         k_hat_n = (k_n.to(tl.float32) * inv_k_n[:, None]).to(k.dtype)
         acc_q += _dot(w_qq.to(q.dtype), q_hat_n, IEEE)
         acc_k += _dot(w_kk.to(k.dtype), k_hat_n, IEEE)
+    # the fp32 normalised rows only now, not live across the loop (registers)
+    q_hat = q.to(tl.float32) * inv_q[:, None]
+    k_hat = k.to(tl.float32) * inv_k[:, None]
     pair_coef = pair_scale * inv_tau * tl.exp(inv_tau)
     pos_coef = (-pos_scale * inv_tau) * grad_m * tl.exp(pos * inv_tau)
     dq_hat = pos_coef[:, None] * k_hat + pair_coef * acc_q
