@@ -7,8 +7,8 @@
 // one tile per thread; the n×n matrix never exists.
 //
 // Parallelism (at::parallel_for):
-// - PatchNCE (forward and backward) and the metric forward: over (group, row tile) or
-//   (matrix, group, tile pair) tasks, each writing only its own outputs.
+// - PatchNCE (forward and backward): over (group, row tile) tasks, each writing only its
+//   own rows; the backward recomputes the tiles.
 // - PatchMetric: its gradient needs no global normaliser (unlike PatchNCE's logsumexp),
 //   so the forward computes it in the same sweep when asked (compute_grad), and the
 //   backward only scales it. The similarity of q with q (and k with k) is symmetric, so each
