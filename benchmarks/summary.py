@@ -27,23 +27,30 @@ def _fmt_bytes(n):
 
 
 def summarise(records: list[dict]) -> dict:
-    """Rows of {case, backend, median_s, speedup_vs_eager, speedup_vs_compile, memory_ratio, ...}."""
+    """Rows of {case, backend, median_s, speedup_vs_eager, speedup_vs_compile, memory_ratio, ...}.
+
+    "eager" is each group's baseline: reference eager for the ops, fp32 + reference for
+    the train step (``extra_info["baseline"]``)."""
     groups = defaultdict(dict)
     env = {}
     for rec in records:
         info = rec.get("extra_info", {})
-        if info.get("kind") != "op":
+        if info.get("kind") not in ("op", "train"):
             continue
         env = {k: info.get(k) for k in ("device", "torch", "triton", "commit", "date")}
-        key = (info["op"], info["mode"], info["shape"], info["dtype"])
+        # A train step's precisions are compared with each other (baseline fp32+reference).
+        key = (info["op"], info["mode"], info["shape"], "-" if info["kind"] == "train" else info["dtype"])
         groups[key][info["backend"]] = (rec["stats"]["median"], info)
     rows = []
     for key, by_backend in groups.items():
-        eager = by_backend.get(BASELINE)
+        baseline = next(iter(by_backend.values()))[1].get("baseline", BASELINE)
+        eager = by_backend.get(baseline)
         compiled = by_backend.get(COMPILED)
         for backend, (median, info) in by_backend.items():
             row = dict(zip(("op", "mode", "shape", "dtype"), key), backend=backend, median_s=median,
                        peak_extra_bytes=info.get("peak_extra_bytes"))
+            if info.get("images"):
+                row["images_per_s"] = info["images"] / median
             row["speedup_vs_eager"] = eager[0] / median if eager else None
             row["speedup_vs_compile"] = compiled[0] / median if compiled else None
             if eager and info.get("peak_extra_bytes") and eager[1].get("peak_extra_bytes"):
@@ -51,7 +58,7 @@ def summarise(records: list[dict]) -> dict:
             else:
                 row["memory_ratio_vs_eager"] = None
             rates = info.get("rates") or {}
-            if rates:
+            if rates and "flops" in info:
                 row["tflops"] = info["flops"] / median / 1e12
                 matmul = rates.get("matmul_flops_bf16" if info["dtype"] != "fp32" else "matmul_flops_fp32")
                 row["fraction_of_matmul"] = info["flops"] / median / matmul if matmul else None
@@ -67,7 +74,7 @@ def to_markdown(summary: dict) -> str:
              f"commit {env.get('commit')} · {env.get('date')}", ""]
     gpu = any("tflops" in r for r in summary["rows"])
     head = ["op", "mode", "shape", "dtype", "backend", "median", "× eager", "× compile",
-            "peak extra mem", "mem / eager"]
+            "peak extra mem", "mem / eager", "img/s"]
     if gpu:
         head += ["TFLOP/s", "of matmul", "of copy"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -78,7 +85,8 @@ def to_markdown(summary: dict) -> str:
     for r in summary["rows"]:
         cells = [r["op"], r["mode"], r["shape"], r["dtype"], r["backend"], f"{r['median_s'] * 1e3:.2f} ms",
                  ratio(r["speedup_vs_eager"]), ratio(r["speedup_vs_compile"]),
-                 _fmt_bytes(r["peak_extra_bytes"]), ratio(r["memory_ratio_vs_eager"], 3)]
+                 _fmt_bytes(r["peak_extra_bytes"]), ratio(r["memory_ratio_vs_eager"], 3),
+                 ratio(r.get("images_per_s"), 1)]
         if gpu:
             cells += [ratio(r.get("tflops")), ratio(r.get("fraction_of_matmul"), 3),
                       ratio(r.get("fraction_of_copy"), 3)]
