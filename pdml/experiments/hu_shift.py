@@ -67,11 +67,12 @@ METRIC_KEYS = tuple(key for key, _, _ in COLUMNS)
 
 # Settings on top of the trainer's presets (pdml.train.PRESETS), the same for every variant.
 # demo: the trainer's demo (128² built-in slices, batch 4, 64² crops) with a schedule that
-# three variants complete in 30 minutes on a busy 2-core CPU (about 2.5 s per step with one
-# thread when other jobs share the cores); the time limit is a safety net per variant and
-# the table reports the steps each run made.
+# the three variants complete within 30 minutes on a busy 2-core CPU: measured with one
+# thread among other jobs, a step takes 1.1 s (none), 1.8 s (patchnce), 2.0 s (dml), so
+# 280 steps take about 23 minutes. The time limit per run is the safety net for a busier
+# machine (3 × 9.5 min); the table reports the steps each run made.
 ABLATION_OVERRIDES: dict[str, dict[str, Any]] = {
-    "demo": dict(steps=160, decay_steps=80, eval_every=80, ckpt_every=40, max_minutes=8.0),
+    "demo": dict(steps=280, decay_steps=140, eval_every=140, ckpt_every=70, max_minutes=9.5),
     "paper": {},
     # tiny: one evaluation and one checkpoint, at the end (the ablation evaluates anyway)
     "tiny": dict(eval_every=4, ckpt_every=4),
