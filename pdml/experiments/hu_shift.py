@@ -492,6 +492,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decay-steps", type=int, help="override the LR decay steps")
     p.add_argument("--max-minutes", type=float, help="time limit per run")
     p.add_argument("--no-time-limit", action="store_true", help="no time limit per run")
+    p.add_argument("--no-wavelet", action="store_true",
+                   help="feed whole images (by default the networks see the wavelet "
+                        "high-frequency part and the LD low-frequency part is added back, "
+                        "which keeps the global CT numbers by construction)")
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--loss-backend", choices=ops.BACKEND_NAMES)
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
@@ -511,6 +515,8 @@ def main(argv=None) -> int:
         overrides["decay_steps"] = args.steps // 2
     if args.no_progress:
         overrides["progress"] = False
+    if args.no_wavelet:
+        overrides["wavelet"] = False
     command = "python -m pdml.experiments.hu_shift " + " ".join(
         sys.argv[1:] if argv is None else argv)
     try:
