@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import os
 import random
 import sys
@@ -38,7 +37,6 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from pdml import ops
@@ -438,17 +436,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def _set_requires_grad(module: nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
-
-
-def _strip_wrappers(state: dict) -> dict:
-    """State dict keys without torch.compile's ``_orig_mod.`` or DDP's ``module.``."""
-    out = {}
-    for k, v in state.items():
-        for prefix in ("_orig_mod.", "module."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
 
 
 # --------------------------------------------------------------------------- inference

@@ -1,6 +1,5 @@
 """pdml-train / pdml-denoise console scripts: DICOM in, DICOM out, clear errors."""
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import pytest
 import torch
 from pydicom.data import get_testdata_file
 
-from pdml import train as T
 from pdml.cli import denoise_main, train_main
 from pdml.models import RRDNGenerator
 
