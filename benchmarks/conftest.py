@@ -34,7 +34,8 @@ def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    result = summary.summarise([b.as_dict(include_data=False) for b in session.benchmarks])
+    # A case that failed before timing has no rounds: it has no figures to summarise.
+    result = summary.summarise([b.as_dict(include_data=False) for b in session.benchmarks if b.stats])
     if not result["rows"]:
         return
     out_dir = os.environ.get("PDML_BENCH_OUT", os.path.join(harness.REPO, ".benchmarks", "pdml"))
