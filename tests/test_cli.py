@@ -13,12 +13,7 @@ from pdml.cli import denoise_main, train_main
 from pdml.models import RRDNGenerator
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _folder_hash(folder: Path) -> dict:

@@ -6,11 +6,9 @@ import contextlib
 import io
 import json
 import math
-import os
 
 import numpy as np
 import pytest
-import torch
 
 from pdml import metrics
 from pdml.experiments import hu_shift as H
@@ -20,20 +18,7 @@ ROWS = {"ld": H.LD_NAME, "none": H.VARIANT_NAMES["none"],
 HEADERS = ("PSNR (dB)", "SSIM", "RMSE (HU)", "noise std (HU)", "HU shift (HU)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_and_private_cache(tmp_path_factory):
-    """One intra-op thread (oversubscribed CI cores); the built-in data in the session's
-    temporary cache (shared with tests/test_train.py, never the user's cache)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    old = os.environ.get("PDML_CACHE_DIR")
-    os.environ["PDML_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "pdml-cache")
-    yield
-    torch.set_num_threads(threads)
-    if old is None:
-        os.environ.pop("PDML_CACHE_DIR", None)
-    else:
-        os.environ["PDML_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,7 @@ from pdml.models import (DEFAULT_LOSS_LAYERS, FEATURE_LAYERS, PatchDiscriminator
                          RRDNGenerator)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the CI's cores are shared, where two spinning threads crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _convs(module):

@@ -19,19 +19,7 @@ from pdml.cli import train_main
 PDML_TRAIN = str(Path(sys.executable).with_name("pdml-train"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_and_private_cache(tmp_path_factory):
-    """One intra-op thread (oversubscribed CI cores), built-in data cached per session."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    old = os.environ.get("PDML_CACHE_DIR")
-    os.environ["PDML_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "pdml-cache")
-    yield
-    torch.set_num_threads(threads)
-    if old is None:
-        os.environ.pop("PDML_CACHE_DIR", None)
-    else:
-        os.environ["PDML_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
 
 def _env():
