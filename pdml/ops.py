@@ -1,4 +1,7 @@
-"""pdml's ops: input validation, backend choice, and custom-op registration.
+"""pdml's ops: input validation, backend choice, and the backend registry.
+
+The fused backends register their custom ops (schema, fake impl, autograd) in
+:mod:`pdml._ops_triton` and :mod:`pdml._ops_ext`, imported at the end of this module.
 
 Public functions (DESIGN.md §2):
 
