@@ -949,6 +949,17 @@ DISPLAY_WINDOW = (-160.0, 240.0)
 """Soft-tissue display window (HU) of the figures (W 400, L 40)."""
 
 
+def _write_figure(fig, path: Path) -> None:
+    """Lay out, render to PNG in memory and write atomically (a killed run leaves no torn PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def save_eval_figure(val_item, denoised: np.ndarray, path: Path, step: int) -> None:
     """PNG of one held-out slice: LD | denoised | ND (when known) | denoised − LD (HU)."""
     import matplotlib
@@ -971,11 +982,7 @@ def save_eval_figure(val_item, denoised: np.ndarray, path: Path, step: int) -> N
     axes[-1].axis("off")
     fig.colorbar(diff, ax=axes[-1], fraction=0.046, pad=0.04)
     fig.suptitle(f"window [{lo:.0f}, {hi:.0f}] HU", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _write_figure(fig, path)
 
 
 def save_loss_figure(metrics_path: Path, path: Path) -> None:
@@ -1004,11 +1011,7 @@ def save_loss_figure(metrics_path: Path, path: Path) -> None:
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _write_figure(fig, path)
 
 
 def format_summary(summary: dict, cfg: TrainConfig) -> str:
