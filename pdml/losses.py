@@ -30,7 +30,7 @@ class _PatchLoss(nn.Module):
         super().__init__()
         self.tau = ops._check_tau(_option(opt, self._tau_attr, tau, self._tau_default))
         self.batch_size = _option(opt, "batch_size", batch_size, 1)
-        ops._check_batch_size(self.batch_size, self.batch_size)
+        ops._check_batch_size(self.batch_size)
         self.all_negatives_from_minibatch = bool(_option(
             opt, "nce_includes_all_negatives_from_minibatch", all_negatives_from_minibatch, False))
         if backend not in ops.BACKEND_NAMES:

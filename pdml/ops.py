@@ -129,12 +129,13 @@ def _check_negatives(negatives) -> str:
     return negatives
 
 
-def _check_batch_size(batch_size, rows: int) -> int:
+def _check_batch_size(batch_size, rows: Optional[int] = None) -> int:
+    """A positive int; when ``rows`` is given, also a divisor of it."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int):
         raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if rows % batch_size != 0:
+    if rows is not None and rows % batch_size != 0:
         raise ValueError(f"batch_size={batch_size} must divide the number of rows of feat_q ({rows})")
     return batch_size
 
