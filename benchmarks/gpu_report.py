@@ -152,8 +152,9 @@ def train_probe(results: str, run_dirs: list[str]) -> int:
     lines += ["", "img_per_s_run: steps × batch / training time of the whole run (compilation "
               "included); img_per_s_steady: median of the logged windows after the first. "
               "gpu_*: NVML, max memory / median utilisation and power over those windows. "
-              "At the paper's size (batch 8, 128² crops) a step is a few ms of GPU work in "
-              "many small kernels, so low utilisation means the step is launch-bound."]
+              "At the paper's size (batch 8, 128² crops) a step is many small kernels, so it "
+              "is likely launch-bound: low GPU utilisation at a modest img/s, and --compile "
+              "(fewer, fused kernels) gaining more than the loss kernels can, would say so."]
     for r in rows:
         for key in ("summary_error", "metrics_error"):
             if key in r:
