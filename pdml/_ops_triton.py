@@ -86,7 +86,7 @@ def nce(q: Tensor, k: Tensor, ids: Optional[Tensor], tau: float, n_group: int,
         check_ids: bool = True) -> tuple[Tensor, Tensor]:
     """Per-row PatchNCE ``[R]`` and its logsumexp ``[R]`` (fp32); see the module docstring."""
     _check_args(q, k, ids, n_group, check_ids)
-    return _launch.nce_forward(q, k, _contiguous(ids), tau, n_group)
+    return _launch.nce_forward(q, k, _contiguous(ids), tau, _rows_of(q, ids) // n_group)
 
 
 @nce.register_fake
@@ -99,7 +99,7 @@ def nce_backward(grad: Tensor, q: Tensor, k: Tensor, ids: Optional[Tensor], lse:
                  tau: float, n_group: int) -> Tensor:
     """``dL/dq`` (shape and dtype of ``q``, zero off the gathered rows) from ``grad [R]``."""
     _check_args(q, k, ids, n_group, False)
-    return _launch.nce_backward(grad, q, k, _contiguous(ids), lse, tau, n_group)
+    return _launch.nce_backward(grad, q, k, _contiguous(ids), lse, tau, _rows_of(q, ids) // n_group)
 
 
 @nce_backward.register_fake
@@ -132,7 +132,8 @@ def metric(q: Tensor, k: Tensor, ids: Optional[Tensor], tau: float, n_group: int
     _check_args(q, k, ids, n_group, check_ids)
     if layers < 1 or (_rows_of(q, ids) // n_group) % layers != 0:
         raise ValueError(f"layers={layers} must divide the number of groups")
-    return _launch.metric_forward(q, k, _contiguous(ids), tau, n_group, layers)
+    # the launcher's v sums to the mean over all layers; a layer's loss is the sum of its rows
+    return _launch.metric_forward(q, k, _contiguous(ids), tau, _rows_of(q, ids) // n_group) * layers
 
 
 @metric.register_fake
@@ -145,7 +146,7 @@ def metric_backward(grad: Tensor, q: Tensor, k: Tensor, ids: Optional[Tensor], t
                     n_group: int, layers: int = 1) -> tuple[Tensor, Tensor]:
     """``(dL/dq, dL/dk)`` (shapes and dtypes of ``q``/``k``) from ``grad [R]`` of ``v``."""
     _check_args(q, k, ids, n_group, False)
-    return _launch.metric_backward(grad, q, k, _contiguous(ids), tau, n_group, layers)
+    return _launch.metric_backward(grad * layers, q, k, _contiguous(ids), tau, _rows_of(q, ids) // n_group)
 
 
 @metric_backward.register_fake
