@@ -107,5 +107,5 @@ $(GPU_IMAGE_VENV)/.rehearsed: $(GPU_IMAGE_VENV)/.installed $(GPU_IMAGE_VENV)/.wh
 	  PDML_GPU_STRICT=1 PART1_BUDGET=2400 PART2_BUDGET=600 BUILD_BUDGET=1800 \
 	  CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$${MAX_JOBS:-2} \
 	  bash benchmarks/run_gpu.sh all --dry
-	cd $(REHEARSAL_TREE) && PYTHONPATH=.:$(abspath $(GPU_IMAGE_VENV))/site $(abspath $(GPU_IMAGE_VENV))/bin/python -m pdml.kernels.aot --arch 90 --strict
+	cd $(REHEARSAL_TREE) && PYTHONPATH=.:$(abspath $(GPU_IMAGE_VENV))/site $(abspath $(GPU_IMAGE_VENV))/bin/python -m pdml.kernels.aot --arch 90 --strict --jobs $${MAX_JOBS:-2}
 	touch $@
