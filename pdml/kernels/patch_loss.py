@@ -15,8 +15,8 @@ channel chunk of the gradient a program writes (at most ``1024 / 16``).
 
 Channels are processed in chunks of ``BLOCK_C``: a similarity tile is the sum of the
 chunks' dots, and the norms of a tile's rows come from a pre-pass over the chunks (own
-rows) or from the same chunk loop (the other side's rows). Nothing holds a whole row of
-a wide C, so C up to 1024 fits in registers and shared memory in any dtype.
+rows) or from the same chunk loop (the other side's rows). Nothing holds a whole row, so
+any C fits in registers and shared memory in any dtype.
 
 Numerics. Rows are loaded in the input dtype (fp32/fp16/bf16) and everything else is
 fp32: norms, exp, logsumexp, sums, accumulators. The similarity of a tile is the dot of
@@ -29,15 +29,17 @@ inputs go to the tensor cores directly. The N×N similarity of a group is never 
 PatchNCE keeps an online (running max + sum) logsumexp per row, PatchMetric running
 exp-sums per row; backward recomputes the tiles.
 
-Gradients. ``dx̂_i = Σ_j W_ij ŷ_j`` is accumulated per channel chunk; the normaliser's
-backward ``dx = (dx̂ - x (x̂·dx̂)/‖x‖) / (‖x‖ + eps)`` needs the whole-row ``x̂·dx̂``, which is
-``Σ_j W_ij (x̂_i·ŷ_j)``: a row sum of the weights times the normalised similarity the
-kernel computes anyway, so a program writing one chunk never needs the other chunks of
-its gradient. Operands of fp16/bf16 dots are kept in [-1, 1] (upstream gradients, which
-GradScaler multiplies by up to 2^16, are applied in fp32 after the dot or divided out of
-the operand first), and the only cast of a gradient is the final store. Each gradient row
-has exactly one writer (ids are distinct; the caller zero-fills the rest): no atomics,
-deterministic.
+Gradients. The backward kernels compute ``dL/dx̂_i = Σ_j W_ij ŷ_j`` (x̂, ŷ the normalised
+rows) one channel chunk per program (grid axis 1) and write it, fp32, to a contiguous
+``[R, C]`` scratch; :func:`normaliser_backward_kernel` then takes each row through the
+normaliser's Jacobian (two passes over the chunks: ``x·dx̂``, then the gradient) and
+stores it in the input dtype: the only cast of a gradient. (The rows form has no
+normaliser: its kernels store dx̂ = dx directly.) Computing ``x·dx̂`` from the stored dx̂
+removes exactly the radial part of the rounded dx̂, as torch's reference does. Operands
+of fp16/bf16 dots are kept in [-1, 1]: upstream gradients (which GradScaler multiplies by
+up to 2^16) are applied in fp32 after the dot or divided out of the operand first
+(:func:`_scaled_dot`). Each gradient row has exactly one writer (ids are distinct; the
+caller zero-fills the rest): no atomics, deterministic.
 
 All block sizes are >= 16 (the GPU's minimum dot shape; the interpreter would accept less).
 """
