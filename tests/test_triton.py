@@ -352,11 +352,12 @@ def test_metric_launch_groups_average_stacked_layers(form, interpreter):
 def test_channels_in_several_chunks_match_float64_reference(op, interpreter):
     """C = 300 runs in 128-channel chunks (the interpreter's chunk; 3 chunks, the last one
     partial): norms from the pre-pass, similarities summed over chunks, gradients written
-    chunk by chunk."""
+    chunk by chunk; q and k in different memory layouts."""
     from pdml.kernels import launch
 
     assert launch.tiles_for(torch.float32, 37, 300, interpret=True).block_c == 128
-    inputs = _make_inputs("map", 2, 37, 300, torch.float32, seed=300, strided=True)
+    fq, fk, ids = _make_inputs("map", 2, 37, 300, torch.float32, seed=300, strided=True)
+    inputs = (fq, fk.contiguous(), ids)  # q channels-last, k contiguous: each its own strides
     if op == "similarity":
         fq, fk, ids = inputs
         upstream = torch.randn(2, 37, 37, generator=torch.Generator().manual_seed(5))
