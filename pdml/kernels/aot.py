@@ -33,6 +33,8 @@ KERNELS = ("nce_forward_kernel", "nce_backward_kernel", "metric_forward_kernel",
            "metric_backward_kernel", "similarity_forward_kernel", "similarity_backward_kernel",
            "normaliser_backward_kernel")
 WITHOUT_DOTS = ("normaliser_backward_kernel",)
+BACKWARD = ("nce_backward_kernel", "metric_backward_kernel", "similarity_backward_kernel")
+"""Kernels launched with ``launch.tiles_for(..., backward=True)``."""
 DTYPES = ("fp32", "fp16", "bf16")
 
 SHAPES = {
@@ -93,7 +95,8 @@ def jobs_for(shapes: dict = SHAPES, kernels=KERNELS, dtypes=DTYPES) -> dict[Job,
         for dtype in dtypes:
             for name, sizes in shapes.items():
                 for rows, channels in sizes:
-                    for tiles in launch.launch_configs(torch_dtype[dtype], rows, channels):
+                    backward = kernel in BACKWARD
+                    for tiles in launch.launch_configs(torch_dtype[dtype], rows, channels, backward):
                         if kernel in WITHOUT_DOTS:  # no column tiles (see launch._normaliser_backward)
                             tiles = tiles._replace(block_n=16)
                         for gather in forms:
@@ -185,7 +188,7 @@ def problems(record: Record, arch: int) -> list[str]:
         pass
     elif record.dtype == "fp32" and record.mma != "none":
         found.append("fp32 dots on tensor cores (tf32), not 'ieee'")
-    if record.dtype != "fp32" and record.mma == "none":
+    elif record.dtype != "fp32" and record.mma == "none":
         found.append("fp16/bf16 dots without tensor cores")
     return found
 

@@ -47,33 +47,35 @@ class Tiles(NamedTuple):
                     num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: bool) -> Tiles:
-    """The tiles for groups of ``group_rows`` rows of ``channels`` channels.
+def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: bool,
+              backward: bool = False) -> Tiles:
+    """The tiles for groups of ``group_rows`` rows of ``channels`` channels (``backward``:
+    for a loss or similarity backward kernel).
 
-    GPU: fp32 ("ieee" dots are FMA loops in registers) takes 32×32 tiles of 16-channel
-    chunks; fp16/bf16 (tensor cores) 32×32 tiles of 32-channel chunks, and from
-    :data:`LARGE_GROUP` rows on 64×64 tiles (wgmma) of 16-channel chunks; 8 warps, no
-    pipelining. Measured with ``python -m pdml.kernels.aot`` (triton 3.8, sm_90): the
-    largest of these tiles that compile without register spills for every kernel (4 warps
-    or 2 stages spill in the backward kernels; e.g. the metric backward at 64×64×32 needs
-    254 of 255 registers), well inside sm_80's shared memory. The interpreter prefers big
-    tiles (its cost is per operation, not per element). Every block is >= 16 (the
-    smallest dot a GPU accepts).
+    GPU: 8 warps without pipelining; 32×32 tiles of 16-channel chunks (fp16/bf16 backward:
+    32-channel chunks), and for fp16/bf16 groups of at least :data:`LARGE_GROUP` rows
+    64×64 tiles (wgmma) of 16-channel chunks. Measured with ``python -m pdml.kernels.aot``
+    (sm_90 and sm_80): no register spills in any kernel, where 4 warps or 2 stages spill
+    in the backward kernels, 32-channel chunks in the bf16 nce forward and 16-channel
+    chunks in the fp16/bf16 rows-form nce backward (a few bytes each; the fp32 backward
+    kernels at 32×256 whole rows spilled 10-21 KB). At most 16 KB of shared memory.
+    The interpreter prefers big tiles (its cost is per operation, not per element). Every
+    block is >= 16 (the smallest dot a GPU accepts).
     """
     if interpret:
         block = min(128, max(16, triton.next_power_of_2(group_rows)))
         return Tiles(block, block, min(128, max(16, triton.next_power_of_2(channels))), 4, 1)
     half = dtype != torch.float32
     large = half and group_rows >= LARGE_GROUP
-    block_c = min(32 if half and not large else 16, max(16, triton.next_power_of_2(channels)))
     block = min(64 if large else 32, max(16, triton.next_power_of_2(group_rows)))
+    block_c = 32 if half and backward and not large else 16
     return Tiles(block, block, block_c, 8, 1)
 
 
-def launch_configs(dtype: torch.dtype, group_rows: int, channels: int) -> list[Tiles]:
+def launch_configs(dtype: torch.dtype, group_rows: int, channels: int, backward: bool) -> list[Tiles]:
     """Every configuration a GPU launch for this shape can use (there is no fallback: the
     tiles need at most 16 KB of shared memory, which every CUDA GPU has)."""
-    return [tiles_for(dtype, group_rows, channels, interpret=False)]
+    return [tiles_for(dtype, group_rows, channels, interpret=False, backward=backward)]
 
 
 def _kernels(t: torch.Tensor):
@@ -163,11 +165,11 @@ class _Setup(NamedTuple):
     ids_arg: torch.Tensor
 
 
-def _loss_setup(q: torch.Tensor, ids: Optional[torch.Tensor], groups: int) -> _Setup:
+def _loss_setup(q: torch.Tensor, ids: Optional[torch.Tensor], groups: int, backward: bool) -> _Setup:
     rows, n_img, width, channels, q_strides = _geometry(q, ids)
     group_rows = rows // groups
     interpret = q.device.type != "cuda" or interpret_everywhere()
-    tiles = tiles_for(q.dtype, group_rows, channels, interpret)
+    tiles = tiles_for(q.dtype, group_rows, channels, interpret, backward)
     meta = dict(GATHER=ids is not None, NORMALIZE=ids is not None, IEEE=q.dtype == torch.float32)
     ids_arg = ids if ids is not None else q  # never read when GATHER is off
     return _Setup(rows, group_rows, channels, (group_rows, n_img, width, channels), q_strides, tiles, meta, ids_arg)
@@ -180,7 +182,7 @@ def _grid_of(s: _Setup, groups: int, backward: bool):
 def nce_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor], tau: float,
                 groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PatchNCE forward -> ``(loss [R], lse [R])``, both fp32 (lse is saved for backward)."""
-    s = _loss_setup(q, ids, groups)
+    s = _loss_setup(q, ids, groups, False)
     loss = torch.empty(s.rows, dtype=torch.float32, device=q.device)
     lse = torch.empty(s.rows, dtype=torch.float32, device=q.device)
     _launch(q, "nce_forward_kernel", _grid_of(s, groups, False), (
@@ -192,7 +194,7 @@ def nce_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor], t
 def nce_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor],
                  lse: torch.Tensor, tau: float, groups: int) -> torch.Tensor:
     """PatchNCE backward: ``grad [R]`` of the per-row loss -> ``dq`` (shape and dtype of ``q``)."""
-    s = _loss_setup(q, ids, groups)
+    s = _loss_setup(q, ids, groups, True)
     dq_hat = _normalised_grad_buffer(q, ids)
     _launch(q, "nce_backward_kernel", _grid_of(s, groups, True), (
         q, k, s.ids_arg, lse, grad, dq_hat, *s.shape_args, 1.0 / tau, grad.stride(0),
@@ -212,7 +214,7 @@ def metric_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor]
     """PatchMetric forward -> per-row contributions ``v [R]`` fp32; ``v.sum()`` is the loss
     (the mean over all rows of all groups: L stacked layers given as L·G groups -> the
     mean of the L layer losses)."""
-    s = _loss_setup(q, ids, groups)
+    s = _loss_setup(q, ids, groups, False)
     out = torch.empty(s.rows, dtype=torch.float32, device=q.device)
     _launch(q, "metric_forward_kernel", _grid_of(s, groups, False), (
         q, k, s.ids_arg, out, *s.shape_args, 1.0 / tau, *metric_scales(s.rows, groups, s.channels),
@@ -223,7 +225,7 @@ def metric_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor]
 def metric_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor],
                     tau: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PatchMetric backward: ``grad [R]`` of the per-row contributions -> ``(dq, dk)``."""
-    s = _loss_setup(q, ids, groups)
+    s = _loss_setup(q, ids, groups, True)
     dq_hat, dk_hat = _normalised_grad_buffer(q, ids), _normalised_grad_buffer(k, ids)
     _launch(q, "metric_backward_kernel", _grid_of(s, groups, True), (
         q, k, s.ids_arg, grad, dq_hat, dk_hat, *s.shape_args, 1.0 / tau,
@@ -240,9 +242,9 @@ def similarity_grid(batch: int, n_img: int, channels: int, tiles: Tiles, backwar
     return check_grid((batch * tiles_m * triton.cdiv(n_img, tiles.block_n), 1))
 
 
-def _similarity_tiles(q: torch.Tensor, ids: torch.Tensor) -> Tiles:
+def _similarity_tiles(q: torch.Tensor, ids: torch.Tensor, backward: bool) -> Tiles:
     interpret = q.device.type != "cuda" or interpret_everywhere()
-    return tiles_for(q.dtype, ids.numel(), q.shape[1], interpret)
+    return tiles_for(q.dtype, ids.numel(), q.shape[1], interpret, backward)
 
 
 def similarity_forward(q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -252,7 +254,7 @@ def similarity_forward(q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor) -> t
     out = torch.empty(batch, n_img, n_img, dtype=torch.float32, device=q.device)
     _launch(q, "similarity_forward_kernel", lambda t: similarity_grid(batch, n_img, channels, t, False), (
         q, k, ids, out, n_img, width, channels, *q.stride(), *k.stride()),
-        _similarity_tiles(q, ids), dict(IEEE=q.dtype == torch.float32))
+        _similarity_tiles(q, ids, False), dict(IEEE=q.dtype == torch.float32))
     return out
 
 
@@ -264,5 +266,5 @@ def similarity_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dq_hat, dk_hat = _normalised_grad_buffer(q, ids), _normalised_grad_buffer(k, ids)
     _launch(q, "similarity_backward_kernel", lambda t: similarity_grid(batch, n_img, channels, t, True), (
         q, k, ids, grad, dq_hat, dk_hat, n_img, width, channels, *grad.stride(), *q.stride(), *k.stride()),
-        _similarity_tiles(q, ids), dict(IEEE=q.dtype == torch.float32))
+        _similarity_tiles(q, ids, True), dict(IEEE=q.dtype == torch.float32))
     return _normaliser_backward(q, ids, dq_hat), _normaliser_backward(k, ids, dk_hat)

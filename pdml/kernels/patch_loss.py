@@ -15,8 +15,8 @@ channel chunk of the gradient a program writes (at most ``1024 / 16``).
 
 Channels are processed in chunks of ``BLOCK_C``: a similarity tile is the sum of the
 chunks' dots, and the norms of a tile's rows come from a pre-pass over the chunks (own
-rows) or from the same chunk loop (the other side's rows). Nothing holds a whole row of
-a wide C, so C up to 1024 fits in registers and shared memory in any dtype.
+rows) or from the same chunk loop (the other side's rows). Nothing holds a whole row, so
+any C fits in registers and shared memory in any dtype.
 
 Numerics. Rows are loaded in the input dtype (fp32/fp16/bf16) and everything else is
 fp32: norms, exp, logsumexp, sums, accumulators. The similarity of a tile is the dot of
@@ -29,15 +29,17 @@ inputs go to the tensor cores directly. The N×N similarity of a group is never 
 PatchNCE keeps an online (running max + sum) logsumexp per row, PatchMetric running
 exp-sums per row; backward recomputes the tiles.
 
-Gradients. ``dx̂_i = Σ_j W_ij ŷ_j`` is accumulated per channel chunk; the normaliser's
-backward ``dx = (dx̂ - x (x̂·dx̂)/‖x‖) / (‖x‖ + eps)`` needs the whole-row ``x̂·dx̂``, which is
-``Σ_j W_ij (x̂_i·ŷ_j)``: a row sum of the weights times the normalised similarity the
-kernel computes anyway, so a program writing one chunk never needs the other chunks of
-its gradient. Operands of fp16/bf16 dots are kept in [-1, 1] (upstream gradients, which
-GradScaler multiplies by up to 2^16, are applied in fp32 after the dot or divided out of
-the operand first), and the only cast of a gradient is the final store. Each gradient row
-has exactly one writer (ids are distinct; the caller zero-fills the rest): no atomics,
-deterministic.
+Gradients. The backward kernels compute ``dL/dx̂_i = Σ_j W_ij ŷ_j`` (x̂, ŷ the normalised
+rows) one channel chunk per program (grid axis 1) and write it, fp32, to a contiguous
+``[R, C]`` scratch; :func:`normaliser_backward_kernel` then takes each row through the
+normaliser's Jacobian (two passes over the chunks: ``x·dx̂``, then the gradient) and
+stores it in the input dtype: the only cast of a gradient. (The rows form has no
+normaliser: its kernels store dx̂ = dx directly.) Computing ``x·dx̂`` from the stored dx̂
+removes exactly the radial part of the rounded dx̂, as torch's reference does. Operands
+of fp16/bf16 dots are kept in [-1, 1]: upstream gradients (which GradScaler multiplies by
+up to 2^16) are applied in fp32 after the dot or divided out of the operand first
+(:func:`_scaled_dot`). Each gradient row has exactly one writer (ids are distinct; the
+caller zero-fills the rest): no atomics, deterministic.
 
 All block sizes are >= 16 (the GPU's minimum dot shape; the interpreter would accept less).
 """
@@ -114,14 +116,15 @@ def _store_rows(ptr, rows, mask, start, C, value, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(a, b, offs, mask, C, BLOCK_C: tl.constexpr):
-    """Pre-pass over the chunks of a tile's own rows: fp32 ``(‖a‖², ‖b‖², a·b)`` per row."""
-    aa = offs.to(tl.float32) * 0.0
+def _row_stats(a, a_offs, b, b_offs, mask, C, BLOCK_C: tl.constexpr):
+    """Pre-pass over the chunks of a tile's rows (of two tensors, each with its own
+    offsets): fp32 ``(‖a‖², ‖b‖², a·b)`` per row."""
+    aa = a_offs.to(tl.float32) * 0.0
     bb = aa
     ab = aa
     for start in range(0, C, BLOCK_C):
-        xa = _load_chunk(a, offs, mask, start, C, BLOCK_C).to(tl.float32)
-        xb = _load_chunk(b, offs, mask, start, C, BLOCK_C).to(tl.float32)
+        xa = _load_chunk(a, a_offs, mask, start, C, BLOCK_C).to(tl.float32)
+        xb = _load_chunk(b, b_offs, mask, start, C, BLOCK_C).to(tl.float32)
         aa += _row_sum(xa * xa)
         bb += _row_sum(xb * xb)
         ab += _row_sum(xa * xb)
@@ -212,7 +215,7 @@ def nce_forward_kernel(
     where = (ids_ptr, n_img, width)
     group, local_m = _program_tile(group_rows, BLOCK_M)
     q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
-    inv_q = _inv_norm(_row_stats(q, q, q_offs, mask_m, C, BLOCK_C)[0], NORMALIZE)
+    inv_q = _inv_norm(_row_stats(q, q_offs, q, q_offs, mask_m, C, BLOCK_C)[0], NORMALIZE)
 
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     run_sum = tl.full([BLOCK_M], 0.0, tl.float32)
@@ -259,7 +262,7 @@ def nce_backward_kernel(
     group, local_m = _program_tile(group_rows, BLOCK_M)
     chunk = tl.program_id(1) * BLOCK_C
     q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
-    inv_q = _inv_norm(_row_stats(q, q, q_offs, mask_m, C, BLOCK_C)[0], NORMALIZE)
+    inv_q = _inv_norm(_row_stats(q, q_offs, q, q_offs, mask_m, C, BLOCK_C)[0], NORMALIZE)
     rows_m = group * group_rows + local_m
     lse = tl.load(lse_ptr + rows_m, mask=mask_m, other=0.0)
     grad = tl.load(grad_ptr + rows_m.to(tl.int64) * grad_stride, mask=mask_m, other=0.0).to(tl.float32)
@@ -301,7 +304,7 @@ def metric_forward_kernel(
     group, local_m = _program_tile(group_rows, BLOCK_M)
     q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
     k_offs = _tile_offsets(k, where, group, local_m, group_rows, GATHER)[0]
-    sq_q, sq_k, qk = _row_stats(q, k, q_offs, mask_m, C, BLOCK_C)
+    sq_q, sq_k, qk = _row_stats(q, q_offs, k, k_offs, mask_m, C, BLOCK_C)
     inv_q = _inv_norm(sq_q, NORMALIZE)
     inv_k = _inv_norm(sq_k, NORMALIZE)
     pos = qk * inv_q * inv_k
@@ -349,7 +352,7 @@ def metric_backward_kernel(
     chunk = tl.program_id(1) * BLOCK_C
     q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
     k_offs = _tile_offsets(k, where, group, local_m, group_rows, GATHER)[0]
-    sq_q, sq_k, qk = _row_stats(q, k, q_offs, mask_m, C, BLOCK_C)
+    sq_q, sq_k, qk = _row_stats(q, q_offs, k, k_offs, mask_m, C, BLOCK_C)
     inv_q = _inv_norm(sq_q, NORMALIZE)
     inv_k = _inv_norm(sq_k, NORMALIZE)
     pos = qk * inv_q * inv_k
@@ -409,7 +412,7 @@ def similarity_forward_kernel(
     q_offs, mask_m = _tile_offsets(q, where, image, local_m, n_img, True)
     k_offs, mask_n = _tile_offsets(k, where, image, local_n, n_img, True)
     s, sq_k = _tile_dot(q, q_offs, mask_m, k, k_offs, mask_n, C, IEEE, BLOCK_M, BLOCK_N, BLOCK_C)
-    inv_q = _inv_norm(_row_stats(q, q, q_offs, mask_m, C, BLOCK_C)[0], True)
+    inv_q = _inv_norm(_row_stats(q, q_offs, q, q_offs, mask_m, C, BLOCK_C)[0], True)
     sim = s * inv_q[:, None] * _inv_norm(sq_k, True)[None, :]
     out_offs = image.to(tl.int64) * n_img * n_img + local_m[:, None].to(tl.int64) * n_img + local_n[None, :]
     tl.store(out_ptr + out_offs, sim, mask=mask_m[:, None] & mask_n[None, :])
@@ -442,7 +445,7 @@ def similarity_backward_kernel(
         local_n = start + tl.arange(0, BLOCK_N)
         qn_offs, mask_n = _tile_offsets(q, where, image, local_n, n_img, True)
         kn_offs = _tile_offsets(k, where, image, local_n, n_img, True)[0]
-        sq_qn, sq_kn, _ = _row_stats(q, k, qn_offs, mask_n, C, BLOCK_C)
+        sq_qn, sq_kn, _ = _row_stats(q, qn_offs, k, kn_offs, mask_n, C, BLOCK_C)
         tile_mask = mask_m[:, None] & mask_n[None, :]
         m64 = local_m[:, None].to(tl.int64)
         n64 = local_n[None, :].to(tl.int64)
