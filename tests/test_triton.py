@@ -355,7 +355,7 @@ def test_channels_in_several_chunks_match_float64_reference(op, interpreter):
     chunk by chunk; q and k in different memory layouts."""
     from pdml.kernels import launch
 
-    assert launch.tiles_for(torch.float32, 37, 300, interpret=True).block_c == 128
+    assert launch.tiles_for(torch.float32, 37, 300, True, f"{op}_forward_kernel").block_c == 128
     fq, fk, ids = _make_inputs("map", 2, 37, 300, torch.float32, seed=300, strided=True)
     inputs = (fq, fk.contiguous(), ids)  # q channels-last, k contiguous: each its own strides
     if op == "similarity":

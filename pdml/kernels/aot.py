@@ -33,8 +33,6 @@ KERNELS = ("nce_forward_kernel", "nce_backward_kernel", "metric_forward_kernel",
            "metric_backward_kernel", "similarity_forward_kernel", "similarity_backward_kernel",
            "normaliser_backward_kernel")
 WITHOUT_DOTS = ("normaliser_backward_kernel",)
-BACKWARD = ("nce_backward_kernel", "metric_backward_kernel", "similarity_backward_kernel")
-"""Kernels launched with ``launch.tiles_for(..., backward=True)``."""
 DTYPES = ("fp32", "fp16", "bf16")
 
 SHAPES = {
@@ -95,8 +93,7 @@ def jobs_for(shapes: dict = SHAPES, kernels=KERNELS, dtypes=DTYPES) -> dict[Job,
         for dtype in dtypes:
             for name, sizes in shapes.items():
                 for rows, channels in sizes:
-                    backward = kernel in BACKWARD
-                    for tiles in launch.launch_configs(torch_dtype[dtype], rows, channels, backward):
+                    for tiles in launch.launch_configs(torch_dtype[dtype], rows, channels, kernel):
                         if kernel in WITHOUT_DOTS:  # no column tiles (see launch._normaliser_backward)
                             tiles = tiles._replace(block_n=16)
                         for gather in forms:

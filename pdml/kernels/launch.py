@@ -47,20 +47,23 @@ class Tiles(NamedTuple):
                     num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: bool,
-              backward: bool = False) -> Tiles:
-    """The tiles for groups of ``group_rows`` rows of ``channels`` channels (``backward``:
-    for a loss or similarity backward kernel).
+WIDE_CHUNK_KERNELS = ("nce_backward_kernel", "metric_backward_kernel")
+"""Kernels whose fp16/bf16 32-row tiles take 32-channel chunks (the others take 16)."""
 
-    GPU: 8 warps without pipelining; 32×32 tiles of 16-channel chunks (fp16/bf16 backward:
-    32-channel chunks), and for fp16/bf16 groups of at least :data:`LARGE_GROUP` rows
-    64×64 tiles (wgmma) of 16-channel chunks. Measured with ``python -m pdml.kernels.aot``
-    (sm_90 and sm_80): no register spills in any kernel, where 4 warps or 2 stages spill
-    in the backward kernels, 32-channel chunks in the bf16 nce forward and 16-channel
-    chunks in the fp16/bf16 rows-form nce backward (a few bytes each; the fp32 backward
-    kernels at 32×256 whole rows spilled 10-21 KB). At most 16 KB of shared memory.
-    The interpreter prefers big tiles (its cost is per operation, not per element). Every
-    block is >= 16 (the smallest dot a GPU accepts).
+
+def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: bool, kernel: str) -> Tiles:
+    """The tiles of kernel ``kernel`` (a name in :mod:`pdml.kernels.patch_loss`) for groups
+    of ``group_rows`` rows of ``channels`` channels.
+
+    GPU: 8 warps without pipelining and 32×32 tiles; chunks of 32 channels for fp32, of 16
+    for fp16/bf16 except the nce/metric backward (32); fp16/bf16 groups of at least
+    :data:`LARGE_GROUP` rows get 64×64 tiles (wgmma) of 16-channel chunks. Measured with
+    ``python -m pdml.kernels.aot`` (sm_90 and sm_80, triton 3.6 and 3.8): no register
+    spills in any kernel, where 4 warps or 2 stages spill in the backward kernels, and
+    the other chunk width in some kernel with one of the two triton versions (a few
+    bytes each; the old fp32 backward kernels at 32×256 whole rows spilled 10-21 KB).
+    At most 16 KB of shared memory. The interpreter prefers big tiles (its cost is per
+    operation, not per element). Every block is >= 16 (the smallest dot a GPU accepts).
     """
     if interpret:
         block = min(128, max(16, triton.next_power_of_2(group_rows)))
@@ -68,14 +71,14 @@ def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: boo
     half = dtype != torch.float32
     large = half and group_rows >= LARGE_GROUP
     block = min(64 if large else 32, max(16, triton.next_power_of_2(group_rows)))
-    block_c = 32 if half and backward and not large else 16
+    block_c = 32 if not half or (not large and kernel in WIDE_CHUNK_KERNELS) else 16
     return Tiles(block, block, block_c, 8, 1)
 
 
-def launch_configs(dtype: torch.dtype, group_rows: int, channels: int, backward: bool) -> list[Tiles]:
+def launch_configs(dtype: torch.dtype, group_rows: int, channels: int, kernel: str) -> list[Tiles]:
     """Every configuration a GPU launch for this shape can use (there is no fallback: the
     tiles need at most 16 KB of shared memory, which every CUDA GPU has)."""
-    return [tiles_for(dtype, group_rows, channels, interpret=False, backward=backward)]
+    return [tiles_for(dtype, group_rows, channels, interpret=False, kernel=kernel)]
 
 
 def _kernels(t: torch.Tensor):
@@ -147,7 +150,7 @@ def _normaliser_backward(x: torch.Tensor, ids: Optional[torch.Tensor], dxhat: to
     rows, n_img, width, channels, x_strides = _geometry(x, ids)
     dx = _grad_buffer(x)
     interpret = x.device.type != "cuda" or interpret_everywhere()
-    tiles = tiles_for(x.dtype, rows, channels, interpret)._replace(block_n=16)
+    tiles = tiles_for(x.dtype, rows, channels, interpret, "normaliser_backward_kernel")._replace(block_n=16)
     _launch(x, "normaliser_backward_kernel", lambda t: check_grid((triton.cdiv(rows, t.block_m),)), (
         x, ids, dxhat, dx, rows, n_img, width, channels, *x_strides, *_geometry(dx, ids)[4]),
         tiles, dict(GATHER=True))
@@ -165,11 +168,11 @@ class _Setup(NamedTuple):
     ids_arg: torch.Tensor
 
 
-def _loss_setup(q: torch.Tensor, ids: Optional[torch.Tensor], groups: int, backward: bool) -> _Setup:
+def _loss_setup(q: torch.Tensor, ids: Optional[torch.Tensor], groups: int, kernel: str) -> _Setup:
     rows, n_img, width, channels, q_strides = _geometry(q, ids)
     group_rows = rows // groups
     interpret = q.device.type != "cuda" or interpret_everywhere()
-    tiles = tiles_for(q.dtype, group_rows, channels, interpret, backward)
+    tiles = tiles_for(q.dtype, group_rows, channels, interpret, kernel)
     meta = dict(GATHER=ids is not None, NORMALIZE=ids is not None, IEEE=q.dtype == torch.float32)
     ids_arg = ids if ids is not None else q  # never read when GATHER is off
     return _Setup(rows, group_rows, channels, (group_rows, n_img, width, channels), q_strides, tiles, meta, ids_arg)
@@ -182,7 +185,7 @@ def _grid_of(s: _Setup, groups: int, backward: bool):
 def nce_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor], tau: float,
                 groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PatchNCE forward -> ``(loss [R], lse [R])``, both fp32 (lse is saved for backward)."""
-    s = _loss_setup(q, ids, groups, False)
+    s = _loss_setup(q, ids, groups, "nce_forward_kernel")
     loss = torch.empty(s.rows, dtype=torch.float32, device=q.device)
     lse = torch.empty(s.rows, dtype=torch.float32, device=q.device)
     _launch(q, "nce_forward_kernel", _grid_of(s, groups, False), (
@@ -194,7 +197,7 @@ def nce_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor], t
 def nce_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor],
                  lse: torch.Tensor, tau: float, groups: int) -> torch.Tensor:
     """PatchNCE backward: ``grad [R]`` of the per-row loss -> ``dq`` (shape and dtype of ``q``)."""
-    s = _loss_setup(q, ids, groups, True)
+    s = _loss_setup(q, ids, groups, "nce_backward_kernel")
     dq_hat = _normalised_grad_buffer(q, ids)
     _launch(q, "nce_backward_kernel", _grid_of(s, groups, True), (
         q, k, s.ids_arg, lse, grad, dq_hat, *s.shape_args, 1.0 / tau, grad.stride(0),
@@ -214,7 +217,7 @@ def metric_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor]
     """PatchMetric forward -> per-row contributions ``v [R]`` fp32; ``v.sum()`` is the loss
     (the mean over all rows of all groups: L stacked layers given as L·G groups -> the
     mean of the L layer losses)."""
-    s = _loss_setup(q, ids, groups, False)
+    s = _loss_setup(q, ids, groups, "metric_forward_kernel")
     out = torch.empty(s.rows, dtype=torch.float32, device=q.device)
     _launch(q, "metric_forward_kernel", _grid_of(s, groups, False), (
         q, k, s.ids_arg, out, *s.shape_args, 1.0 / tau, *metric_scales(s.rows, groups, s.channels),
@@ -225,7 +228,7 @@ def metric_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor]
 def metric_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor],
                     tau: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PatchMetric backward: ``grad [R]`` of the per-row contributions -> ``(dq, dk)``."""
-    s = _loss_setup(q, ids, groups, True)
+    s = _loss_setup(q, ids, groups, "metric_backward_kernel")
     dq_hat, dk_hat = _normalised_grad_buffer(q, ids), _normalised_grad_buffer(k, ids)
     _launch(q, "metric_backward_kernel", _grid_of(s, groups, True), (
         q, k, s.ids_arg, grad, dq_hat, dk_hat, *s.shape_args, 1.0 / tau,
@@ -242,9 +245,9 @@ def similarity_grid(batch: int, n_img: int, channels: int, tiles: Tiles, backwar
     return check_grid((batch * tiles_m * triton.cdiv(n_img, tiles.block_n), 1))
 
 
-def _similarity_tiles(q: torch.Tensor, ids: torch.Tensor, backward: bool) -> Tiles:
+def _similarity_tiles(q: torch.Tensor, ids: torch.Tensor, kernel: str) -> Tiles:
     interpret = q.device.type != "cuda" or interpret_everywhere()
-    return tiles_for(q.dtype, ids.numel(), q.shape[1], interpret, backward)
+    return tiles_for(q.dtype, ids.numel(), q.shape[1], interpret, kernel)
 
 
 def similarity_forward(q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -254,7 +257,7 @@ def similarity_forward(q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor) -> t
     out = torch.empty(batch, n_img, n_img, dtype=torch.float32, device=q.device)
     _launch(q, "similarity_forward_kernel", lambda t: similarity_grid(batch, n_img, channels, t, False), (
         q, k, ids, out, n_img, width, channels, *q.stride(), *k.stride()),
-        _similarity_tiles(q, ids, False), dict(IEEE=q.dtype == torch.float32))
+        _similarity_tiles(q, ids, "similarity_forward_kernel"), dict(IEEE=q.dtype == torch.float32))
     return out
 
 
@@ -266,5 +269,5 @@ def similarity_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dq_hat, dk_hat = _normalised_grad_buffer(q, ids), _normalised_grad_buffer(k, ids)
     _launch(q, "similarity_backward_kernel", lambda t: similarity_grid(batch, n_img, channels, t, True), (
         q, k, ids, grad, dq_hat, dk_hat, n_img, width, channels, *grad.stride(), *q.stride(), *k.stride()),
-        _similarity_tiles(q, ids, True), dict(IEEE=q.dtype == torch.float32))
+        _similarity_tiles(q, ids, "similarity_backward_kernel"), dict(IEEE=q.dtype == torch.float32))
     return _normaliser_backward(q, ids, dq_hat), _normaliser_backward(k, ids, dk_hat)
