@@ -48,10 +48,13 @@ WHEELS ?= .whl
 MANYLINUX := $(foreach n,17 24 26 27 28 31 34 35 36 37 38 39,--platform manylinux_2_$(n)_x86_64) \
 	--platform manylinux2014_x86_64
 
-# The commit is rewritten every time: the device machine gets the tree without .git.
+# The commit is rewritten every time: the device machine gets the tree without .git. A
+# pdml._C that part1 returned ($(WHEELS)/_C.abi3.so, reused by part2) goes with a new commit.
 gpu-wheels: $(WHEELS)/.downloaded-cp$(GPU_IMAGE_PY)
-	{ git rev-parse --short HEAD 2>/dev/null || echo unknown; } | tr -d '\n' > $(WHEELS)/COMMIT
-	git diff --quiet HEAD -- 2>/dev/null || printf -- -dirty >> $(WHEELS)/COMMIT
+	commit=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown); \
+	git diff --quiet HEAD -- 2>/dev/null || commit=$$commit-dirty; \
+	[ "$$commit" = "$$(cat $(WHEELS)/COMMIT 2>/dev/null)" ] || rm -f $(WHEELS)/_C.abi3.so; \
+	printf %s "$$commit" > $(WHEELS)/COMMIT
 	@echo "$(WHEELS): $$(ls $(WHEELS)/*.whl | wc -l) wheels, $$(du -sh $(WHEELS) | cut -f1), commit $$(cat $(WHEELS)/COMMIT)"
 
 $(WHEELS)/.downloaded-cp$(GPU_IMAGE_PY): $(CONSTRAINTS)
