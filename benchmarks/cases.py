@@ -8,6 +8,8 @@ every layer and sums the (mean) losses, as a training step does.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 import pdml
@@ -47,7 +49,16 @@ def backends_for(device: str) -> list[str]:
 
 
 def dtypes_for(device: str) -> list[str]:
-    return ["fp32", "bf16"] if device == "cuda" else ["fp32"]
+    """fp32 (and bf16 on a GPU); ``PDML_BENCH_DTYPES=fp32,bf16,fp16`` chooses others
+    (benchmarks/run_gpu.sh runs all three)."""
+    chosen = os.environ.get("PDML_BENCH_DTYPES")
+    if not chosen:
+        return ["fp32", "bf16"] if device == "cuda" else ["fp32"]
+    names = [d.strip() for d in chosen.split(",") if d.strip()]
+    unknown = [d for d in names if d not in DTYPES]
+    if unknown:
+        raise ValueError(f"PDML_BENCH_DTYPES: unknown dtype(s) {unknown}; known: {sorted(DTYPES)}")
+    return names
 
 
 def all_cases(device: str) -> list[dict]:

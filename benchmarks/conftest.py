@@ -15,6 +15,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import harness, summary  # noqa: E402
 
 
+# pytest-benchmark's table: set here rather than in pyproject's addopts, so that
+# `pytest tests/` runs without the plugin. A value given on the command line wins.
+TABLE_OPTIONS = {"benchmark_columns": ["median", "iqr", "rounds"], "benchmark_sort": "name"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # tryfirst: before the plugin's own pytest_configure reads these into its session.
+    given = " ".join(config.invocation_params.args)
+    for dest, value in TABLE_OPTIONS.items():
+        if hasattr(config.option, dest) and "--" + dest.replace("_", "-") not in given:
+            setattr(config.option, dest, value)
+
+
 def pytest_addoption(parser):
     parser.addoption("--device", default=None, help="cpu or cuda (default: cuda when available)")
 

@@ -49,8 +49,9 @@ def environment(device: str) -> dict:
         out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
         return out.stdout.strip() if out.returncode == 0 else ""
 
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
+    # PDML_COMMIT: set by benchmarks/run_gpu.sh where the tree is a copy without .git
+    commit = os.environ.get("PDML_COMMIT") or git("rev-parse", "--short", "HEAD") or "unknown"
+    if "PDML_COMMIT" not in os.environ and git("status", "--porcelain", "--untracked-files=no"):
         commit += "-dirty"
     return {
         "device": device_name(device),

@@ -267,33 +267,150 @@ def test_layers_entry_is_one_launch_and_matches_per_layer(op, form, interpreter,
             torch.testing.assert_close(ks[layer].grad, single_grads[layer][1] * scale, rtol=1e-6, atol=1e-8)
 
 
-def test_tiles_shrink_when_the_gpu_refuses_a_configuration(interpreter, monkeypatch):
-    """A GPU without enough shared memory for a tile size raises OutOfResources at launch;
-    the launcher halves the tiles (then turns pipelining off), remembers what fits, and
-    the result is unchanged. Simulated here: any launch with tiles above 16 rows fails."""
-    from triton.runtime.errors import OutOfResources
+# --------------------------------------------------------------------------- launch helpers
+
+def test_launch_runs_under_the_tensors_device_guard(interpreter, monkeypatch):
+    """Every launch enters ``_device_guard`` of its tensors; for a tensor on cuda:1 that is
+    ``torch.cuda.device(cuda:1)`` (mocked: no GPU needed), for CPU tensors nothing."""
     from pdml.kernels import launch
 
-    fq, fk, ids = _make_inputs("map", 2, 40, 16, torch.float32, seed=41)
-    expected = ops.patch_metric(fq, fk, ids, backend="triton")
-    kernel = kernel_module(True).metric_forward_kernel
-    original = kernel.run
-    tried = []
+    entered = []
 
-    def small_gpu_run(*args, **kwargs):
-        tried.append(kwargs["BLOCK_M"])
-        if kwargs["BLOCK_M"] > 16:
-            raise OutOfResources(300000, 232448, "shared memory")
-        return original(*args, **kwargs)
+    class FakeCudaDevice:
+        def __init__(self, device):
+            self.device = torch.device(device)
 
-    monkeypatch.setattr(kernel, "run", small_gpu_run)
-    monkeypatch.setattr(launch, "_FITTING", {})
-    got = ops.patch_metric(fq, fk, ids, backend="triton")
-    assert tried == [64, 32, 16]
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
-    tried.clear()
-    ops.patch_metric(fq, fk, ids, backend="triton")
-    assert tried == [16]  # remembered
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
+
+    class OnSecondGpu:
+        device = torch.device("cuda", 1)
+
+    with launch._device_guard(OnSecondGpu()):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with launch._device_guard(torch.zeros(1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]  # CPU: no CUDA guard
+
+    guarded = []
+    real_guard = launch._device_guard
+
+    def spy(t):
+        guarded.append(t.device)
+        return real_guard(t)
+
+    monkeypatch.setattr(launch, "_device_guard", spy)
+    fq, fk, ids = _make_inputs("map", 1, 16, 16, torch.float32, seed=3, strided=False)
+    q, k = _leaf(fq), _leaf(fk)
+    (ops.patch_metric(q, k, ids, backend="triton") + ops.patch_nce(q, k, ids, backend="triton").sum()
+     + ops.patch_similarity(q, k, ids, backend="triton").sum()).backward()
+    # 3 forward launches; backward: nce 1 + metric 1 + similarity 1, and 5 normaliser launches (dq; dq, dk; dq, dk)
+    assert len(guarded) == 11 and all(d == fq.device for d in guarded)
+
+
+def test_grid_folds_groups_and_checks_cuda_limits():
+    """Groups are folded into grid axis 0 (limit 2^31 - 1), so 10^6 groups (far more than
+    axis 1's 65535) launch; beyond axis 0's limit a ValueError comes before any launch."""
+    from pdml.kernels import launch
+
+    tiles = launch.Tiles(32, 32, 32, 8, 1)
+    assert launch.loss_grid(10 ** 6, 128, 1000, tiles, backward=True) == (4 * 10 ** 6, 32)
+    assert launch.loss_grid(10 ** 6, 128, 1000, tiles, backward=False) == (4 * 10 ** 6, 1)
+    assert launch.similarity_grid(10 ** 5, 97, 256, tiles, backward=False) == (10 ** 5 * 16, 1)
+    assert launch.similarity_grid(10 ** 5, 97, 256, tiles, backward=True) == (10 ** 5 * 4, 8)
+    with pytest.raises(ValueError, match="grid"):
+        launch.loss_grid(2 ** 30, 128, 256, tiles, backward=True)
+    with pytest.raises(ValueError, match="grid"):
+        launch.check_grid((1, 70000))
+
+
+@pytest.mark.parametrize("form", ["map", "rows"])
+def test_metric_launch_groups_average_stacked_layers(form, interpreter):
+    """``metric_forward(..., groups)``: ``v.sum()`` is the mean over all rows of all groups,
+    so two layers stacked as 2·G groups give the mean of the two layers' losses."""
+    from pdml.kernels import launch
+
+    layers = [_make_inputs(form, 3, 19, 24, torch.float32, seed=60 + s) for s in range(2)]
+    q = torch.cat([layer[0] for layer in layers])
+    k = torch.cat([layer[1] for layer in layers])
+    ids = layers[0][2] if form == "map" else None
+    if form == "map":
+        truths = [reference.patch_metric(layer[0].double(), layer[1].double(), ids, 0.15, "image")
+                  for layer in layers]
+    else:
+        truths = [reference.patch_metric_rows(layer[0].double(), layer[1].double(), 0.15, 3, "image")
+                  for layer in layers]
+    v = launch.metric_forward(q, k, ids, 0.15, groups=6)
+    assert v.shape == (2 * 3 * 19,) and v.dtype == torch.float32
+    torch.testing.assert_close(v.sum().double(), (truths[0] + truths[1]) / 2, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("op", ["nce", "metric", "similarity"])
+def test_channels_in_several_chunks_match_float64_reference(op, interpreter):
+    """C = 300 runs in 128-channel chunks (the interpreter's chunk; 3 chunks, the last one
+    partial): norms from the pre-pass, similarities summed over chunks, gradients written
+    chunk by chunk; q and k in different memory layouts."""
+    from pdml.kernels import launch
+
+    assert launch.tiles_for(torch.float32, 37, 300, True, f"{op}_forward_kernel").block_c == 128
+    fq, fk, ids = _make_inputs("map", 2, 37, 300, torch.float32, seed=300, strided=True)
+    inputs = (fq, fk.contiguous(), ids)  # q channels-last, k contiguous: each its own strides
+    if op == "similarity":
+        fq, fk, ids = inputs
+        upstream = torch.randn(2, 37, 37, generator=torch.Generator().manual_seed(5))
+        impl = _run(lambda q, k: ops.patch_similarity(q, k, ids, backend="triton"), (fq, fk), upstream)
+        truth = _run(lambda q, k: reference.patch_similarity(q, k, ids), (fq.double(), fk.double()), upstream)
+        same = _run(lambda q, k: reference.patch_similarity(q, k, ids), (fq, fk), upstream)
+        for got, s, t, name in zip([impl[0], *impl[1]], [same[0], *same[1]], [truth[0], *truth[1]], "sqk"):
+            _assert_rule(f"similarity {name}", got, s, t, torch.float32)
+    else:
+        _check_against_reference(op, "map", inputs, torch.float32, "image", 0.07 if op == "nce" else 0.15, 2)
+
+
+GRAD_SCALE = 2.0 ** 16
+"""GradScaler's initial scale."""
+
+
+@pytest.mark.parametrize("negatives", ["image", "batch"])
+@pytest.mark.parametrize("op", ["nce", "metric"])
+def test_fp16_gradients_stay_finite_under_grad_scaler_scale(op, negatives, interpreter):
+    """fp16 training with GradScaler multiplies the loss by 2^16: the backward kernels must
+    give finite gradients equal to 2^16 × the unscaled ones (fp16 tolerance), i.e. no
+    operand of an fp16 dot and no intermediate may carry the scale before the final store.
+    The features share a strong common component, as neighbouring patches of a CNN feature
+    map do: pairs of similarity > 0.9 give the metric's pair weights e^{(S-1)/τ} > 0.5,
+    which times (g_i + g_j) = 2^17 exceeds fp16's range."""
+    gen = torch.Generator().manual_seed(16)
+    common = torch.randn(2, 48, 1, 1, generator=gen)
+    fq = (common + 0.25 * torch.randn(2, 48, 8, 8, generator=gen)).half()
+    fk = (common + 0.25 * torch.randn(2, 48, 8, 8, generator=gen)).half()
+    ids = torch.randperm(64, generator=gen)[:37]
+
+    def grads(scale, dtype=torch.float16, backend="triton"):
+        q, k = _leaf(fq, dtype), _leaf(fk, dtype)
+        if op == "nce":  # training takes the mean over rows
+            loss = ops.patch_nce(q, k, ids, 0.07, negatives, backend=backend).mean()
+        else:
+            loss = ops.patch_metric(q, k, ids, 0.15, negatives, backend=backend)
+        (loss * scale).backward()
+        return [g for g in (q.grad, k.grad) if g is not None and (op == "metric" or g is q.grad)]
+
+    scaled = grads(GRAD_SCALE)
+    unscaled = grads(1.0)
+    truth = grads(GRAD_SCALE, torch.float64, "reference")
+    for name, got, plain, true in zip("qk", scaled, unscaled, truth):
+        assert torch.isfinite(got).all(), f"d{name}: inf/NaN at scale 2^16"
+        biggest = true.abs().max().item()
+        assert biggest > 1.0, "the scaled gradient must be well inside fp16's normal range"
+        torch.testing.assert_close(got.double() / GRAD_SCALE, plain.double(), rtol=2e-3,
+                                   atol=2e-3 * biggest / GRAD_SCALE)
+        torch.testing.assert_close(got.double(), true, rtol=2e-2, atol=2e-3 * biggest)
 
 
 # --------------------------------------------------------------------------- custom-op registration

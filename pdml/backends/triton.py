@@ -46,12 +46,6 @@ def _rows_of(q: Tensor, ids: Optional[Tensor]) -> int:
     return q.shape[0] * ids.shape[0] if ids is not None else q.shape[0]
 
 
-def _launch_group_arg(q: Tensor, ids: Optional[Tensor], groups: int) -> int:
-    # MERGE: pdml/kernels/launch.py in this tree still takes the number of rows per group;
-    # once it takes `groups` (the number of groups), pass `groups` through and delete this.
-    return _rows_of(q, ids) // groups
-
-
 def _check_args(q: Tensor, k: Tensor, ids: Optional[Tensor], groups: int, check_ids: bool) -> None:
     """What the kernels rely on, for callers that reach the ops without :mod:`pdml.ops`."""
     if _launch is None:
@@ -92,7 +86,7 @@ def nce(q: Tensor, k: Tensor, ids: Optional[Tensor], tau: float, groups: int,
         check_ids: bool = True) -> tuple[Tensor, Tensor]:
     """Per-row PatchNCE ``[R]`` and its logsumexp ``[R]`` (fp32); see the module docstring."""
     _check_args(q, k, ids, groups, check_ids)
-    return _launch.nce_forward(q, k, _contiguous(ids), tau, _launch_group_arg(q, ids, groups))
+    return _launch.nce_forward(q, k, _contiguous(ids), tau, groups)
 
 
 @nce.register_fake
@@ -105,7 +99,7 @@ def nce_backward(grad: Tensor, q: Tensor, k: Tensor, ids: Optional[Tensor], lse:
                  tau: float, groups: int) -> Tensor:
     """``dL/dq`` (shape and dtype of ``q``, zero off the gathered rows) from ``grad [R]``."""
     _check_args(q, k, ids, groups, False)
-    return _launch.nce_backward(grad, q, k, _contiguous(ids), lse, tau, _launch_group_arg(q, ids, groups))
+    return _launch.nce_backward(grad, q, k, _contiguous(ids), lse, tau, groups)
 
 
 @nce_backward.register_fake
@@ -136,7 +130,7 @@ def metric(q: Tensor, k: Tensor, ids: Optional[Tensor], tau: float, groups: int,
            check_ids: bool = True) -> Tensor:
     """Per-row contributions ``v [R]`` (fp32) to the metric loss: ``v.sum()`` is the loss."""
     _check_args(q, k, ids, groups, check_ids)
-    return _launch.metric_forward(q, k, _contiguous(ids), tau, _launch_group_arg(q, ids, groups))
+    return _launch.metric_forward(q, k, _contiguous(ids), tau, groups)
 
 
 @metric.register_fake
@@ -149,7 +143,7 @@ def metric_backward(grad: Tensor, q: Tensor, k: Tensor, ids: Optional[Tensor], t
                     groups: int) -> tuple[Tensor, Tensor]:
     """``(dL/dq, dL/dk)`` (shapes and dtypes of ``q``/``k``) from ``grad [R]`` of ``v``."""
     _check_args(q, k, ids, groups, False)
-    return _launch.metric_backward(grad, q, k, _contiguous(ids), tau, _launch_group_arg(q, ids, groups))
+    return _launch.metric_backward(grad, q, k, _contiguous(ids), tau, groups)
 
 
 @metric_backward.register_fake

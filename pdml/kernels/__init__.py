@@ -1,5 +1,6 @@
-"""Triton kernels of pdml (DESIGN.md §1, §4): :mod:`.patch_loss` holds the ``@triton.jit``
-kernels, :mod:`.launch` the helpers that size the grids and launch them on tensors.
+"""Triton kernels of pdml: :mod:`.patch_loss` holds the ``@triton.jit``
+kernels, :mod:`.launch` the helpers that size the grids and launch them on tensors,
+:mod:`.aot` the compile check for a GPU architecture without a GPU.
 
 Triton decides at decoration time whether a kernel is compiled for the GPU or run by
 its CPU interpreter (``TRITON_INTERPRET``). pdml keeps one copy of the kernel module

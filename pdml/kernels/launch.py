@@ -4,81 +4,118 @@ Features come in one of two forms:
 - map form: ``x [B, C, H, W]`` (any strides) with ``ids`` int64 ``[N]``; rows are
   ``x[b, :, ids[i]]``, image-major (row ``b*N + i``), and are L2-normalised in the kernels;
 - rows form: ``x [R, C]`` with ``ids=None``; rows are used as given (already normalised).
-``n_group`` rows form one group of negatives (``N`` per image, ``B·N`` for the whole
-minibatch, ``R / batch_size`` in the rows form). The helpers trust their arguments
-(validated by :mod:`pdml.ops` / :mod:`pdml._ops_triton`); the kernels mask every load
-and store to the rows and channels that exist.
+``groups`` is the number of groups of negatives: the ``R`` rows form ``groups`` consecutive
+blocks of ``R // groups`` rows (``groups = B`` for negatives="image" in the map form, ``1``
+for "batch"). The helpers trust their arguments (validated by the backend); the kernels
+mask every load and store to the rows and channels that exist.
 
-CUDA tensors run compiled kernels; CPU tensors run the Triton interpreter.
+CUDA tensors run compiled kernels, under a device guard of the tensors' device; CPU
+tensors run the Triton interpreter.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import NamedTuple, Optional
 
 import torch
 import triton
-from triton.runtime.errors import OutOfResources
 
 from pdml.kernels import interpret_everywhere, kernel_module
 
 MAX_CHANNELS = 1024
-"""Largest feature dimension C: a program holds whole rows (``BLOCK_C = next_pow2(C)``)."""
+"""Largest feature dimension C the launch configurations are checked for
+(``python -m pdml.kernels.aot``); wider rows would still be chunked correctly."""
+
+MAX_GRID_X = 2 ** 31 - 1
+"""CUDA's limit on grid axis 0 (axes 1 and 2: 65535; axis 1 here is at most C / 16)."""
+
+LARGE_GROUP = 1024
+"""Groups of at least this many rows get 64-row fp16/bf16 tiles (Hopper's wgmma needs
+64-row operands; below, 32-row tiles give more programs per group)."""
+
+
+class Tiles(NamedTuple):
+    """One launch configuration: row tiles ``block_m × block_n``, channel chunk ``block_c``."""
+    block_m: int
+    block_n: int
+    block_c: int
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_C=self.block_c,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+WIDE_CHUNK_KERNELS = ("nce_backward_kernel", "metric_backward_kernel")
+"""Kernels whose fp16/bf16 32-row tiles take 32-channel chunks (the others take 16)."""
+
+
+def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: bool, kernel: str) -> Tiles:
+    """The tiles of kernel ``kernel`` (a name in :mod:`pdml.kernels.patch_loss`) for groups
+    of ``group_rows`` rows of ``channels`` channels.
+
+    GPU: 8 warps without pipelining and 32×32 tiles; chunks of 32 channels for fp32, of 16
+    for fp16/bf16 except the nce/metric backward (32); fp16/bf16 groups of at least
+    :data:`LARGE_GROUP` rows get 64×64 tiles (wgmma) of 16-channel chunks. Measured with
+    ``python -m pdml.kernels.aot`` (sm_90 and sm_80, triton 3.6 and 3.8): no register
+    spills in any kernel, where 4 warps or 2 stages spill in the backward kernels, and
+    the other chunk width in some kernel with one of the two triton versions (a few
+    bytes each; the old fp32 backward kernels at 32×256 whole rows spilled 10-21 KB).
+    At most 16 KB of shared memory. The interpreter prefers big tiles (its cost is per
+    operation, not per element). Every block is >= 16 (the smallest dot a GPU accepts).
+    """
+    if interpret:
+        block = min(128, max(16, triton.next_power_of_2(group_rows)))
+        return Tiles(block, block, min(128, max(16, triton.next_power_of_2(channels))), 4, 1)
+    half = dtype != torch.float32
+    large = half and group_rows >= LARGE_GROUP
+    block = min(64 if large else 32, max(16, triton.next_power_of_2(group_rows)))
+    block_c = 32 if not half or (not large and kernel in WIDE_CHUNK_KERNELS) else 16
+    return Tiles(block, block, block_c, 8, 1)
+
+
+def launch_configs(dtype: torch.dtype, group_rows: int, channels: int, kernel: str) -> list[Tiles]:
+    """Every configuration a GPU launch for this shape can use (there is no fallback: the
+    tiles need at most 16 KB of shared memory, which every CUDA GPU has)."""
+    return [tiles_for(dtype, group_rows, channels, interpret=False, kernel=kernel)]
 
 
 def _kernels(t: torch.Tensor):
     return kernel_module(t.device.type != "cuda" or interpret_everywhere())
 
 
-_FITTING: dict[tuple, tuple[int, Optional[int]]] = {}
-"""(kernel, device, dtype, BLOCK_C, GATHER) -> (largest BLOCK_M, num_stages) that fit the GPU."""
+def _device_guard(t: torch.Tensor):
+    """``torch.cuda.device(t.device)`` for CUDA tensors (a launch goes to the current
+    device, not the tensors'), nothing for CPU tensors."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
-def _launch(t: torch.Tensor, name: str, grid, args: tuple, meta: dict) -> None:
-    """Launch kernel ``name`` of ``t``'s mode on ``grid(meta)``.
+def check_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
+    """``grid`` if CUDA can launch it, else ValueError (before anything runs)."""
+    if grid[0] > MAX_GRID_X or any(axis > 65535 for axis in grid[1:]):
+        raise ValueError(f"the launch grid {grid} exceeds CUDA's limits ({MAX_GRID_X}, 65535, 65535): "
+                         f"too many rows for one call; split the batch")
+    return grid
 
-    The block sizes are a guess for the GPU's shared memory (fp32 "ieee" dots over wide
-    rows stage much more than fp16: e.g. 205 KB for the metric backward at C=256 with
-    32-row tiles and triton's 3 pipeline stages, more than an A100 has). When the GPU
-    refuses a configuration (OutOfResources, raised before anything runs), the tiles are
-    halved down to 16 rows, then pipelining is turned off; what fits is remembered.
-    """
+
+def loss_grid(groups: int, group_rows: int, channels: int, tiles: Tiles, backward: bool) -> tuple[int, int]:
+    """``(groups · row tiles, channel chunks)`` of a loss kernel: groups are folded into axis 0
+    so their number is bounded by 2^31 - 1, not by axis 1's 65535; only the backward
+    kernels split the channels over axis 1."""
+    chunks = triton.cdiv(channels, tiles.block_c) if backward else 1
+    return check_grid((groups * triton.cdiv(group_rows, tiles.block_m), chunks))
+
+
+def _launch(t: torch.Tensor, name: str, grid_of, args: tuple, tiles: Tiles, meta: dict) -> None:
+    """Launch kernel ``name`` of ``t``'s mode with ``tiles`` on ``grid_of(tiles)``, under
+    ``t``'s device guard."""
     kernel = getattr(_kernels(t), name)
-    key = (name, str(t.device), t.dtype, meta["BLOCK_C"], meta.get("GATHER"))
-    meta = dict(meta)
-    if key in _FITTING:
-        block, stages = _FITTING[key]
-        meta["BLOCK_M"] = meta["BLOCK_N"] = min(meta["BLOCK_M"], block)
-        if stages is not None:
-            meta["num_stages"] = stages
-    while True:
-        try:
-            kernel[grid](*args, **meta)
-            return
-        except OutOfResources:
-            if meta["BLOCK_M"] > 16:
-                meta["BLOCK_M"] = meta["BLOCK_N"] = meta["BLOCK_M"] // 2
-            elif meta.get("num_stages") != 1:
-                meta["num_stages"] = 1
-            else:
-                raise
-            _FITTING[key] = (meta["BLOCK_M"], meta.get("num_stages"))
-
-
-def block_sizes(n_group: int, channels: int, interpret: bool) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_C, num_warps)`` for groups of ``n_group`` rows of ``channels``.
-
-    Every block is >= 16 (the smallest dot a GPU accepts). On the GPU, wide rows get
-    32-row tiles so the row tiles and accumulators stay in registers; the interpreter
-    prefers big tiles (its cost is per operation, not per element).
-    """
-    block_c = max(16, triton.next_power_of_2(channels))
-    block = min(128 if interpret else 64, max(16, triton.next_power_of_2(n_group)))
-    if not interpret and block_c >= 256:
-        block = min(block, 32)
-    if not interpret and block_c >= 1024:
-        block = 16
-    num_warps = 8 if block_c >= 256 else 4
-    return block, block, block_c, num_warps
+    grid = grid_of(tiles)
+    with _device_guard(t):
+        kernel[grid](*args, **meta, **tiles.meta())
 
 
 def _geometry(x: torch.Tensor, ids: Optional[torch.Tensor]):
@@ -96,104 +133,141 @@ def _grad_buffer(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _launch_setup(q: torch.Tensor, ids: Optional[torch.Tensor], n_group: int):
+def _normalised_grad_buffer(x: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """Where a backward kernel writes ``dL/dx̂`` (contiguous ``[R, C]``): fp32 scratch for the
+    map form (then :func:`_normaliser_backward`), the gradient itself for the rows form
+    (used as given: ``x̂ = x``)."""
+    if ids is None:
+        return _grad_buffer(x)
+    return torch.empty(x.shape[0] * ids.numel(), x.shape[1], dtype=torch.float32, device=x.device)
+
+
+def _normaliser_backward(x: torch.Tensor, ids: Optional[torch.Tensor], dxhat: torch.Tensor) -> torch.Tensor:
+    """``dL/dx`` of the map's rows from ``dL/dx̂ [R, C]`` (fp32) through ``x̂ = x / (‖x‖ + eps)``;
+    the rows form is returned as it is."""
+    if ids is None:
+        return dxhat
+    rows, n_img, width, channels, x_strides = _geometry(x, ids)
+    dx = _grad_buffer(x)
+    interpret = x.device.type != "cuda" or interpret_everywhere()
+    tiles = tiles_for(x.dtype, rows, channels, interpret, "normaliser_backward_kernel")._replace(block_n=16)
+    _launch(x, "normaliser_backward_kernel", lambda t: check_grid((triton.cdiv(rows, t.block_m),)), (
+        x, ids, dxhat, dx, rows, n_img, width, channels, *x_strides, *_geometry(dx, ids)[4]),
+        tiles, dict(GATHER=True))
+    return dx
+
+
+class _Setup(NamedTuple):
+    rows: int
+    group_rows: int
+    channels: int
+    shape_args: tuple  # (group_rows, n_img, width, C)
+    q_strides: tuple
+    tiles: Tiles
+    meta: dict
+    ids_arg: torch.Tensor
+
+
+def _loss_setup(q: torch.Tensor, ids: Optional[torch.Tensor], groups: int, kernel: str) -> _Setup:
     rows, n_img, width, channels, q_strides = _geometry(q, ids)
+    group_rows = rows // groups
     interpret = q.device.type != "cuda" or interpret_everywhere()
-    block_m, block_n, block_c, num_warps = block_sizes(n_group, channels, interpret)
-    groups = rows // n_group
-    grid = lambda m: (triton.cdiv(n_group, m["BLOCK_M"]), groups)  # noqa: E731
-    meta = dict(GATHER=ids is not None, NORMALIZE=ids is not None, IEEE=q.dtype == torch.float32,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps)
+    tiles = tiles_for(q.dtype, group_rows, channels, interpret, kernel)
+    meta = dict(GATHER=ids is not None, NORMALIZE=ids is not None, IEEE=q.dtype == torch.float32)
     ids_arg = ids if ids is not None else q  # never read when GATHER is off
-    return rows, n_img, width, channels, q_strides, grid, meta, ids_arg
+    return _Setup(rows, group_rows, channels, (group_rows, n_img, width, channels), q_strides, tiles, meta, ids_arg)
+
+
+def _grid_of(s: _Setup, groups: int, backward: bool):
+    return lambda tiles: loss_grid(groups, s.group_rows, s.channels, tiles, backward)
 
 
 def nce_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor], tau: float,
-                n_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+                groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PatchNCE forward -> ``(loss [R], lse [R])``, both fp32 (lse is saved for backward)."""
-    rows, n_img, width, channels, q_s, grid, meta, ids_arg = _launch_setup(q, ids, n_group)
-    k_s = _geometry(k, ids)[4]
-    loss = torch.empty(rows, dtype=torch.float32, device=q.device)
-    lse = torch.empty(rows, dtype=torch.float32, device=q.device)
-    _launch(q, "nce_forward_kernel", grid, (
-        q, k, ids_arg, loss, lse, n_group, n_img, width, channels, 1.0 / tau, *q_s, *k_s), meta)
+    s = _loss_setup(q, ids, groups, "nce_forward_kernel")
+    loss = torch.empty(s.rows, dtype=torch.float32, device=q.device)
+    lse = torch.empty(s.rows, dtype=torch.float32, device=q.device)
+    _launch(q, "nce_forward_kernel", _grid_of(s, groups, False), (
+        q, k, s.ids_arg, loss, lse, *s.shape_args, 1.0 / tau, *s.q_strides, *_geometry(k, ids)[4]),
+        s.tiles, s.meta)
     return loss, lse
 
 
 def nce_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor],
-                 lse: torch.Tensor, tau: float, n_group: int) -> torch.Tensor:
+                 lse: torch.Tensor, tau: float, groups: int) -> torch.Tensor:
     """PatchNCE backward: ``grad [R]`` of the per-row loss -> ``dq`` (shape and dtype of ``q``)."""
-    rows, n_img, width, channels, q_s, grid, meta, ids_arg = _launch_setup(q, ids, n_group)
-    k_s = _geometry(k, ids)[4]
-    dq = _grad_buffer(q)
-    _launch(q, "nce_backward_kernel", grid, (
-        q, k, ids_arg, lse, grad, dq, n_group, n_img, width, channels, 1.0 / tau, grad.stride(0),
-        *q_s, *k_s, *_geometry(dq, ids)[4]), meta)
-    return dq
+    s = _loss_setup(q, ids, groups, "nce_backward_kernel")
+    dq_hat = _normalised_grad_buffer(q, ids)
+    _launch(q, "nce_backward_kernel", _grid_of(s, groups, True), (
+        q, k, s.ids_arg, lse, grad, dq_hat, *s.shape_args, 1.0 / tau, grad.stride(0),
+        *s.q_strides, *_geometry(k, ids)[4]), s.tiles, s.meta)
+    return _normaliser_backward(q, ids, dq_hat)
 
 
-def _metric_scales(rows: int, n_group: int, channels: int, layers: int) -> tuple[float, float]:
-    """``(1/(R·C), 1/(G·n²·C))`` of one layer (``rows`` counts all ``layers`` together)."""
-    layer_rows = rows // layers
-    layer_groups = layer_rows // n_group
-    return 1.0 / (layer_rows * channels), 1.0 / (layer_groups * n_group * n_group * channels)
+def metric_scales(rows: int, groups: int, channels: int) -> tuple[float, float]:
+    """``(1/(R·C), 1/(G·n²·C))`` with ``n = R / G``: the weights of the positive and the pair
+    terms, so that the per-row contributions sum to the mean over all rows and groups."""
+    group_rows = rows // groups
+    return 1.0 / (rows * channels), 1.0 / (groups * group_rows * group_rows * channels)
 
 
 def metric_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor], tau: float,
-                   n_group: int, layers: int = 1) -> torch.Tensor:
-    """PatchMetric forward -> per-row contributions ``v [R]`` fp32; a layer's loss is its rows' sum."""
-    rows, n_img, width, channels, q_s, grid, meta, ids_arg = _launch_setup(q, ids, n_group)
-    k_s = _geometry(k, ids)[4]
-    pos_scale, pair_scale = _metric_scales(rows, n_group, channels, layers)
-    out = torch.empty(rows, dtype=torch.float32, device=q.device)
-    _launch(q, "metric_forward_kernel", grid, (
-        q, k, ids_arg, out, n_group, n_img, width, channels, 1.0 / tau, pos_scale, pair_scale,
-        *q_s, *k_s), meta)
+                   groups: int) -> torch.Tensor:
+    """PatchMetric forward -> per-row contributions ``v [R]`` fp32; ``v.sum()`` is the loss
+    (the mean over all rows of all groups: L stacked layers given as L·G groups -> the
+    mean of the L layer losses)."""
+    s = _loss_setup(q, ids, groups, "metric_forward_kernel")
+    out = torch.empty(s.rows, dtype=torch.float32, device=q.device)
+    _launch(q, "metric_forward_kernel", _grid_of(s, groups, False), (
+        q, k, s.ids_arg, out, *s.shape_args, 1.0 / tau, *metric_scales(s.rows, groups, s.channels),
+        *s.q_strides, *_geometry(k, ids)[4]), s.tiles, s.meta)
     return out
 
 
 def metric_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor],
-                    tau: float, n_group: int, layers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                    tau: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PatchMetric backward: ``grad [R]`` of the per-row contributions -> ``(dq, dk)``."""
-    rows, n_img, width, channels, q_s, grid, meta, ids_arg = _launch_setup(q, ids, n_group)
-    k_s = _geometry(k, ids)[4]
-    pos_scale, pair_scale = _metric_scales(rows, n_group, channels, layers)
-    dq, dk = _grad_buffer(q), _grad_buffer(k)
-    _launch(q, "metric_backward_kernel", grid, (
-        q, k, ids_arg, grad, dq, dk, n_group, n_img, width, channels, 1.0 / tau, pos_scale, pair_scale,
-        grad.stride(0), *q_s, *k_s, *_geometry(dq, ids)[4], *_geometry(dk, ids)[4]), meta)
-    return dq, dk
+    s = _loss_setup(q, ids, groups, "metric_backward_kernel")
+    dq_hat, dk_hat = _normalised_grad_buffer(q, ids), _normalised_grad_buffer(k, ids)
+    _launch(q, "metric_backward_kernel", _grid_of(s, groups, True), (
+        q, k, s.ids_arg, grad, dq_hat, dk_hat, *s.shape_args, 1.0 / tau,
+        *metric_scales(s.rows, groups, s.channels), grad.stride(0), *s.q_strides, *_geometry(k, ids)[4]),
+        s.tiles, s.meta)
+    return _normaliser_backward(q, ids, dq_hat), _normaliser_backward(k, ids, dk_hat)
 
 
-def _similarity_setup(q: torch.Tensor, ids: torch.Tensor):
-    batch, channels, _, width = q.shape
-    n_img = ids.numel()
+def similarity_grid(batch: int, n_img: int, channels: int, tiles: Tiles, backward: bool) -> tuple[int, int]:
+    """Forward: ``(B · row tiles · column tiles, 1)``; backward: ``(B · row tiles, channel chunks)``."""
+    tiles_m = triton.cdiv(n_img, tiles.block_m)
+    if backward:
+        return check_grid((batch * tiles_m, triton.cdiv(channels, tiles.block_c)))
+    return check_grid((batch * tiles_m * triton.cdiv(n_img, tiles.block_n), 1))
+
+
+def _similarity_tiles(q: torch.Tensor, ids: torch.Tensor, kernel: str) -> Tiles:
     interpret = q.device.type != "cuda" or interpret_everywhere()
-    block_m, block_n, block_c, num_warps = block_sizes(n_img, channels, interpret)
-    return batch, channels, width, n_img, block_m, block_n, block_c, num_warps
+    return tiles_for(q.dtype, ids.numel(), q.shape[1], interpret, kernel)
 
 
 def similarity_forward(q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``q̂ k̂ᵀ`` per image of two ``[B, C, H, W]`` maps -> ``[B, N, N]`` fp32."""
-    batch, channels, width, n_img, block_m, block_n, block_c, num_warps = _similarity_setup(q, ids)
+    batch, channels, _, width = q.shape
+    n_img = ids.numel()
     out = torch.empty(batch, n_img, n_img, dtype=torch.float32, device=q.device)
-    grid = lambda m: (triton.cdiv(n_img, m["BLOCK_M"]), triton.cdiv(n_img, m["BLOCK_N"]), batch)  # noqa: E731
-    meta = dict(IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
-                num_warps=num_warps)
-    _launch(q, "similarity_forward_kernel", grid, (
-        q, k, ids, out, n_img, width, channels, *q.stride(), *k.stride()), meta)
+    _launch(q, "similarity_forward_kernel", lambda t: similarity_grid(batch, n_img, channels, t, False), (
+        q, k, ids, out, n_img, width, channels, *q.stride(), *k.stride()),
+        _similarity_tiles(q, ids, "similarity_forward_kernel"), dict(IEEE=q.dtype == torch.float32))
     return out
 
 
 def similarity_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                         ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of :func:`similarity_forward`: ``grad [B, N, N]`` (any strides) -> ``(dq, dk)``."""
-    batch, channels, width, n_img, block_m, block_n, block_c, num_warps = _similarity_setup(q, ids)
-    dq, dk = _grad_buffer(q), _grad_buffer(k)
-    grid = lambda m: (triton.cdiv(n_img, m["BLOCK_M"]), batch)  # noqa: E731
-    meta = dict(IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
-                num_warps=num_warps)
-    _launch(q, "similarity_backward_kernel", grid, (
-        q, k, ids, grad, dq, dk, n_img, width, channels, *grad.stride(),
-        *q.stride(), *k.stride(), *dq.stride(), *dk.stride()), meta)
-    return dq, dk
+    batch, channels, _, width = q.shape
+    n_img = ids.numel()
+    dq_hat, dk_hat = _normalised_grad_buffer(q, ids), _normalised_grad_buffer(k, ids)
+    _launch(q, "similarity_backward_kernel", lambda t: similarity_grid(batch, n_img, channels, t, True), (
+        q, k, ids, grad, dq_hat, dk_hat, n_img, width, channels, *grad.stride(), *q.stride(), *k.stride()),
+        _similarity_tiles(q, ids, "similarity_backward_kernel"), dict(IEEE=q.dtype == torch.float32))
+    return _normaliser_backward(q, ids, dq_hat), _normaliser_backward(k, ids, dk_hat)

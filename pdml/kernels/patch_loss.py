@@ -1,11 +1,22 @@
-"""Triton kernels of the fused patch losses (DESIGN.md §1): gather + normalise + similarity + loss.
+"""Triton kernels of the fused patch losses: gather + normalise + similarity + loss.
 
 Row addressing. Every kernel sees "rows" of length ``C``; global row ``r`` is
 - map form (``GATHER``): ``fmap[r // n_img, :, ids[r % n_img]]`` of a ``[B, C, H, W]`` map
   (any strides; the flat pixel id is split into ``h, w`` with ``width``),
 - rows form: ``feat[r, :]`` of a ``[R, C]`` matrix.
-Rows form groups of ``n_group`` consecutive rows (one image, or with ``negatives="batch"``
-the whole minibatch, so a group's tiles then span images); program axis 1 is the group.
+Rows form groups of ``group_rows`` consecutive rows (one image, or with negatives="batch"
+the whole minibatch, so a group's tiles then span images). A tensor is described by a
+geometry tuple ``(ptr, s_row, s_c, s_h, s_w)`` and the gather by ``(ids_ptr, n_img, width)``;
+:func:`_tile_offsets` and :func:`_load_chunk` are the one place rows are addressed.
+
+Grid. Axis 0 enumerates (group, row tile) pairs (``group * tiles + tile``), so the number
+of groups is bounded only by axis 0's 2^31 - 1; axis 1 of the backward kernels is the
+channel chunk of the gradient a program writes (at most ``1024 / 16``).
+
+Channels are processed in chunks of ``BLOCK_C``: a similarity tile is the sum of the
+chunks' dots, and the norms of a tile's rows come from a pre-pass over the chunks (own
+rows) or from the same chunk loop (the other side's rows). Nothing holds a whole row, so
+any C fits in registers and shared memory in any dtype.
 
 Numerics. Rows are loaded in the input dtype (fp32/fp16/bf16) and everything else is
 fp32: norms, exp, logsumexp, sums, accumulators. The similarity of a tile is the dot of
@@ -18,9 +29,17 @@ inputs go to the tensor cores directly. The N×N similarity of a group is never 
 PatchNCE keeps an online (running max + sum) logsumexp per row, PatchMetric running
 exp-sums per row; backward recomputes the tiles.
 
-Gradients go through the normaliser and are written to the rows they came from (the
-gradient map is zero-initialised by the caller; ids are distinct so every written row has
-exactly one writer): no atomics, deterministic.
+Gradients. The backward kernels compute ``dL/dx̂_i = Σ_j W_ij ŷ_j`` (x̂, ŷ the normalised
+rows) one channel chunk per program (grid axis 1) and write it, fp32, to a contiguous
+``[R, C]`` scratch; :func:`normaliser_backward_kernel` then takes each row through the
+normaliser's Jacobian (two passes over the chunks: ``x·dx̂``, then the gradient) and
+stores it in the input dtype: the only cast of a gradient. (The rows form has no
+normaliser: its kernels store dx̂ = dx directly.) Computing ``x·dx̂`` from the stored dx̂
+removes exactly the radial part of the rounded dx̂, as torch's reference does. Operands
+of fp16/bf16 dots are kept in [-1, 1]: upstream gradients (which GradScaler multiplies by
+up to 2^16) are applied in fp32 after the dot or divided out of the operand first
+(:func:`_scaled_dot`). Each gradient row has exactly one writer (ids are distinct; the
+caller zero-fills the rest): no atomics, deterministic.
 
 All block sizes are >= 16 (the GPU's minimum dot shape; the interpreter would accept less).
 """
@@ -35,52 +54,90 @@ DIAG_FILL = tl.constexpr(-10.0)
 
 
 # ----------------------------------------------------------------------------- helpers
-# Reductions call tl.reduce with triton's own combine functions instead of tl.sum /
-# tl.max, and tl.full replaces tl.zeros: tl.sum, tl.max and tl.zeros are @triton.jit
-# functions of triton.language, decorated once for the mode triton was imported in,
-# while pdml.kernels loads this module once per mode (kernel_module) and every jitted
-# callee must match its caller's mode. The combine functions are only passed, never
-# called, by the interpreter (it recognises them and reduces with numpy), and compile
-# to exactly what tl.sum / tl.max compile to.
+# tl.sum / tl.max are @triton.jit functions, decorated once for the mode triton was
+# imported in, while pdml.kernels loads this module once per mode (kernel_module) and a
+# jitted callee must match its caller's mode: the raw functions (``.fn``) are decorated
+# again here, in this module's mode.
+_sum = triton.jit(tl.sum.fn)
+_max = triton.jit(tl.max.fn)
+
 
 @triton.jit
 def _row_sum(x):
     """Sum over axis 1 of a 2-D tile."""
-    return tl.reduce(x, 1, tl.standard._sum_combine)
+    return _sum(x, 1)
 
 
 @triton.jit
 def _row_max(x):
     """Max over axis 1 of a 2-D tile."""
-    return tl.reduce(x, 1, tl.standard._elementwise_max)
+    return _max(x, 1)
 
 
 @triton.jit
-def _row_offsets(rows, mask, ids_ptr, n_img, width, s_row, s_h, s_w, GATHER: tl.constexpr):
-    """Element offsets (int64) of the first channel of every row in ``rows``."""
+def _tile_offsets(x, where, group, local, group_rows, GATHER: tl.constexpr):
+    """``(offsets, mask)`` of rows ``local`` (``[BLOCK]`` int32) of group ``group``.
+
+    ``x = (ptr, s_row, s_c, s_h, s_w)``, ``where = (ids_ptr, n_img, width)``; the offsets
+    are int64 element offsets of each row's channel 0, the mask says which rows exist.
+    """
+    mask = local < group_rows
+    rows = group * group_rows + local
     if GATHER:
-        pix = tl.load(ids_ptr + rows % n_img, mask=mask, other=0).to(tl.int64)
-        offs = (rows // n_img).to(tl.int64) * s_row + (pix // width) * s_h + (pix % width) * s_w
+        pix = tl.load(where[0] + rows % where[1], mask=mask, other=0).to(tl.int64)
+        offs = (rows // where[1]).to(tl.int64) * x[1] + (pix // where[2]) * x[3] + (pix % where[2]) * x[4]
     else:
-        offs = rows.to(tl.int64) * s_row
-    return offs
+        offs = rows.to(tl.int64) * x[1]
+    return offs, mask
 
 
 @triton.jit
-def _load_rows(ptr, offs, s_c, cols, mask, C):
-    """``[BLOCK_rows, BLOCK_C]`` tile in the input dtype, zeros outside the rows/channels."""
-    return tl.load(ptr + offs[:, None] + cols[None, :].to(tl.int64) * s_c,
+def _load_chunk(x, offs, mask, start, C, BLOCK_C: tl.constexpr):
+    """Channels ``start .. start+BLOCK_C`` of the rows at ``offs``: ``[BLOCK, BLOCK_C]`` in
+    the input dtype, zeros outside the rows and channels that exist."""
+    cols = start + tl.arange(0, BLOCK_C)
+    return tl.load(x[0] + offs[:, None] + cols[None, :].to(tl.int64) * x[2],
                    mask=mask[:, None] & (cols[None, :] < C), other=0.0)
 
 
 @triton.jit
-def _inv_norm(x, NORMALIZE: tl.constexpr):
-    """Per-row ``1 / (‖x‖₂ + eps)`` in fp32 (ones when the rows are already normalised)."""
-    xf = x.to(tl.float32)
+def _store_chunk(x, offs, mask, start, C, value, BLOCK_C: tl.constexpr):
+    """Store fp32 ``value [BLOCK, BLOCK_C]`` into channels ``start ..`` of the rows at ``offs``
+    (the one cast to the destination's dtype)."""
+    cols = start + tl.arange(0, BLOCK_C)
+    tl.store(x[0] + offs[:, None] + cols[None, :].to(tl.int64) * x[2], value.to(x[0].dtype.element_ty),
+             mask=mask[:, None] & (cols[None, :] < C))
+
+
+@triton.jit
+def _store_rows(ptr, rows, mask, start, C, value, BLOCK_C: tl.constexpr):
+    """Store fp32 ``value`` into channels ``start ..`` of rows ``rows`` of a contiguous ``[R, C]``."""
+    _store_chunk((ptr, C, 1), rows.to(tl.int64) * C, mask, start, C, value, BLOCK_C)
+
+
+@triton.jit
+def _row_stats(a, a_offs, b, b_offs, mask, C, BLOCK_C: tl.constexpr):
+    """Pre-pass over the chunks of a tile's rows (of two tensors, each with its own
+    offsets): fp32 ``(‖a‖², ‖b‖², a·b)`` per row."""
+    aa = a_offs.to(tl.float32) * 0.0
+    bb = aa
+    ab = aa
+    for start in range(0, C, BLOCK_C):
+        xa = _load_chunk(a, a_offs, mask, start, C, BLOCK_C).to(tl.float32)
+        xb = _load_chunk(b, b_offs, mask, start, C, BLOCK_C).to(tl.float32)
+        aa += _row_sum(xa * xa)
+        bb += _row_sum(xb * xb)
+        ab += _row_sum(xa * xb)
+    return aa, bb, ab
+
+
+@triton.jit
+def _inv_norm(sq, NORMALIZE: tl.constexpr):
+    """``1 / (‖x‖₂ + eps)`` from ``‖x‖²`` (ones when the rows arrive normalised)."""
     if NORMALIZE:
-        inv = 1.0 / (tl.sqrt(_row_sum(xf * xf)) + NORM_EPS)
+        inv = 1.0 / (tl.sqrt(sq) + NORM_EPS)
     else:
-        inv = _row_sum(xf * 0.0) + 1.0
+        inv = sq * 0.0 + 1.0
     return inv
 
 
@@ -95,22 +152,48 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _normaliser_backward(x, dxhat, NORMALIZE: tl.constexpr):
-    """Gradient w.r.t. raw rows ``x`` of ``x̂ = x / (‖x‖ + eps)`` given ``dL/dx̂`` (fp32).
+def _tile_dot(a, a_offs, a_mask, b, b_offs, b_mask, C, IEEE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Raw ``a_i · b_j`` over all channels (fp32 ``[BLOCK_M, BLOCK_N]``) and ``‖b_j‖²`` (``[BLOCK_N]``)."""
+    s = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    sq = tl.full([BLOCK_N], 0.0, tl.float32)
+    for start in range(0, C, BLOCK_C):
+        xa = _load_chunk(a, a_offs, a_mask, start, C, BLOCK_C)
+        xb = _load_chunk(b, b_offs, b_mask, start, C, BLOCK_C)
+        s += _dot(xa, tl.trans(xb), IEEE)
+        xf = xb.to(tl.float32)
+        sq += _row_sum(xf * xf)
+    return s, sq
 
-    ``dx = (dx̂ - x (x·dx̂) / (‖x‖ (‖x‖ + eps))) / (‖x‖ + eps)``; a zero row gets
-    ``dx̂ / eps`` (the norm's subgradient 0 at 0, as torch's vector_norm).
-    """
-    if NORMALIZE:
-        xf = x.to(tl.float32)
-        norm = tl.sqrt(_row_sum(xf * xf))
-        denom = norm + NORM_EPS
-        proj = _row_sum(xf * dxhat) / tl.where(norm > 0.0, norm * denom, 1.0)
-        proj = tl.where(norm > 0.0, proj, 0.0)
-        dx = (dxhat - xf * proj[:, None]) / denom[:, None]
+
+@triton.jit
+def _normalised_chunk(x, offs, mask, start, C, inv, BLOCK_C: tl.constexpr):
+    """Chunk of the normalised rows ``x̂ = x · inv`` in the input dtype (|x̂| <= 1: a safe
+    tensor-core operand)."""
+    xc = _load_chunk(x, offs, mask, start, C, BLOCK_C)
+    return (xc.to(tl.float32) * inv[:, None]).to(xc.dtype)
+
+
+@triton.jit
+def _scaled_dot(w, y, IEEE: tl.constexpr):
+    """``w @ y`` for fp32 weights ``w`` of any magnitude: for fp16/bf16 each row of ``w`` is
+    divided by its largest magnitude before the cast to ``y``'s dtype (so it cannot
+    overflow) and multiplied back after; fp32 dots take ``w`` as it is."""
+    if IEEE:
+        out = tl.dot(w, y, input_precision="ieee")
     else:
-        dx = dxhat
-    return dx
+        scale = _row_max(tl.abs(w))
+        scale = tl.where(scale > 0.0, scale, 1.0)
+        out = tl.dot((w / scale[:, None]).to(y.dtype), y) * scale[:, None]
+    return out
+
+
+@triton.jit
+def _program_tile(group_rows, BLOCK_M: tl.constexpr):
+    """``(group, local rows [BLOCK_M])`` of this program (axis 0 = group * tiles + tile)."""
+    tiles = (group_rows + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    return pid // tiles, (pid % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
 
 
 # ----------------------------------------------------------------------------- PatchNCE
@@ -118,7 +201,7 @@ def _normaliser_backward(x, dxhat, NORMALIZE: tl.constexpr):
 @triton.jit
 def nce_forward_kernel(
     q_ptr, k_ptr, ids_ptr, loss_ptr, lse_ptr,
-    n_group, n_img, width, C, inv_tau,
+    group_rows, n_img, width, C, inv_tau,
     q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw,
     GATHER: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -127,26 +210,21 @@ def nce_forward_kernel(
 
     logits of row i: ``[S_ii, S_i0 .. S_i(n-1) with S_ii -> -10] / τ``; loss = lse - S_ii/τ.
     """
-    group = tl.program_id(1)
-    local_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = local_m < n_group
-    rows_m = group * n_group + local_m
-    cols = tl.arange(0, BLOCK_C)
-
-    q = _load_rows(q_ptr, _row_offsets(rows_m, mask_m, ids_ptr, n_img, width, q_srow, q_sh, q_sw, GATHER),
-                   q_sc, cols, mask_m, C)
-    inv_q = _inv_norm(q, NORMALIZE)
+    q = (q_ptr, q_srow, q_sc, q_sh, q_sw)
+    k = (k_ptr, k_srow, k_sc, k_sh, k_sw)
+    where = (ids_ptr, n_img, width)
+    group, local_m = _program_tile(group_rows, BLOCK_M)
+    q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
+    inv_q = _inv_norm(_row_stats(q, q_offs, q, q_offs, mask_m, C, BLOCK_C)[0], NORMALIZE)
 
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     run_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     pos = tl.full([BLOCK_M], 0.0, tl.float32)
-    for start in range(0, n_group, BLOCK_N):
+    for start in range(0, group_rows, BLOCK_N):
         local_n = start + tl.arange(0, BLOCK_N)
-        mask_n = local_n < n_group
-        k = _load_rows(k_ptr, _row_offsets(group * n_group + local_n, mask_n, ids_ptr, n_img, width,
-                                           k_srow, k_sh, k_sw, GATHER), k_sc, cols, mask_n, C)
-        inv_k = _inv_norm(k, NORMALIZE)
-        logits = _dot(q, tl.trans(k), IEEE) * (inv_q[:, None] * inv_tau) * inv_k[None, :]
+        k_offs, mask_n = _tile_offsets(k, where, group, local_n, group_rows, GATHER)
+        s, sq_k = _tile_dot(q, q_offs, mask_m, k, k_offs, mask_n, C, IEEE, BLOCK_M, BLOCK_N, BLOCK_C)
+        logits = s * (inv_q[:, None] * inv_tau) * _inv_norm(sq_k, NORMALIZE)[None, :]
         diag = local_m[:, None] == local_n[None, :]
         pos += _row_sum(tl.where(diag, logits, 0.0))
         logits = tl.where(diag, DIAG_FILL * inv_tau, logits)
@@ -157,56 +235,52 @@ def nce_forward_kernel(
     # add the positive logit (class 0) to the negatives' logsumexp
     top = tl.maximum(run_max, pos)
     lse = top + tl.log(run_sum * tl.exp(run_max - top) + tl.exp(pos - top))
+    rows_m = group * group_rows + local_m
     tl.store(loss_ptr + rows_m, lse - pos, mask=mask_m)
     tl.store(lse_ptr + rows_m, lse, mask=mask_m)
 
 
 @triton.jit
 def nce_backward_kernel(
-    q_ptr, k_ptr, ids_ptr, lse_ptr, grad_ptr, dq_ptr,
-    n_group, n_img, width, C, inv_tau, grad_stride,
-    q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw, d_srow, d_sc, d_sh, d_sw,
+    q_ptr, k_ptr, ids_ptr, lse_ptr, grad_ptr, dqhat_ptr,
+    group_rows, n_img, width, C, inv_tau, grad_stride,
+    q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw,
     GATHER: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dL/dq of PatchNCE for BLOCK_M rows, written to their rows of ``dq`` (input dtype).
+    """dL/dq̂ of PatchNCE for BLOCK_M rows and channel chunk ``program_id(1)``, into the
+    contiguous ``dqhat [R, C]`` (fp32 for :func:`normaliser_backward_kernel`, or the input
+    dtype in the rows form, where dq̂ is dq).
 
     ``dL/dS_ij = g_i/τ · (softmax_ij - δ_ij)`` over the negatives j (entry i of the
     negatives is the constant -10/τ, so the diagonal's softmax is the positive's),
-    ``dq̂_i = Σ_j dL/dS_ij k̂_j`` (k is detached), then through the normaliser.
+    ``dq̂_i = Σ_j dL/dS_ij k̂_j`` (k is detached).
     """
-    group = tl.program_id(1)
-    local_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = local_m < n_group
-    rows_m = group * n_group + local_m
-    cols = tl.arange(0, BLOCK_C)
-
-    q = _load_rows(q_ptr, _row_offsets(rows_m, mask_m, ids_ptr, n_img, width, q_srow, q_sh, q_sw, GATHER),
-                   q_sc, cols, mask_m, C)
-    inv_q = _inv_norm(q, NORMALIZE)
+    q = (q_ptr, q_srow, q_sc, q_sh, q_sw)
+    k = (k_ptr, k_srow, k_sc, k_sh, k_sw)
+    where = (ids_ptr, n_img, width)
+    group, local_m = _program_tile(group_rows, BLOCK_M)
+    chunk = tl.program_id(1) * BLOCK_C
+    q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
+    inv_q = _inv_norm(_row_stats(q, q_offs, q, q_offs, mask_m, C, BLOCK_C)[0], NORMALIZE)
+    rows_m = group * group_rows + local_m
     lse = tl.load(lse_ptr + rows_m, mask=mask_m, other=0.0)
     grad = tl.load(grad_ptr + rows_m.to(tl.int64) * grad_stride, mask=mask_m, other=0.0).to(tl.float32)
 
     acc = tl.full([BLOCK_M, BLOCK_C], 0.0, tl.float32)
-    for start in range(0, n_group, BLOCK_N):
+    for start in range(0, group_rows, BLOCK_N):
         local_n = start + tl.arange(0, BLOCK_N)
-        mask_n = local_n < n_group
-        k = _load_rows(k_ptr, _row_offsets(group * n_group + local_n, mask_n, ids_ptr, n_img, width,
-                                           k_srow, k_sh, k_sw, GATHER), k_sc, cols, mask_n, C)
-        inv_k = _inv_norm(k, NORMALIZE)
+        k_offs, mask_n = _tile_offsets(k, where, group, local_n, group_rows, GATHER)
+        s, sq_k = _tile_dot(q, q_offs, mask_m, k, k_offs, mask_n, C, IEEE, BLOCK_M, BLOCK_N, BLOCK_C)
+        inv_k = _inv_norm(sq_k, NORMALIZE)
         # the logits exactly as in forward, so softmax is consistent with the saved lse
-        logits = _dot(q, tl.trans(k), IEEE) * (inv_q[:, None] * inv_tau) * inv_k[None, :]
-        diag = local_m[:, None] == local_n[None, :]
-        weight = tl.exp(logits - lse[:, None]) - tl.where(diag, 1.0, 0.0)
+        logits = s * (inv_q[:, None] * inv_tau) * inv_k[None, :]
+        weight = tl.exp(logits - lse[:, None]) - tl.where(local_m[:, None] == local_n[None, :], 1.0, 0.0)
         weight = tl.where(mask_n[None, :], weight, 0.0)
         # |weight| <= 1 and |k̂| <= 1: safe operands for fp16/bf16 tensor cores; g/τ goes after
-        k_hat = (k.to(tl.float32) * inv_k[:, None]).to(k.dtype)
-        acc += _dot(weight.to(k.dtype), k_hat, IEEE)
-    dq_hat = acc * (grad * inv_tau)[:, None]
-    dq = _normaliser_backward(q, dq_hat, NORMALIZE)
-    d_offs = _row_offsets(rows_m, mask_m, ids_ptr, n_img, width, d_srow, d_sh, d_sw, GATHER)
-    tl.store(dq_ptr + d_offs[:, None] + cols[None, :].to(tl.int64) * d_sc,
-             dq.to(dq_ptr.dtype.element_ty), mask=mask_m[:, None] & (cols[None, :] < C))
+        k_hat = _normalised_chunk(k, k_offs, mask_n, chunk, C, inv_k, BLOCK_C)
+        acc += _dot(weight.to(k_hat.dtype), k_hat, IEEE)
+    _store_rows(dqhat_ptr, rows_m, mask_m, chunk, C, acc * (grad * inv_tau)[:, None], BLOCK_C)
 
 
 # ----------------------------------------------------------------------------- PatchMetric
@@ -214,7 +288,7 @@ def nce_backward_kernel(
 @triton.jit
 def metric_forward_kernel(
     q_ptr, k_ptr, ids_ptr, out_ptr,
-    n_group, n_img, width, C, inv_tau, pos_scale, pair_scale,
+    group_rows, n_img, width, C, inv_tau, pos_scale, pair_scale,
     q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw,
     GATHER: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -222,116 +296,97 @@ def metric_forward_kernel(
     """Per-row contribution ``v_i`` (fp32 ``[R]``) to the metric loss; the loss is ``Σ_i v_i``.
 
     ``v_i = -pos_scale · e^{S_qk[i,i]/τ} + pair_scale · Σ_j (e^{S̃_qq[i,j]/τ} + e^{S̃_kk[i,j]/τ})``
-    with ``pos_scale = 1/(R·C)``, ``pair_scale = 1/(G·n²·C)`` (per layer) and S̃'s diagonal -10.
+    with ``pos_scale = 1/(R·C)``, ``pair_scale = 1/(G·n²·C)`` and S̃'s diagonal -10.
     """
-    group = tl.program_id(1)
-    local_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = local_m < n_group
-    rows_m = group * n_group + local_m
-    cols = tl.arange(0, BLOCK_C)
-
-    q = _load_rows(q_ptr, _row_offsets(rows_m, mask_m, ids_ptr, n_img, width, q_srow, q_sh, q_sw, GATHER),
-                   q_sc, cols, mask_m, C)
-    k = _load_rows(k_ptr, _row_offsets(rows_m, mask_m, ids_ptr, n_img, width, k_srow, k_sh, k_sw, GATHER),
-                   k_sc, cols, mask_m, C)
-    inv_q = _inv_norm(q, NORMALIZE)
-    inv_k = _inv_norm(k, NORMALIZE)
-    pos = _row_sum(q.to(tl.float32) * k.to(tl.float32)) * inv_q * inv_k
+    q = (q_ptr, q_srow, q_sc, q_sh, q_sw)
+    k = (k_ptr, k_srow, k_sc, k_sh, k_sw)
+    where = (ids_ptr, n_img, width)
+    group, local_m = _program_tile(group_rows, BLOCK_M)
+    q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
+    k_offs = _tile_offsets(k, where, group, local_m, group_rows, GATHER)[0]
+    sq_q, sq_k, qk = _row_stats(q, q_offs, k, k_offs, mask_m, C, BLOCK_C)
+    inv_q = _inv_norm(sq_q, NORMALIZE)
+    inv_k = _inv_norm(sq_k, NORMALIZE)
+    pos = qk * inv_q * inv_k
 
     sum_qq = tl.full([BLOCK_M], 0.0, tl.float32)
     sum_kk = tl.full([BLOCK_M], 0.0, tl.float32)
     diag_exp = tl.exp(DIAG_FILL * inv_tau)
-    for start in range(0, n_group, BLOCK_N):
+    for start in range(0, group_rows, BLOCK_N):
         local_n = start + tl.arange(0, BLOCK_N)
-        mask_n = local_n < n_group
-        rows_n = group * n_group + local_n
-        q_n = _load_rows(q_ptr, _row_offsets(rows_n, mask_n, ids_ptr, n_img, width, q_srow, q_sh, q_sw, GATHER),
-                         q_sc, cols, mask_n, C)
-        k_n = _load_rows(k_ptr, _row_offsets(rows_n, mask_n, ids_ptr, n_img, width, k_srow, k_sh, k_sw, GATHER),
-                         k_sc, cols, mask_n, C)
-        inv_q_n = _inv_norm(q_n, NORMALIZE)
-        inv_k_n = _inv_norm(k_n, NORMALIZE)
+        qn_offs, mask_n = _tile_offsets(q, where, group, local_n, group_rows, GATHER)
+        kn_offs = _tile_offsets(k, where, group, local_n, group_rows, GATHER)[0]
+        s_qq, sq_qn = _tile_dot(q, q_offs, mask_m, q, qn_offs, mask_n, C, IEEE, BLOCK_M, BLOCK_N, BLOCK_C)
+        s_kk, sq_kn = _tile_dot(k, k_offs, mask_m, k, kn_offs, mask_n, C, IEEE, BLOCK_M, BLOCK_N, BLOCK_C)
         diag = local_m[:, None] == local_n[None, :]
-        s_qq = _dot(q, tl.trans(q_n), IEEE) * (inv_q[:, None] * inv_tau) * inv_q_n[None, :]
-        s_kk = _dot(k, tl.trans(k_n), IEEE) * (inv_k[:, None] * inv_tau) * inv_k_n[None, :]
-        e_qq = tl.where(diag, diag_exp, tl.exp(s_qq))
-        e_kk = tl.where(diag, diag_exp, tl.exp(s_kk))
-        sum_qq += _row_sum(tl.where(mask_n[None, :], e_qq, 0.0))
-        sum_kk += _row_sum(tl.where(mask_n[None, :], e_kk, 0.0))
+        e_qq = tl.exp(s_qq * (inv_q[:, None] * inv_tau) * _inv_norm(sq_qn, NORMALIZE)[None, :])
+        e_kk = tl.exp(s_kk * (inv_k[:, None] * inv_tau) * _inv_norm(sq_kn, NORMALIZE)[None, :])
+        sum_qq += _row_sum(tl.where(mask_n[None, :], tl.where(diag, diag_exp, e_qq), 0.0))
+        sum_kk += _row_sum(tl.where(mask_n[None, :], tl.where(diag, diag_exp, e_kk), 0.0))
     v = -pos_scale * tl.exp(pos * inv_tau) + pair_scale * (sum_qq + sum_kk)
-    tl.store(out_ptr + rows_m, v, mask=mask_m)
+    tl.store(out_ptr + group * group_rows + local_m, v, mask=mask_m)
 
 
 @triton.jit
 def metric_backward_kernel(
-    q_ptr, k_ptr, ids_ptr, grad_ptr, dq_ptr, dk_ptr,
-    n_group, n_img, width, C, inv_tau, pos_scale, pair_scale, grad_stride,
+    q_ptr, k_ptr, ids_ptr, grad_ptr, dqhat_ptr, dkhat_ptr,
+    group_rows, n_img, width, C, inv_tau, pos_scale, pair_scale, grad_stride,
     q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw,
-    dq_srow, dq_sc, dq_sh, dq_sw, dk_srow, dk_sc, dk_sh, dk_sw,
     GATHER: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dL/dq and dL/dk of ``L = Σ_i g_i v_i`` (v from the forward kernel) for BLOCK_M rows.
+    """dL/dq̂ and dL/dk̂ of ``L = Σ_i g_i v_i`` (v from the forward kernel) for BLOCK_M rows
+    and channel chunk ``program_id(1)``, into the contiguous ``dqhat``/``dkhat [R, C]`` (as
+    :func:`nce_backward_kernel`).
 
     ``dq̂_i = -g_i·pos_scale/τ·e^{S_qk[i,i]/τ} k̂_i + pair_scale/τ · Σ_{j≠i} (g_i + g_j) e^{S_qq[i,j]/τ} q̂_j``
     (S_qq is symmetric: row i meets q̂_j in v_i and in v_j); dk̂ likewise with q ↔ k.
-    The exp weights are shifted by the largest possible logit 1/τ before the dot, so they
-    lie in (0, 1] and cannot overflow fp16; e^{1/τ} is put back after.
+    The exp weights are shifted by the largest possible logit 1/τ (so they lie in (0, 1])
+    and e^{1/τ} is put back in fp32 after the dot; the upstream gradients (g_i + g_j) stay
+    in the fp32 weights and :func:`_scaled_dot` keeps the fp16/bf16 operand in [-1, 1].
     """
-    group = tl.program_id(1)
-    local_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = local_m < n_group
-    rows_m = group * n_group + local_m
-    cols = tl.arange(0, BLOCK_C)
-
-    q = _load_rows(q_ptr, _row_offsets(rows_m, mask_m, ids_ptr, n_img, width, q_srow, q_sh, q_sw, GATHER),
-                   q_sc, cols, mask_m, C)
-    k = _load_rows(k_ptr, _row_offsets(rows_m, mask_m, ids_ptr, n_img, width, k_srow, k_sh, k_sw, GATHER),
-                   k_sc, cols, mask_m, C)
-    inv_q = _inv_norm(q, NORMALIZE)
-    inv_k = _inv_norm(k, NORMALIZE)
-    pos = _row_sum(q.to(tl.float32) * k.to(tl.float32)) * inv_q * inv_k
+    q = (q_ptr, q_srow, q_sc, q_sh, q_sw)
+    k = (k_ptr, k_srow, k_sc, k_sh, k_sw)
+    where = (ids_ptr, n_img, width)
+    group, local_m = _program_tile(group_rows, BLOCK_M)
+    chunk = tl.program_id(1) * BLOCK_C
+    q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
+    k_offs = _tile_offsets(k, where, group, local_m, group_rows, GATHER)[0]
+    sq_q, sq_k, qk = _row_stats(q, q_offs, k, k_offs, mask_m, C, BLOCK_C)
+    inv_q = _inv_norm(sq_q, NORMALIZE)
+    inv_k = _inv_norm(sq_k, NORMALIZE)
+    pos = qk * inv_q * inv_k
+    rows_m = group * group_rows + local_m
     grad_m = tl.load(grad_ptr + rows_m.to(tl.int64) * grad_stride, mask=mask_m, other=0.0).to(tl.float32)
 
     acc_q = tl.full([BLOCK_M, BLOCK_C], 0.0, tl.float32)
     acc_k = tl.full([BLOCK_M, BLOCK_C], 0.0, tl.float32)
-    for start in range(0, n_group, BLOCK_N):
+    for start in range(0, group_rows, BLOCK_N):
         local_n = start + tl.arange(0, BLOCK_N)
-        mask_n = local_n < n_group
-        rows_n = group * n_group + local_n
-        q_n = _load_rows(q_ptr, _row_offsets(rows_n, mask_n, ids_ptr, n_img, width, q_srow, q_sh, q_sw, GATHER),
-                         q_sc, cols, mask_n, C)
-        k_n = _load_rows(k_ptr, _row_offsets(rows_n, mask_n, ids_ptr, n_img, width, k_srow, k_sh, k_sw, GATHER),
-                         k_sc, cols, mask_n, C)
-        inv_q_n = _inv_norm(q_n, NORMALIZE)
-        inv_k_n = _inv_norm(k_n, NORMALIZE)
-        grad_n = tl.load(grad_ptr + rows_n.to(tl.int64) * grad_stride, mask=mask_n, other=0.0).to(tl.float32)
+        qn_offs, mask_n = _tile_offsets(q, where, group, local_n, group_rows, GATHER)
+        kn_offs = _tile_offsets(k, where, group, local_n, group_rows, GATHER)[0]
+        grad_n = tl.load(grad_ptr + (group * group_rows + local_n).to(tl.int64) * grad_stride,
+                         mask=mask_n, other=0.0).to(tl.float32)
         pair_grad = grad_m[:, None] + grad_n[None, :]
         off = (local_m[:, None] == local_n[None, :]) | (mask_n[None, :] == 0)
-        s_qq = _dot(q, tl.trans(q_n), IEEE) * (inv_q[:, None] * inv_tau) * inv_q_n[None, :]
-        s_kk = _dot(k, tl.trans(k_n), IEEE) * (inv_k[:, None] * inv_tau) * inv_k_n[None, :]
-        w_qq = tl.where(off, 0.0, tl.exp(s_qq - inv_tau)) * pair_grad
-        w_kk = tl.where(off, 0.0, tl.exp(s_kk - inv_tau)) * pair_grad
-        q_hat_n = (q_n.to(tl.float32) * inv_q_n[:, None]).to(q.dtype)
-        k_hat_n = (k_n.to(tl.float32) * inv_k_n[:, None]).to(k.dtype)
-        acc_q += _dot(w_qq.to(q.dtype), q_hat_n, IEEE)
-        acc_k += _dot(w_kk.to(k.dtype), k_hat_n, IEEE)
-    # the fp32 normalised rows only now, not live across the loop (registers)
-    q_hat = q.to(tl.float32) * inv_q[:, None]
-    k_hat = k.to(tl.float32) * inv_k[:, None]
+        s_qq, sq_qn = _tile_dot(q, q_offs, mask_m, q, qn_offs, mask_n, C, IEEE, BLOCK_M, BLOCK_N, BLOCK_C)
+        inv_qn = _inv_norm(sq_qn, NORMALIZE)
+        s_qq = s_qq * inv_q[:, None] * inv_qn[None, :]
+        w_qq = tl.where(off, 0.0, tl.exp((s_qq - 1.0) * inv_tau)) * pair_grad
+        acc_q += _scaled_dot(w_qq, _normalised_chunk(q, qn_offs, mask_n, chunk, C, inv_qn, BLOCK_C), IEEE)
+        s_kk, sq_kn = _tile_dot(k, k_offs, mask_m, k, kn_offs, mask_n, C, IEEE, BLOCK_M, BLOCK_N, BLOCK_C)
+        inv_kn = _inv_norm(sq_kn, NORMALIZE)
+        s_kk = s_kk * inv_k[:, None] * inv_kn[None, :]
+        w_kk = tl.where(off, 0.0, tl.exp((s_kk - 1.0) * inv_tau)) * pair_grad
+        acc_k += _scaled_dot(w_kk, _normalised_chunk(k, kn_offs, mask_n, chunk, C, inv_kn, BLOCK_C), IEEE)
     pair_coef = pair_scale * inv_tau * tl.exp(inv_tau)
     pos_coef = (-pos_scale * inv_tau) * grad_m * tl.exp(pos * inv_tau)
-    dq_hat = pos_coef[:, None] * k_hat + pair_coef * acc_q
-    dk_hat = pos_coef[:, None] * q_hat + pair_coef * acc_k
-    dq = _normaliser_backward(q, dq_hat, NORMALIZE)
-    dk = _normaliser_backward(k, dk_hat, NORMALIZE)
-    cmask = mask_m[:, None] & (cols[None, :] < C)
-    dq_offs = _row_offsets(rows_m, mask_m, ids_ptr, n_img, width, dq_srow, dq_sh, dq_sw, GATHER)
-    dk_offs = _row_offsets(rows_m, mask_m, ids_ptr, n_img, width, dk_srow, dk_sh, dk_sw, GATHER)
-    tl.store(dq_ptr + dq_offs[:, None] + cols[None, :].to(tl.int64) * dq_sc,
-             dq.to(dq_ptr.dtype.element_ty), mask=cmask)
-    tl.store(dk_ptr + dk_offs[:, None] + cols[None, :].to(tl.int64) * dk_sc,
-             dk.to(dk_ptr.dtype.element_ty), mask=cmask)
+    q_chunk = _load_chunk(q, q_offs, mask_m, chunk, C, BLOCK_C)
+    k_chunk = _load_chunk(k, k_offs, mask_m, chunk, C, BLOCK_C)
+    dq_hat = pos_coef[:, None] * (k_chunk.to(tl.float32) * inv_k[:, None]) + pair_coef * acc_q
+    dk_hat = pos_coef[:, None] * (q_chunk.to(tl.float32) * inv_q[:, None]) + pair_coef * acc_k
+    _store_rows(dqhat_ptr, rows_m, mask_m, chunk, C, dq_hat, BLOCK_C)
+    _store_rows(dkhat_ptr, rows_m, mask_m, chunk, C, dk_hat, BLOCK_C)
 
 
 # ----------------------------------------------------------------------------- similarity
@@ -343,76 +398,101 @@ def similarity_forward_kernel(
     q_sb, q_sc, q_sh, q_sw, k_sb, k_sc, k_sh, k_sw,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One ``[BLOCK_M, BLOCK_N]`` tile of ``q̂ k̂ᵀ`` of image ``program_id(2)`` into ``out [B, N, N]`` fp32."""
-    image = tl.program_id(2)
-    local_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    local_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = local_m < n_img
-    mask_n = local_n < n_img
-    cols = tl.arange(0, BLOCK_C)
-    q = _load_rows(q_ptr, _row_offsets(image * n_img + local_m, mask_m, ids_ptr, n_img, width,
-                                       q_sb, q_sh, q_sw, True), q_sc, cols, mask_m, C)
-    k = _load_rows(k_ptr, _row_offsets(image * n_img + local_n, mask_n, ids_ptr, n_img, width,
-                                       k_sb, k_sh, k_sw, True), k_sc, cols, mask_n, C)
-    sim = _dot(q, tl.trans(k), IEEE) * _inv_norm(q, True)[:, None] * _inv_norm(k, True)[None, :]
+    """One ``[BLOCK_M, BLOCK_N]`` tile of ``q̂ k̂ᵀ`` of one image into ``out [B, N, N]`` fp32
+    (axis 0 = (image * tiles_m + tile_m) * tiles_n + tile_n)."""
+    q = (q_ptr, q_sb, q_sc, q_sh, q_sw)
+    k = (k_ptr, k_sb, k_sc, k_sh, k_sw)
+    where = (ids_ptr, n_img, width)
+    tiles_n = (n_img + BLOCK_N - 1) // BLOCK_N
+    tiles = ((n_img + BLOCK_M - 1) // BLOCK_M) * tiles_n
+    image = tl.program_id(0) // tiles
+    pair = tl.program_id(0) % tiles
+    local_m = (pair // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    local_n = (pair % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    q_offs, mask_m = _tile_offsets(q, where, image, local_m, n_img, True)
+    k_offs, mask_n = _tile_offsets(k, where, image, local_n, n_img, True)
+    s, sq_k = _tile_dot(q, q_offs, mask_m, k, k_offs, mask_n, C, IEEE, BLOCK_M, BLOCK_N, BLOCK_C)
+    inv_q = _inv_norm(_row_stats(q, q_offs, q, q_offs, mask_m, C, BLOCK_C)[0], True)
+    sim = s * inv_q[:, None] * _inv_norm(sq_k, True)[None, :]
     out_offs = image.to(tl.int64) * n_img * n_img + local_m[:, None].to(tl.int64) * n_img + local_n[None, :]
     tl.store(out_ptr + out_offs, sim, mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def similarity_backward_kernel(
-    q_ptr, k_ptr, ids_ptr, grad_ptr, dq_ptr, dk_ptr,
+    q_ptr, k_ptr, ids_ptr, grad_ptr, dqhat_ptr, dkhat_ptr,
     n_img, width, C, g_sb, g_si, g_sj,
     q_sb, q_sc, q_sh, q_sw, k_sb, k_sc, k_sh, k_sw,
-    dq_sb, dq_sc, dq_sh, dq_sw, dk_sb, dk_sc, dk_sh, dk_sw,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dq, dk of ``S = q̂ k̂ᵀ`` given ``dS [B, N, N]`` for BLOCK_M rows of one image.
+    """dq̂, dk̂ (fp32, contiguous ``[B·N, C]``) of ``S = q̂ k̂ᵀ`` given ``dS [B, N, N]`` for
+    BLOCK_M rows of one image and channel chunk ``program_id(1)``.
 
     ``dq̂_i = Σ_j dS_ij k̂_j``, ``dk̂_i = Σ_j dS_ji q̂_j``. dS is an arbitrary upstream
-    gradient (no bound on its range): each row of a dS tile is divided by its largest
-    magnitude before the cast to fp16/bf16 for the dot (so it cannot overflow) and
-    multiplied back after.
+    gradient (no bound on its range): :func:`_scaled_dot` keeps the fp16/bf16 operand in
+    [-1, 1].
     """
-    image = tl.program_id(1)
-    local_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q = (q_ptr, q_sb, q_sc, q_sh, q_sw)
+    k = (k_ptr, k_sb, k_sc, k_sh, k_sw)
+    where = (ids_ptr, n_img, width)
+    image, local_m = _program_tile(n_img, BLOCK_M)
+    chunk = tl.program_id(1) * BLOCK_C
     mask_m = local_m < n_img
-    rows_m = image * n_img + local_m
-    cols = tl.arange(0, BLOCK_C)
-    q = _load_rows(q_ptr, _row_offsets(rows_m, mask_m, ids_ptr, n_img, width, q_sb, q_sh, q_sw, True),
-                   q_sc, cols, mask_m, C)
-    k = _load_rows(k_ptr, _row_offsets(rows_m, mask_m, ids_ptr, n_img, width, k_sb, k_sh, k_sw, True),
-                   k_sc, cols, mask_m, C)
     acc_q = tl.full([BLOCK_M, BLOCK_C], 0.0, tl.float32)
     acc_k = tl.full([BLOCK_M, BLOCK_C], 0.0, tl.float32)
     g_base = grad_ptr + image.to(tl.int64) * g_sb
     for start in range(0, n_img, BLOCK_N):
         local_n = start + tl.arange(0, BLOCK_N)
-        mask_n = local_n < n_img
-        rows_n = image * n_img + local_n
-        q_n = _load_rows(q_ptr, _row_offsets(rows_n, mask_n, ids_ptr, n_img, width, q_sb, q_sh, q_sw, True),
-                         q_sc, cols, mask_n, C)
-        k_n = _load_rows(k_ptr, _row_offsets(rows_n, mask_n, ids_ptr, n_img, width, k_sb, k_sh, k_sw, True),
-                         k_sc, cols, mask_n, C)
-        q_hat_n = (q_n.to(tl.float32) * _inv_norm(q_n, True)[:, None]).to(q.dtype)
-        k_hat_n = (k_n.to(tl.float32) * _inv_norm(k_n, True)[:, None]).to(k.dtype)
+        qn_offs, mask_n = _tile_offsets(q, where, image, local_n, n_img, True)
+        kn_offs = _tile_offsets(k, where, image, local_n, n_img, True)[0]
+        sq_qn, sq_kn, _ = _row_stats(q, qn_offs, k, kn_offs, mask_n, C, BLOCK_C)
         tile_mask = mask_m[:, None] & mask_n[None, :]
         m64 = local_m[:, None].to(tl.int64)
         n64 = local_n[None, :].to(tl.int64)
         g_ij = tl.load(g_base + m64 * g_si + n64 * g_sj, mask=tile_mask, other=0.0).to(tl.float32)
         g_ji = tl.load(g_base + n64 * g_si + m64 * g_sj, mask=tile_mask, other=0.0).to(tl.float32)
-        scale_ij = _row_max(tl.abs(g_ij))
-        scale_ij = tl.where(scale_ij > 0.0, scale_ij, 1.0)
-        scale_ji = _row_max(tl.abs(g_ji))
-        scale_ji = tl.where(scale_ji > 0.0, scale_ji, 1.0)
-        acc_q += _dot((g_ij / scale_ij[:, None]).to(q.dtype), k_hat_n, IEEE) * scale_ij[:, None]
-        acc_k += _dot((g_ji / scale_ji[:, None]).to(k.dtype), q_hat_n, IEEE) * scale_ji[:, None]
-    dq = _normaliser_backward(q, acc_q, True)
-    dk = _normaliser_backward(k, acc_k, True)
-    cmask = mask_m[:, None] & (cols[None, :] < C)
-    dq_offs = _row_offsets(rows_m, mask_m, ids_ptr, n_img, width, dq_sb, dq_sh, dq_sw, True)
-    dk_offs = _row_offsets(rows_m, mask_m, ids_ptr, n_img, width, dk_sb, dk_sh, dk_sw, True)
-    tl.store(dq_ptr + dq_offs[:, None] + cols[None, :].to(tl.int64) * dq_sc,
-             dq.to(dq_ptr.dtype.element_ty), mask=cmask)
-    tl.store(dk_ptr + dk_offs[:, None] + cols[None, :].to(tl.int64) * dk_sc,
-             dk.to(dk_ptr.dtype.element_ty), mask=cmask)
+        acc_q += _scaled_dot(g_ij, _normalised_chunk(k, kn_offs, mask_n, chunk, C, _inv_norm(sq_kn, True), BLOCK_C), IEEE)
+        acc_k += _scaled_dot(g_ji, _normalised_chunk(q, qn_offs, mask_n, chunk, C, _inv_norm(sq_qn, True), BLOCK_C), IEEE)
+    rows_m = image * n_img + local_m
+    _store_rows(dqhat_ptr, rows_m, mask_m, chunk, C, acc_q, BLOCK_C)
+    _store_rows(dkhat_ptr, rows_m, mask_m, chunk, C, acc_k, BLOCK_C)
+
+
+# ----------------------------------------------------------------------------- normaliser
+
+@triton.jit
+def normaliser_backward_kernel(
+    x_ptr, ids_ptr, dxhat_ptr, dx_ptr,
+    rows, n_img, width, C,
+    x_srow, x_sc, x_sh, x_sw, d_srow, d_sc, d_sh, d_sw,
+    GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Gradient w.r.t. the raw rows ``x`` of ``x̂ = x / (‖x‖ + eps)`` given ``dL/dx̂`` (fp32,
+    contiguous ``[R, C]``), for BLOCK_M rows; written (the one cast to x's dtype) to the
+    rows of ``dx`` (same form and geometry as ``x``).
+
+    ``dx = (dx̂ - x (x·dx̂) / (‖x‖ (‖x‖ + eps))) / (‖x‖ + eps)``; a zero row gets
+    ``dx̂ / eps`` (the norm's subgradient 0 at 0, as torch's vector_norm). Two passes over
+    the channel chunks: the row sums, then the gradient.
+    """
+    x = (x_ptr, x_srow, x_sc, x_sh, x_sw)
+    dx = (dx_ptr, d_srow, d_sc, d_sh, d_sw)
+    where = (ids_ptr, n_img, width)
+    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    x_offs, mask = _tile_offsets(x, where, 0, local, rows, GATHER)
+    d_offs = _tile_offsets(dx, where, 0, local, rows, GATHER)[0]
+    g_offs = local.to(tl.int64) * C
+    g = (dxhat_ptr, C, 1)
+    sq = tl.full([BLOCK_M], 0.0, tl.float32)
+    xg = tl.full([BLOCK_M], 0.0, tl.float32)
+    for start in range(0, C, BLOCK_C):
+        xc = _load_chunk(x, x_offs, mask, start, C, BLOCK_C).to(tl.float32)
+        sq += _row_sum(xc * xc)
+        xg += _row_sum(xc * _load_chunk(g, g_offs, mask, start, C, BLOCK_C))
+    norm = tl.sqrt(sq)
+    denom = norm + NORM_EPS
+    proj = tl.where(norm > 0.0, xg / tl.where(norm > 0.0, norm * denom, 1.0), 0.0)
+    for start in range(0, C, BLOCK_C):
+        xc = _load_chunk(x, x_offs, mask, start, C, BLOCK_C).to(tl.float32)
+        gc = _load_chunk(g, g_offs, mask, start, C, BLOCK_C)
+        _store_chunk(dx, d_offs, mask, start, C, (gc - xc * proj[:, None]) / denom[:, None], BLOCK_C)
