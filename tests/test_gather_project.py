@@ -1,0 +1,212 @@
+"""gather_project (the gather fused into the first linear layer of a row MLP) on every
+backend against the float64 truth, for the forward and all three gradients.
+
+``gather_project(fmap [B, F, H, W], ids [N], weight [D, F], bias [D] | None) -> [B·N, D]``,
+row ``b·N + i = fmap[b, :, ids[i]] @ weight.T + bias``. Odd shapes (B=3, F=33, D=123,
+N=97, H×W=11×13), contiguous / channels-last / sliced maps, bias given or not; fp32 and
+fp16 everywhere, fp64 on the CPU ext kernels, bf16 of Triton on a GPU only (the
+interpreter's bf16 dots are wrong). Accuracy rule: ``|impl − truth| ≤ 2·|same-dtype
+reference − truth| + tol``, the truth computed in float64 by an independent gather (an
+explicit loop over rows) and matmul.
+"""
+import pytest
+import torch
+
+try:
+    import pdml._C  # noqa: F401  (registers torch.ops.pdml.*)
+    EXT = hasattr(torch.ops.pdml, "gather_project")
+except ImportError:
+    EXT = False
+needs_ext = pytest.mark.skipif(not EXT, reason="pdml._C with gather_project is not built")
+
+try:
+    from pdml.kernels import gather_project_launch
+except ImportError:  # triton missing
+    gather_project_launch = None
+needs_triton = pytest.mark.skipif(gather_project_launch is None, reason="triton cannot be imported")
+
+B, F_IN, H, W, D, N = 3, 33, 11, 13, 123, 97
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+"""``tol`` of the accuracy rule, relative to the largest magnitude of the truth."""
+LAYOUTS = ("contiguous", "channels_last", "slice")
+
+
+def make_inputs(dtype, layout, with_bias, seed=0, device="cpu"):
+    """``(fmap, ids, weight, bias, grad)``; ``layout`` "slice" is a channel-and-column
+    slice of a bigger map (no dense memory format at all)."""
+    gen = torch.Generator().manual_seed(seed)
+    big = torch.randn(B, F_IN + 5, H, W + 4, generator=gen).to(device=device, dtype=dtype)
+    ids = torch.randperm(H * W, generator=gen)[:N]
+    weight = torch.randn(D, F_IN, generator=gen) / F_IN ** 0.5
+    bias = torch.randn(D, generator=gen) if with_bias else None
+    grad = torch.randn(B * N, D, generator=gen)
+    fmap = big[:, 3:3 + F_IN, :, 1:1 + W]
+    if layout == "contiguous":
+        fmap = fmap.contiguous()
+    elif layout == "channels_last":
+        fmap = fmap.contiguous(memory_format=torch.channels_last)
+    assert (layout == "contiguous") == fmap.is_contiguous()
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return fmap, ids.to(device), cast(weight), cast(bias), cast(grad)
+
+
+def truth(fmap, ids, weight, bias, grad):
+    """float64 ``(out, grad_fmap, grad_weight, grad_bias)`` by explicit per-row loops."""
+    fmap, weight, grad = fmap.double(), weight.double(), grad.double()
+    n = ids.numel()
+    rows = torch.stack([fmap[b, :, int(p) // fmap.shape[3], int(p) % fmap.shape[3]]
+                        for b in range(fmap.shape[0]) for p in ids])
+    out = rows @ weight.T + (bias.double() if bias is not None else 0)
+    d_rows = grad @ weight
+    grad_fmap = torch.zeros_like(fmap)
+    for r in range(rows.shape[0]):
+        p = int(ids[r % n])
+        grad_fmap[r // n, :, p // fmap.shape[3], p % fmap.shape[3]] = d_rows[r]
+    return out, grad_fmap, grad.T @ rows, grad.sum(0) if bias is not None else None
+
+
+def same_dtype_reference(fmap, ids, weight, bias, grad):
+    """index_select + F.linear in the inputs' dtype, gradients by autograd."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (fmap, weight, bias)]
+    rows = leaves[0].flatten(2).index_select(2, ids).transpose(1, 2).flatten(0, 1)
+    out = torch.nn.functional.linear(rows, leaves[1], leaves[2])
+    out.backward(grad)
+    return out.detach(), leaves[0].grad, leaves[1].grad, leaves[2].grad if bias is not None else None
+
+
+def assert_rule(name, impl, same, true, dtype):
+    impl, same, true = (x.detach().double().cpu() for x in (impl, same, true))
+    assert impl.shape == true.shape, f"{name}: shape {tuple(impl.shape)} != {tuple(true.shape)}"
+    tol = TOL[dtype] * max(true.abs().max().item(), 1e-12)
+    err = (impl - true).abs()
+    excess = (err - (2 * (same - true).abs() + tol)).max().item()
+    assert torch.isfinite(impl).all(), f"{name}: non-finite values"
+    assert excess <= 0, f"{name}: exceeds the bound by {excess:.3g} (max err {err.max().item():.3g}, tol {tol:.3g})"
+
+
+def check_against_truth(impl_out, impl_grads, inputs, dtype):
+    """impl_out [B·N, D]; impl_grads (grad_fmap, grad_weight, grad_bias or None)."""
+    fmap, ids, weight, bias, grad = inputs
+    true = truth(*inputs)
+    same = same_dtype_reference(*inputs)
+    assert impl_out.dtype == dtype
+    assert_rule("out", impl_out, same[0], true[0], dtype)
+    grad_fmap, grad_weight, grad_bias = impl_grads
+    assert grad_fmap.dtype == dtype and grad_weight.dtype == dtype
+    assert_rule("grad_fmap", grad_fmap, same[1], true[1], dtype)
+    assert_rule("grad_weight", grad_weight, same[2], true[2], dtype)
+    if bias is not None:
+        assert grad_bias.dtype == dtype
+        assert_rule("grad_bias", grad_bias, same[3], true[3], dtype)
+    # pixels that were not sampled get exactly zero
+    flat = grad_fmap.detach().flatten(2).clone()
+    flat[:, :, ids] = 0
+    assert not flat.any()
+
+
+CASES = [(dtype, layout, with_bias)
+         for dtype in (torch.float64, torch.float32, torch.float16)
+         for layout in LAYOUTS for with_bias in (False, True)]
+
+
+def case_id(case):
+    dtype, layout, with_bias = case
+    return f"{str(dtype)[6:]}-{layout}-{'bias' if with_bias else 'nobias'}"
+
+
+# --------------------------------------------------------------------------- kernels, called directly
+
+@needs_ext
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_ext_cpu_kernels_match_float64_truth(case):
+    dtype, layout, with_bias = case
+    inputs = make_inputs(dtype, layout, with_bias)
+    fmap, ids, weight, bias, grad = inputs
+    out = torch.ops.pdml.gather_project(fmap, ids, weight, bias)
+    grads = torch.ops.pdml.gather_project_backward(grad, fmap, ids, weight, with_bias)
+    if not with_bias:
+        assert grads[2].numel() == 0
+    check_against_truth(out, (grads[0], grads[1], grads[2] if with_bias else None), inputs, dtype)
+    assert grads[0].stride() == torch.zeros_like(fmap).stride()  # fmap's memory format when dense
+
+
+@needs_ext
+def test_ext_bfloat16_cpu_kernels():
+    inputs = make_inputs(torch.bfloat16, "channels_last", True)
+    fmap, ids, weight, bias, grad = inputs
+    out = torch.ops.pdml.gather_project(fmap, ids, weight, bias)
+    grads = torch.ops.pdml.gather_project_backward(grad, fmap, ids, weight, True)
+    check_against_truth(out, grads, inputs, torch.bfloat16)
+
+
+@needs_ext
+def test_ext_rejects_bad_arguments_before_any_kernel():
+    fmap, ids, weight, bias, grad = make_inputs(torch.float32, "contiguous", True)
+    op = torch.ops.pdml.gather_project
+    bad_ids = ids.clone()
+    bad_ids[3] = H * W
+    with pytest.raises(RuntimeError, match="ids must lie in"):
+        op(fmap, bad_ids, weight, bias)
+    bad_ids[3] = ids[0]
+    with pytest.raises(RuntimeError, match="ids must be distinct"):
+        op(fmap, bad_ids, weight, bias)
+    with pytest.raises(RuntimeError, match="ids must be int64"):
+        op(fmap, ids.int(), weight, bias)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        op(fmap, ids, weight[:, 1:], bias)
+    with pytest.raises(RuntimeError, match="weight must have fmap's dtype"):
+        op(fmap, ids, weight.double(), bias)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        op(fmap, ids, weight, bias[1:])
+    with pytest.raises(RuntimeError, match="fmap must have shape"):
+        op(fmap[0], ids, weight, bias)
+    with pytest.raises(RuntimeError, match="grad must have shape"):
+        torch.ops.pdml.gather_project_backward(grad[1:], fmap, ids, weight, True)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] != torch.float64], ids=case_id)
+def test_triton_kernels_match_float64_truth_interpreted(case):
+    """The launch helpers on CPU tensors run the kernels in the Triton interpreter."""
+    dtype, layout, with_bias = case
+    inputs = make_inputs(dtype, layout, with_bias)
+    fmap, ids, weight, bias, grad = inputs
+    out = gather_project_launch.gather_project_forward(fmap, ids, weight, bias)
+    grads = gather_project_launch.gather_project_backward(grad, fmap, ids, weight, with_bias)
+    assert (grads[2] is None) == (not with_bias)
+    check_against_truth(out, grads, inputs, dtype)
+
+
+@needs_triton
+def test_triton_grad_weight_is_deterministic_and_reads_strided_grad():
+    """A column-major upstream gradient (as some autograd graphs hand it over) gives
+    bit-identical results run after run, and the same as a contiguous one."""
+    fmap, ids, weight, bias, grad = make_inputs(torch.float32, "channels_last", True, seed=3)
+    col_major = grad.t().contiguous().t()
+    first = gather_project_launch.gather_project_backward(col_major, fmap, ids, weight, True)
+    again = gather_project_launch.gather_project_backward(col_major, fmap, ids, weight, True)
+    dense = gather_project_launch.gather_project_backward(grad, fmap, ids, weight, True)
+    for a, b, c in zip(first, again, dense):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("impl", ["ext", "triton"])
+def test_cuda_kernels_match_float64_truth(impl, dtype):
+    if impl == "ext" and not (EXT and "cuda" in torch.ops.pdml.build_info()):
+        pytest.skip("pdml._C has no CUDA kernels")
+    if impl == "triton" and gather_project_launch is None:
+        pytest.skip("triton cannot be imported")
+    for layout in LAYOUTS:
+        for with_bias in (False, True):
+            inputs = make_inputs(dtype, layout, with_bias, device="cuda")
+            fmap, ids, weight, bias, grad = inputs
+            if impl == "ext":
+                out = torch.ops.pdml.gather_project(fmap, ids, weight, bias)
+                grads = torch.ops.pdml.gather_project_backward(grad, fmap, ids, weight, with_bias)
+            else:
+                out = gather_project_launch.gather_project_forward(fmap, ids, weight, bias)
+                grads = gather_project_launch.gather_project_backward(grad, fmap, ids, weight, with_bias)
+            check_against_truth(out, (grads[0], grads[1], grads[2] if with_bias else None), inputs, dtype)
