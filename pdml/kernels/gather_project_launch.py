@@ -37,16 +37,22 @@ def _block(size: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(size)))
 
 
-def block_sizes(rows: int, out_cols: int, inner: int, interpret: bool) -> tuple[int, int, int, int]:
+def block_sizes(rows: int, out_cols: int, inner: int, dtype: torch.dtype,
+                interpret: bool) -> tuple[int, int, int, int]:
     """``(BLOCK_rows, BLOCK_out, BLOCK_inner, num_warps)`` of a ``[rows, out_cols]`` product
-    summed over ``inner``.
+    summed over ``inner``, for operands of ``dtype``.
 
-    On the GPU: 64×64 fp32 accumulator tiles (32 registers a thread at 4 warps) and 32-wide
-    inner chunks. The interpreter's cost is per operation, not per element: big tiles.
+    On the GPU the tiles are the largest that compile without register spills on sm_80 and
+    sm_90 for all three kernels (tests/test_gather_project.py checks ptxas' report):
+    fp32 "ieee" dots unroll into FMAs over register-resident operands, so fp32 gets 32×32
+    tiles with 16-wide inner chunks; fp16/bf16 (tensor cores) 64×32 with 32-wide chunks.
+    The interpreter's cost is per operation, not per element: big tiles.
     """
     if interpret:
         return _block(rows, 128), _block(out_cols, 128), _block(inner, 128), 4
-    return _block(rows, 64), _block(out_cols, 64), _block(inner, 32), 4
+    if dtype == torch.float32:
+        return _block(rows, 32), _block(out_cols, 32), _block(inner, 16), 4
+    return _block(rows, 64), _block(out_cols, 32), _block(inner, 32), 4
 
 
 def _map_geometry(fmap: torch.Tensor, ids: torch.Tensor) -> tuple[int, int, int, int]:
@@ -61,7 +67,7 @@ def gather_project_forward(fmap: torch.Tensor, ids: torch.Tensor, weight: torch.
     rows, n_img, width, channels = _map_geometry(fmap, ids)
     out_dim = weight.shape[0]
     out = torch.empty(rows, out_dim, dtype=fmap.dtype, device=fmap.device)
-    block_r, block_d, block_f, num_warps = block_sizes(rows, out_dim, channels, _interpret(fmap))
+    block_r, block_d, block_f, num_warps = block_sizes(rows, out_dim, channels, fmap.dtype, _interpret(fmap))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(out_dim, block_d))
     with _device_guard(fmap):
         _kernel(fmap, "gather_project_forward_kernel")[grid](
@@ -88,7 +94,7 @@ def gather_project_backward(grad: torch.Tensor, fmap: torch.Tensor, ids: torch.T
     grad_weight = torch.empty(out_dim, channels, dtype=weight.dtype, device=weight.device)
     grad_bias = torch.empty(out_dim, dtype=weight.dtype, device=weight.device) if bias_grad else None
     with _device_guard(fmap):
-        block_r, block_f, block_d, num_warps = block_sizes(rows, channels, out_dim, interpret)
+        block_r, block_f, block_d, num_warps = block_sizes(rows, channels, out_dim, fmap.dtype, interpret)
         grid = (triton.cdiv(rows, block_r), triton.cdiv(channels, block_f))
         _kernel(fmap, "gather_project_grad_fmap_kernel")[grid](
             grad, weight, ids, grad_fmap,
@@ -96,7 +102,7 @@ def gather_project_backward(grad: torch.Tensor, fmap: torch.Tensor, ids: torch.T
             *grad.stride(), *weight.stride(), *grad_fmap.stride(),
             IEEE=fmap.dtype == torch.float32,
             BLOCK_R=block_r, BLOCK_F=block_f, BLOCK_D=block_d, num_warps=num_warps)
-        block_d, block_f, block_r, num_warps = block_sizes(out_dim, channels, rows, interpret)
+        block_d, block_f, block_r, num_warps = block_sizes(out_dim, channels, rows, fmap.dtype, interpret)
         grid = (triton.cdiv(out_dim, block_d), triton.cdiv(channels, block_f))
         _kernel(fmap, "gather_project_grad_weight_kernel")[grid](
             grad, fmap, ids, grad_weight, grad_bias if bias_grad else grad_weight,
