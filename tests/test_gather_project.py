@@ -7,10 +7,14 @@ N=97, H×W=11×13), contiguous / channels-last / sliced maps, bias given or not;
 fp16 everywhere, fp64 on the CPU ext kernels, bf16 of Triton on a GPU only (the
 interpreter's bf16 dots are wrong). Accuracy rule: ``|impl − truth| ≤ 2·|same-dtype
 reference − truth| + tol``, the truth computed in float64 by an independent gather (an
-explicit loop over rows) and matmul.
+explicit loop over rows) and matmul. Also: the reference against a plain loop, the
+validation of pdml.ops.gather_project, float64 gradcheck, opcheck of the custom ops,
+torch.compile(fullgraph=True), and the Triton kernels' sm_80/sm_90 compilation.
 """
 import pytest
 import torch
+
+from pdml import ops, reference
 
 try:
     import pdml._C  # noqa: F401  (registers torch.ops.pdml.*)
@@ -24,6 +28,114 @@ try:
 except ImportError:  # triton missing
     gather_project_launch = None
 needs_triton = pytest.mark.skipif(gather_project_launch is None, reason="triton cannot be imported")
+
+
+# --------------------------------------------------------------------------- reference and pdml.ops validation
+
+def make(b=3, f=7, h=5, w=6, n=11, d=4, dtype=torch.float64, seed=0, noncontiguous=False):
+    g = torch.Generator().manual_seed(seed)
+    if noncontiguous:  # channels-last storage seen as [B, F, H, W]
+        fmap = torch.randn(b, h, w, f, generator=g, dtype=torch.float64).permute(0, 3, 1, 2)
+    else:
+        fmap = torch.randn(b, f, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(d, f, generator=g, dtype=torch.float64)
+    bias = torch.randn(d, generator=g, dtype=torch.float64)
+    ids = torch.randperm(h * w, generator=g)[:n]
+    return fmap.to(dtype), ids, weight.to(dtype), bias.to(dtype)
+
+
+def loop_truth(fmap, ids, weight, bias):
+    """Row b*N + i = fmap[b, :, ids[i]] @ weight.T + bias, written as plain loops in float64."""
+    b, f = fmap.shape[:2]
+    flat = fmap.double().reshape(b, f, -1)
+    rows = []
+    for bi in range(b):
+        for i in ids.tolist():
+            x = flat[bi, :, i]
+            y = weight.double() @ x
+            rows.append(y if bias is None else y + bias.double())
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("noncontiguous", [False, True])
+def test_reference_matches_loop(with_bias, noncontiguous):
+    fmap, ids, weight, bias = make(noncontiguous=noncontiguous)
+    bias = bias if with_bias else None
+    got = ops.gather_project(fmap, ids, weight, bias, backend="reference")
+    assert got.shape == (3 * 11, 4) and got.dtype == torch.float64
+    torch.testing.assert_close(got, loop_truth(fmap, ids, weight, bias), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reference.gather_project(fmap, ids, weight, bias), got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reference_half_inputs_accumulate_in_float32(dtype):
+    fmap, ids, weight, bias = make(b=3, f=123, h=10, w=11, n=97, d=33, dtype=dtype, seed=3)
+    got = ops.gather_project(fmap, ids, weight, bias, backend="reference")
+    assert got.dtype == dtype and got.shape == (3 * 97, 33)
+    truth = loop_truth(fmap, ids, weight, bias)
+    same = reference.gather_project(fmap, ids, weight, bias, compute_dtype=dtype).double()
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype] * truth.abs().max()
+    assert ((got.double() - truth).abs() <= 2 * (same - truth).abs() + tol).all()
+
+
+def test_gradcheck_float64():
+    fmap, ids, weight, bias = make(b=2, f=3, h=3, w=4, n=5, d=2, seed=4)
+    for t in (fmap, weight, bias):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, wt, bs: ops.gather_project(x, ids, wt, bs, backend="reference"), (fmap, weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda x, wt: ops.gather_project(x, ids, wt, None, backend="reference"), (fmap, weight))
+
+
+def test_fmap_gradient_is_zero_off_the_sampled_pixels():
+    fmap, ids, weight, bias = make(seed=5)
+    fmap.requires_grad_(True)
+    ops.gather_project(fmap, ids, weight, bias).sum().backward()
+    mask = torch.zeros(fmap.shape[2] * fmap.shape[3], dtype=torch.bool)
+    mask[ids] = True
+    grad = fmap.grad.flatten(2)
+    assert (grad[:, :, ~mask] == 0).all() and (grad[:, :, mask] != 0).any()
+
+
+def test_auto_picks_a_backend_that_has_the_op():
+    fmap, *_ = make()
+    assert ops.resolve_backend("auto", fmap, "gather_project").name == ("ext" if EXT else "reference")
+
+
+@pytest.mark.parametrize("change,exc,words", [
+    (dict(fmap="rank3"), ValueError, "fmap must have shape [B, F, H, W]"),
+    (dict(fmap="int"), TypeError, "fmap must be float32"),
+    (dict(ids=torch.tensor([0, 30])), ValueError, "ids must lie in [0, H*W) = [0, 30)"),
+    (dict(ids=torch.tensor([1, 1])), ValueError, "ids must be distinct"),
+    (dict(ids=torch.tensor([1.0])), TypeError, "ids must be an integer tensor"),
+    (dict(weight="rank1"), ValueError, "weight must have shape [D, F]"),
+    (dict(weight="wrong_f"), ValueError, "weight must have shape [D, F] with F = fmap.shape[1] = 7"),
+    (dict(weight="float32"), TypeError, "weight must have fmap's dtype"),
+    (dict(weight="list"), TypeError, "weight must be a torch.Tensor"),
+    (dict(bias="rank2"), ValueError, "bias must have shape [D]"),
+    (dict(bias="wrong_d"), ValueError, "bias must have shape [D] with D = weight.shape[0] = 4"),
+    (dict(bias="float32"), TypeError, "bias must have fmap's dtype"),
+    (dict(backend="triton"), RuntimeError, "backend 'triton' is not available for gather_project"),
+])
+def test_ops_validation_names_the_argument(change, exc, words):
+    fmap, ids, weight, bias = make(b=2, f=7, h=5, w=6, n=4, d=4)
+    variants = {
+        "fmap": {"rank3": fmap[0], "int": fmap.long()},
+        "weight": {"rank1": weight[0], "wrong_f": weight[:, :5], "float32": weight.float(),
+                   "list": weight.tolist()},
+        "bias": {"rank2": bias[None], "wrong_d": bias[:3], "float32": bias.float()},
+    }
+    args = dict(fmap=fmap, ids=ids, weight=weight, bias=bias, backend="auto")
+    for key, value in change.items():
+        args[key] = variants[key][value] if isinstance(value, str) and key in variants else value
+    with pytest.raises(exc) as info:
+        ops.gather_project(**args)
+    assert words in str(info.value)
+
+
+# --------------------------------------------------------------------------- every backend, odd shapes
 
 B, F_IN, H, W, D, N = 3, 33, 11, 13, 123, 97
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -189,6 +301,122 @@ def test_triton_grad_weight_is_deterministic_and_reads_strided_grad():
     for a, b, c in zip(first, again, dense):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- through pdml.ops, with autograd
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """CPU tensors may use backend "triton" (the interpreter) inside the test only."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def run_public(backend, inputs):
+    """``pdml.ops.gather_project`` forward and autograd gradients for upstream ``grad``."""
+    fmap, ids, weight, bias, grad = inputs
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (fmap, weight, bias)]
+    out = ops.gather_project(leaves[0], ids, leaves[1], leaves[2], backend=backend)
+    out.backward(grad)
+    return out.detach(), (leaves[0].grad, leaves[1].grad, leaves[2].grad if bias is not None else None)
+
+
+PUBLIC_CASES = [("reference", c) for c in CASES if c[1] != "slice" or c[2]]
+PUBLIC_CASES += [("ext", c) for c in CASES if c[1] != "contiguous" or not c[2]]
+PUBLIC_CASES += [("triton", c) for c in CASES if c[0] == torch.float32 or (c[0] == torch.float16 and c[2])]
+
+
+@pytest.mark.parametrize("backend,case", PUBLIC_CASES, ids=[f"{b}-{case_id(c)}" for b, c in PUBLIC_CASES])
+def test_public_op_and_gradients_match_float64_truth(backend, case, monkeypatch):
+    if backend == "ext" and not EXT:
+        pytest.skip("pdml._C with gather_project is not built")
+    if backend == "triton":
+        if gather_project_launch is None:
+            pytest.skip("triton cannot be imported")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dtype, layout, with_bias = case
+    inputs = make_inputs(dtype, layout, with_bias, seed=1)
+    out, grads = run_public(backend, inputs)
+    check_against_truth(out, grads, inputs, dtype)
+
+
+def test_auto_resolves_to_the_fused_backend_of_the_device(monkeypatch):
+    fmap = make_inputs(torch.float32, "contiguous", True)[0]
+    assert ops.resolve_backend("auto", fmap, "gather_project").name == ("ext" if EXT else "reference")
+    if gather_project_launch is not None:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert ops.resolve_backend("triton", fmap, "gather_project").name == "triton"
+
+
+@needs_ext
+def test_ext_gradcheck_float64():
+    fmap, ids, weight, bias = make(b=2, f=5, h=3, w=4, n=5, d=3, seed=6, noncontiguous=True)
+    for t in (fmap, weight, bias):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, wt, bs: ops.gather_project(x, ids, wt, bs, backend="ext"), (fmap, weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda x, wt: ops.gather_project(x, ids, wt, None, backend="ext"), (fmap, weight))
+
+
+def opcheck_samples(dtype, device="cpu"):
+    """Arguments of the forward op (with and without bias, as leaves or not) and of the
+    backward op, on a channels-last map."""
+    fmap, ids, weight, bias = make(b=2, f=6, h=4, w=5, n=7, d=5, dtype=dtype, seed=8, noncontiguous=True)
+    fmap, ids, weight, bias = (t.to(device) for t in (fmap, ids, weight, bias))
+    leaf = lambda t: t.clone().requires_grad_(True)  # noqa: E731
+    grad = torch.randn(2 * 7, 5, dtype=dtype, device=device)
+    return {
+        "forward": [(leaf(fmap), ids, leaf(weight), leaf(bias)), (fmap, ids, weight, None),
+                    (leaf(fmap), ids, leaf(weight), None)],
+        "backward": [(grad, fmap, ids, weight, True), (grad, fmap, ids, weight, False)],
+    }
+
+
+@needs_ext
+def test_opcheck_ext():
+    samples = opcheck_samples(torch.float64)
+    for args in samples["forward"]:
+        torch.library.opcheck(torch.ops.pdml.gather_project.default, args)
+    for args in samples["backward"]:
+        torch.library.opcheck(torch.ops.pdml.gather_project_backward.default, args)
+
+
+@needs_triton
+def test_opcheck_triton(interpreter):
+    samples = opcheck_samples(torch.float32)
+    for args in samples["forward"]:
+        torch.library.opcheck(torch.ops.pdml_triton.gather_project.default, args + (True,))
+    for args in samples["backward"]:
+        torch.library.opcheck(torch.ops.pdml_triton.gather_project_backward.default, args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "ext", "triton"])
+def test_torch_compile_fullgraph_through_ops(backend, monkeypatch):
+    """Dynamo + AOTAutograd trace ops.gather_project → ReLU → Linear with no graph break
+    (aot_eager: at run time the graph calls the CPU kernels / the interpreter)."""
+    if backend == "ext" and not EXT:
+        pytest.skip("pdml._C with gather_project is not built")
+    if backend == "triton":
+        if gather_project_launch is None:
+            pytest.skip("triton cannot be imported")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch._dynamo.reset()
+    fmap, ids, weight, bias, _ = make_inputs(torch.float32, "channels_last", True, seed=9)
+    second = torch.randn(7, D, generator=torch.Generator().manual_seed(2))
+
+    def head(x, w, b):
+        return torch.nn.functional.linear(torch.relu(ops.gather_project(x, ids, w, b, backend=backend)), second)
+
+    compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (head, compiled):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (fmap, weight, bias)]
+        out = fn(*leaves)
+        out.square().sum().backward()
+        results.append((out.detach(), [t.grad for t in leaves]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want)
 
 
 # --------------------------------------------------------------------------- Triton compilation
