@@ -1,4 +1,4 @@
-"""Triton kernels of pdml (DESIGN.md §1, §4). Kernel modules hold only ``@triton.jit``
+"""Triton kernels of pdml (the math: docs/ops.md). Kernel modules hold only ``@triton.jit``
 kernels; launch modules size the grids and launch them on tensors:
 
 - :mod:`.patch_loss` (the fused patch losses), launched by :mod:`.launch`;
