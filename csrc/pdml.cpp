@@ -54,6 +54,11 @@ TORCH_LIBRARY(pdml, m) {
         "float tau, int groups) -> Tensor");
   m.def("patch_metric_rows(Tensor feat_q, Tensor feat_k, float tau, int groups, bool compute_grad) "
         "-> (Tensor, Tensor, Tensor)");
+  // Sampled-first heads (bodies in gather_project_ops.cpp): the first linear layer of a
+  // row MLP fused with the gather of the rows fmap[b, :, ids[i]] -> [B*N, D].
+  m.def("gather_project(Tensor fmap, Tensor ids, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("gather_project_backward(Tensor grad, Tensor fmap, Tensor ids, Tensor weight, bool bias_grad) "
+        "-> (Tensor grad_fmap, Tensor grad_weight, Tensor grad_bias)");
 }
 
 }  // namespace pdml

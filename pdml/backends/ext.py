@@ -19,6 +19,10 @@ in the map form a divisor of B, consecutive images sharing a group):
 - ``pdml::patch_similarity(fq, fk, ids) -> [B, N, N] acc`` and its backward.
 - rows form: ``patch_nce_rows(feat_q, feat_k, tau, groups)`` (+ backward) and
   ``patch_metric_rows(feat_q, feat_k, tau, groups, compute_grad)`` (its backward is a scale).
+- ``pdml::gather_project(fmap, ids, weight, bias) -> [B·N, D]`` in fmap's dtype (the gather
+  of the sampled pixels fused with a linear layer; csrc/gather_project.h) and
+  ``gather_project_backward(grad, fmap, ids, weight, bias_grad) -> (grad_fmap, grad_weight,
+  grad_bias)`` (grad_fmap zero off the sampled pixels; grad_bias empty without bias_grad).
 
 Mixed precision: float16/bfloat16 features (e.g. from a model under ``torch.autocast``)
 are read as they are and computed in float32; the loss is float32 and the gradients come
@@ -144,6 +148,8 @@ def _register_fakes_and_autograd() -> None:
                 feat_q.new_empty(shape, dtype=acc))
 
     # ------------------------------------------------------------------ autograd
+    _register_gather_project()
+
     def nce_setup(ctx, inputs, output):
         fq, fk, ids, tau, groups = inputs
         ctx.save_for_backward(fq, fk, ids, output[0], output[1])
@@ -221,6 +227,43 @@ def _register_fakes_and_autograd() -> None:
                                     setup_context=metric_rows_setup)
 
 
+def _has_gather_project() -> bool:
+    """Whether this build of ``pdml._C`` has the gather_project ops (older builds lack them)."""
+    return hasattr(torch.ops.pdml, "gather_project")
+
+
+def _register_gather_project() -> None:
+    if not _has_gather_project():
+        return
+
+    @torch.library.register_fake("pdml::gather_project")
+    def _(fmap, ids, weight, bias):
+        return fmap.new_empty(fmap.shape[0] * ids.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("pdml::gather_project_backward")
+    def _(grad, fmap, ids, weight, bias_grad):
+        # the kernels allocate grad_fmap with zeros_like(fmap): fmap's memory format when dense
+        return (torch.empty_like(fmap), weight.new_empty(weight.shape),
+                weight.new_empty(weight.shape[0] if bias_grad else 0))
+
+    def gather_project_setup(ctx, inputs, output):
+        fmap, ids, weight, bias = inputs
+        ctx.save_for_backward(fmap, ids, weight)
+        ctx.has_bias = bias is not None
+
+    def gather_project_grad(ctx, grad):
+        fmap, ids, weight = ctx.saved_tensors
+        need_fmap, _, need_weight, need_bias = ctx.needs_input_grad
+        bias_grad = ctx.has_bias and need_bias
+        grad_fmap, grad_weight, grad_bias = torch.ops.pdml.gather_project_backward(grad, fmap, ids, weight,
+                                                                                   bias_grad)
+        return (grad_fmap if need_fmap else None, None, grad_weight if need_weight else None,
+                grad_bias if bias_grad else None)
+
+    torch.library.register_autograd("pdml::gather_project", gather_project_grad,
+                                    setup_context=gather_project_setup)
+
+
 # ---------------------------------------------------------------------- backend callables
 # Validated arguments (pdml/_validation.py), in the order of registry.Backend's fields.
 
@@ -244,6 +287,10 @@ def _patch_metric_rows(feat_q, feat_k, tau, groups):
     return torch.ops.pdml.patch_metric_rows(feat_q, feat_k, tau, groups, _needs_grad(feat_q, feat_k))[0]
 
 
+def _gather_project(fmap, ids, weight, bias):
+    return torch.ops.pdml.gather_project(fmap, ids, weight, bias)
+
+
 if LOAD_ERROR is None:
     _register_fakes_and_autograd()
     register_backend(Backend(
@@ -255,7 +302,7 @@ if LOAD_ERROR is None:
         patch_similarity=_patch_similarity,
         patch_nce_rows=_patch_nce_rows,
         patch_metric_rows=_patch_metric_rows,
-        gather_project=None,  # no fused kernel yet: "auto" falls through to the reference
+        gather_project=_gather_project if _has_gather_project() else None,
     ))
 else:
     mark_unavailable("ext", LOAD_ERROR)

@@ -9,7 +9,12 @@ through them without graph breaks):
   ``v.sum()`` is the loss, the means running over all rows of all groups (so L stacked
   layers of equal shape, given as L·groups groups, sum to the mean of the layer losses);
 - ``similarity(q, k, ids, check_ids) -> [B, N, N]`` fp32;
-- ``nce_backward``, ``metric_backward``, ``similarity_backward``.
+- ``nce_backward``, ``metric_backward``, ``similarity_backward``;
+- ``gather_project(fmap, ids, weight, bias, check_ids) -> [B·N, D]`` in fmap's dtype (the
+  gather of the sampled pixels fused with a linear layer, :mod:`pdml.kernels.gather_project`)
+  and ``gather_project_backward(grad, fmap, ids, weight, bias_grad) -> (grad_fmap,
+  grad_weight, grad_bias)`` (grad_fmap zero off the sampled pixels, grad_bias empty without
+  bias_grad).
 
 Features are maps ``[B, C, H, W]`` with ``ids`` int64 ``[N]`` (gathered and normalised
 in the kernels), or rows ``[R, C]`` with ``ids=None`` (used as given). ``groups`` is the
@@ -31,10 +36,11 @@ from pdml import _validation
 from pdml.backends.registry import Backend, mark_unavailable, register_backend
 
 try:
+    from pdml.kernels import gather_project_launch as _gather_launch
     from pdml.kernels import launch as _launch
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as exc:  # no triton in this environment
-    _launch = None
+    _launch = _gather_launch = None
     _IMPORT_ERROR = f"triton cannot be imported ({exc})"
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -206,6 +212,78 @@ def _similarity_grad(ctx, grad):
 similarity.register_autograd(_similarity_grad, setup_context=_similarity_setup_context)
 
 
+# --------------------------------------------------------------------------- gather + projection
+
+def _check_gather_args(fmap: Tensor, ids: Tensor, weight: Tensor, bias: Optional[Tensor], check_ids: bool) -> None:
+    """What the gather_project kernels rely on, for callers that reach the ops without :mod:`pdml.ops`."""
+    if _gather_launch is None:
+        raise RuntimeError(f"backend 'triton' is not available: {_IMPORT_ERROR}")
+    if fmap.dim() != 4:
+        raise ValueError(f"fmap must have shape [B, F, H, W], got {tuple(fmap.shape)}")
+    if fmap.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the Triton kernels take float32, float16 or bfloat16, got {fmap.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != fmap.shape[1]:
+        raise ValueError(f"weight must have shape [D, F] with F = {fmap.shape[1]}, got {tuple(weight.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must have shape [D] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != fmap.dtype or t.device != fmap.device):
+            raise TypeError(f"{name} must have fmap's dtype and device, got {t.dtype} on {t.device}")
+    if ids.dtype != torch.int64 or ids.dim() != 1 or ids.device != fmap.device:
+        raise ValueError("ids must be a 1-D int64 tensor on fmap's device")
+    if check_ids:
+        _validation.check_ids_values(ids, fmap.shape[2] * fmap.shape[3])
+
+
+@torch.library.custom_op("pdml_triton::gather_project", mutates_args=())
+def gather_project_op(fmap: Tensor, ids: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      check_ids: bool = True) -> Tensor:
+    """``[B·N, D]`` rows ``fmap[b, :, ids[i]] @ weight.T + bias`` in fmap's dtype."""
+    _check_gather_args(fmap, ids, weight, bias, check_ids)
+    return _gather_launch.gather_project_forward(fmap, ids.contiguous(), weight, bias)
+
+
+@gather_project_op.register_fake
+def _(fmap, ids, weight, bias, check_ids=True):
+    return fmap.new_empty(fmap.shape[0] * ids.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("pdml_triton::gather_project_backward", mutates_args=())
+def gather_project_backward(grad: Tensor, fmap: Tensor, ids: Tensor, weight: Tensor,
+                            bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_fmap, grad_weight [D, F], grad_bias [D] or [0])`` from ``grad [B·N, D]``."""
+    _check_gather_args(fmap, ids, weight, None, False)
+    grad_fmap, grad_weight, grad_bias = _gather_launch.gather_project_backward(
+        grad.to(fmap.dtype), fmap, ids.contiguous(), weight, bias_grad)
+    return grad_fmap, grad_weight, grad_bias if bias_grad else weight.new_empty(0)
+
+
+@gather_project_backward.register_fake
+def _(grad, fmap, ids, weight, bias_grad):
+    # the launcher allocates grad_fmap with zeros_like(fmap): fmap's memory format when dense
+    return (torch.empty_like(fmap), weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape[0] if bias_grad else 0))
+
+
+def _gather_project_setup_context(ctx, inputs, output):
+    fmap, ids, weight, bias = inputs[:4]  # check_ids may be left at its default
+    ctx.save_for_backward(fmap, ids, weight)
+    ctx.has_bias = bias is not None
+
+
+def _gather_project_grad(ctx, grad):
+    fmap, ids, weight = ctx.saved_tensors
+    need_fmap, _, need_weight, need_bias = ctx.needs_input_grad[:4]
+    bias_grad = ctx.has_bias and need_bias
+    grad_fmap, grad_weight, grad_bias = gather_project_backward(grad, fmap, ids, weight, bias_grad)
+    grads = (grad_fmap if need_fmap else None, None, grad_weight if need_weight else None,
+             grad_bias if bias_grad else None, None)
+    return grads[:len(ctx.needs_input_grad)]
+
+
+gather_project_op.register_autograd(_gather_project_grad, setup_context=_gather_project_setup_context)
+
+
 # --------------------------------------------------------------------------- backend functions
 # Validated arguments (pdml/_validation.py), in the order of registry.Backend's fields.
 
@@ -227,6 +305,10 @@ def patch_nce_rows(feat_q: Tensor, feat_k: Tensor, tau: float, groups: int) -> T
 
 def patch_metric_rows(feat_q: Tensor, feat_k: Tensor, tau: float, groups: int) -> Tensor:
     return metric(feat_q, feat_k, None, tau, groups, False).sum()
+
+
+def gather_project(fmap: Tensor, ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return gather_project_op(fmap, ids, weight, bias, torch.compiler.is_compiling())
 
 
 # --------------------------------------------------------------------------- registration
@@ -265,5 +347,5 @@ else:
         patch_similarity=patch_similarity,
         patch_nce_rows=patch_nce_rows,
         patch_metric_rows=patch_metric_rows,
-        gather_project=None,  # no fused kernel yet: "auto" falls through to the next backend
+        gather_project=gather_project,
     ))

@@ -1,9 +1,13 @@
-"""Triton kernels of pdml: :mod:`.patch_loss` holds the ``@triton.jit``
-kernels, :mod:`.launch` the helpers that size the grids and launch them on tensors,
-:mod:`.aot` the compile check for a GPU architecture without a GPU.
+"""Triton kernels of pdml (the math: docs/ops.md). Kernel modules hold only ``@triton.jit``
+kernels; launch modules size the grids and launch them on tensors:
+
+- :mod:`.patch_loss` (the fused patch losses), launched by :mod:`.launch`;
+- :mod:`.gather_project` (gather + first linear layer of a row MLP), launched by
+  :mod:`.gather_project_launch`;
+- :mod:`.aot`: the compile check of every kernel for a GPU architecture, without a GPU.
 
 Triton decides at decoration time whether a kernel is compiled for the GPU or run by
-its CPU interpreter (``TRITON_INTERPRET``). pdml keeps one copy of the kernel module
+its CPU interpreter (``TRITON_INTERPRET``). pdml keeps one copy of each kernel module
 per mode (:func:`kernel_module`), so CUDA tensors always get compiled kernels and CPU
 tensors the interpreter, whatever the process-wide setting was when pdml was imported.
 """
@@ -21,8 +25,10 @@ try:  # triton >= 3.3 reads its settings through knobs
 except ImportError:  # older triton reads the environment directly
     _knobs = None
 
-_SOURCE = Path(__file__).with_name("patch_loss.py")
-_MODULES: dict[bool, types.ModuleType] = {}
+KERNEL_MODULES = ("patch_loss", "gather_project")
+"""The modules of this package that hold ``@triton.jit`` kernels (loaded per mode)."""
+
+_MODULES: dict[tuple[str, bool], types.ModuleType] = {}
 
 
 def interpret_everywhere() -> bool:
@@ -50,16 +56,19 @@ def _interpret_mode(interpret: bool):
             os.environ["TRITON_INTERPRET"] = saved
 
 
-def kernel_module(interpret: bool) -> types.ModuleType:
-    """The kernels of :mod:`pdml.kernels.patch_loss`, decorated for the interpreter
-    (``interpret=True``) or for compilation (``False``); each copy is loaded once."""
-    module = _MODULES.get(interpret)
+def kernel_module(interpret: bool, name: str = "patch_loss") -> types.ModuleType:
+    """The kernel module ``pdml.kernels.<name>`` (one of :data:`KERNEL_MODULES`), decorated
+    for the interpreter (``interpret=True``) or for compilation (``False``); each copy is
+    loaded once."""
+    if name not in KERNEL_MODULES:
+        raise ValueError(f"name must be one of {KERNEL_MODULES}, got {name!r}")
+    module = _MODULES.get((name, interpret))
     if module is None:
-        name = f"pdml.kernels._patch_loss_{'interpreted' if interpret else 'compiled'}"
-        spec = importlib.util.spec_from_file_location(name, _SOURCE)
+        qualified = f"pdml.kernels._{name}_{'interpreted' if interpret else 'compiled'}"
+        spec = importlib.util.spec_from_file_location(qualified, Path(__file__).with_name(f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
         with _interpret_mode(interpret):
-            sys.modules[name] = module
+            sys.modules[qualified] = module
             spec.loader.exec_module(module)
-        _MODULES[interpret] = module
+        _MODULES[(name, interpret)] = module
     return module

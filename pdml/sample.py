@@ -1,0 +1,177 @@
+"""Drop-in replacement of CUT's ``networks.PatchSampleF`` that samples first and then runs
+the head's first linear layer fused with the gather (:func:`pdml.ops.gather_project`).
+
+CUT's sampler (taesungp/contrastive-unpaired-translation, ``models/networks.py``) takes the
+encoder's feature maps, samples the same ``num_patches`` pixel ids for every image of the
+batch, optionally runs a per-layer MLP (``Linear(C, nc) → ReLU → Linear(nc, nc)``, created
+lazily on the first call) on the sampled rows, and L2-normalises them. This module has the
+same constructor, the same ``forward(feats, num_patches, patch_ids)`` contract, the same
+random ids for the same RNG state, the same initialisation and the same parameter names
+(``mlp_0.0.weight`` …), so a CUT ``netF`` checkpoint loads into it with ``strict=True``.
+The difference is the cost: with ``use_mlp`` the first linear layer reads only the sampled
+pixels' channels of each map (no permuted copy of the map) and its backward writes the map
+gradient only at those pixels.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+
+from pdml import ops, reference
+
+INIT_TYPES = ("normal", "xavier", "kaiming", "orthogonal")
+
+
+def init_weights(net: nn.Module, init_type: str = "normal", init_gain: float = 0.02) -> None:
+    """CUT's (and pix2pix's) ``init_weights``: every Conv/Linear weight drawn by ``init_type``
+    with ``init_gain`` (kaiming: fan-in, gain unused), biases zero, BatchNorm2d weights
+    ~ N(1, init_gain); modules visited in ``net.apply`` order, so the same RNG state draws
+    the same values as CUT."""
+    if init_type not in INIT_TYPES:
+        raise ValueError(f"init_type must be one of {INIT_TYPES}, got {init_type!r}")
+
+    def init_module(m: nn.Module) -> None:
+        classname = type(m).__name__
+        if hasattr(m, "weight") and ("Conv" in classname or "Linear" in classname):
+            if init_type == "normal":
+                init.normal_(m.weight.data, 0.0, init_gain)
+            elif init_type == "xavier":
+                init.xavier_normal_(m.weight.data, gain=init_gain)
+            elif init_type == "kaiming":
+                init.kaiming_normal_(m.weight.data, a=0, mode="fan_in")
+            else:
+                init.orthogonal_(m.weight.data, gain=init_gain)
+            if getattr(m, "bias", None) is not None:
+                init.constant_(m.bias.data, 0.0)
+        elif "BatchNorm2d" in classname:
+            init.normal_(m.weight.data, 1.0, init_gain)
+            init.constant_(m.bias.data, 0.0)
+
+    net.apply(init_module)
+
+
+def _normalize(x: Tensor, dim: int) -> Tensor:
+    """CUT's ``Normalize(2)``: ``x / (‖x‖₂ + 1e-7)`` along ``dim``."""
+    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + reference.NORM_EPS)
+
+
+class PatchSampleF(nn.Module):
+    """CUT's ``PatchSampleF`` with the sampled-first, fused first layer.
+
+    Args:
+        use_mlp: run a per-layer MLP ``Linear(C_l, nc) → ReLU → Linear(nc, nc)`` on the rows.
+        init_type, init_gain: the MLPs' initialisation (:func:`init_weights`).
+        nc: the MLPs' width.
+        gpu_ids: accepted for CUT compatibility; the MLPs are created on the device of the
+            features they first see.
+        backend: the :func:`pdml.ops.gather_project` backend ("auto", "reference", "ext",
+            "triton").
+
+    ``forward(feats, num_patches=64, patch_ids=None) -> (return_feats, return_ids)``, for a
+    list of maps ``feats[l]`` of shape ``[B, C_l, H_l, W_l]``:
+
+    - ``num_patches > 0``: ``return_ids[l]`` is ``patch_ids[l]`` if given, else the first
+      ``min(num_patches, H_l·W_l)`` entries of ``torch.randperm(H_l·W_l)`` on ``feats[0]``'s
+      device (int64, the same for every image); ``return_feats[l]`` is ``[B·N_l, D]``, row
+      ``b·N_l + i`` from pixel ``ids[i]`` of image ``b`` (``D = nc`` with the MLP, else
+      ``C_l``), L2-normalised per row.
+    - ``num_patches == 0``: every pixel, ``return_ids[l] = []``, ``return_feats[l]`` is
+      ``[B, D, H_l, W_l]`` normalised as CUT does it (over dim 1 of the ``[B, H·W, D]``
+      pixel rows, i.e. over the pixels).
+
+    The MLPs (parameters in the default dtype) are created on the first call with
+    ``use_mlp``, or from the shapes in a state_dict loaded before that call.
+    """
+
+    def __init__(self, use_mlp: bool = False, init_type: str = "normal", init_gain: float = 0.02,
+                 nc: int = 256, gpu_ids: Sequence[int] = (), backend: str = "auto"):
+        super().__init__()
+        if init_type not in INIT_TYPES:
+            raise ValueError(f"init_type must be one of {INIT_TYPES}, got {init_type!r}")
+        if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
+            raise ValueError(f"nc must be a positive int, got {nc!r}")
+        self.use_mlp = bool(use_mlp)
+        self.nc = nc
+        self.mlp_init = False
+        self.init_type = init_type
+        self.init_gain = init_gain
+        self.gpu_ids = list(gpu_ids)
+        self.backend = backend
+
+    def _new_mlp(self, input_nc: int, device) -> nn.Sequential:
+        """CUT's head of one layer: ``Linear(input_nc, nc) → ReLU → Linear(nc, nc)``."""
+        mlp = nn.Sequential(nn.Linear(input_nc, self.nc), nn.ReLU(), nn.Linear(self.nc, self.nc))
+        return mlp.to(device)
+
+    def create_mlp(self, feats: Sequence[Tensor]) -> None:
+        """One MLP per feature map (``mlp_<l>``) on the maps' devices, initialised as CUT's
+        ``init_net`` does (all Linear layers are built first, then all are initialised)."""
+        for mlp_id, feat in enumerate(feats):
+            setattr(self, f"mlp_{mlp_id}", self._new_mlp(feat.shape[1], feat.device))
+        init_weights(self, self.init_type, self.init_gain)
+        self.mlp_init = True
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A checkpoint saved after the MLPs existed: create them (from the stored first-layer
+        # shapes) before the state is copied in, so a fresh module loads it strictly.
+        if self.use_mlp and not self.mlp_init:
+            pattern = re.compile(re.escape(prefix) + r"mlp_(\d+)\.0\.weight")
+            first = {int(m.group(1)): state_dict[key] for key in state_dict if (m := pattern.fullmatch(key))}
+            if first and sorted(first) == list(range(len(first))):
+                for mlp_id, weight in sorted(first.items()):
+                    setattr(self, f"mlp_{mlp_id}", self._new_mlp(weight.shape[1], weight.device))
+                self.mlp_init = True
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _project(self, mlp: nn.Sequential, feat: Tensor, ids: Tensor) -> Tensor:
+        """``mlp`` applied to the sampled rows, its first Linear fused with the gather."""
+        first = mlp[0]
+        weight, bias = first.weight, first.bias
+        if weight.dtype != feat.dtype:  # e.g. half features from an autocast region
+            weight, bias = weight.to(feat.dtype), (bias.to(feat.dtype) if bias is not None else None)
+        hidden = ops.gather_project(feat, ids, weight, bias, backend=self.backend)
+        return mlp[1:](hidden)
+
+    def forward(self, feats: Sequence[Tensor], num_patches: int = 64,
+                patch_ids: Optional[Sequence] = None) -> tuple[list[Tensor], list]:
+        return_feats, return_ids = [], []
+        if self.use_mlp and not self.mlp_init:
+            self.create_mlp(feats)
+        for feat_id, feat in enumerate(feats):
+            if feat.dim() != 4:
+                raise ValueError(f"feats[{feat_id}] must have shape [B, C, H, W], got {tuple(feat.shape)}")
+            batch, _, height, width = feat.shape
+            mlp = getattr(self, f"mlp_{feat_id}") if self.use_mlp else None
+            if num_patches > 0:
+                if patch_ids is not None:
+                    patch_id = patch_ids[feat_id]
+                else:
+                    patch_id = torch.randperm(height * width, device=feats[0].device)
+                    patch_id = patch_id[:int(min(num_patches, patch_id.shape[0]))]
+                ids = torch.as_tensor(patch_id, dtype=torch.long, device=feat.device)
+                if mlp is not None:
+                    rows = self._project(mlp, feat, ids)
+                else:
+                    rows = reference.gather_rows(feat, ids).flatten(0, 1)
+                x_sample = _normalize(rows, dim=1)
+            else:
+                patch_id = []
+                pixels = feat.permute(0, 2, 3, 1).flatten(1, 2)  # [B, H·W, C]
+                if mlp is not None:
+                    pixels = mlp(pixels)
+                pixels = _normalize(pixels, dim=1)  # CUT normalises dim 1 here: the pixels
+                x_sample = pixels.permute(0, 2, 1).reshape(batch, pixels.shape[-1], height, width)
+            return_ids.append(patch_id)
+            return_feats.append(x_sample)
+        return return_feats, return_ids
+
+    def extra_repr(self) -> str:
+        return (f"use_mlp={self.use_mlp}, nc={self.nc}, init_type={self.init_type!r}, "
+                f"init_gain={self.init_gain}, backend={self.backend!r}")
