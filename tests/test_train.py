@@ -1,4 +1,4 @@
-"""pdml.train: schedule, config, checkpoints, one step per precision and loss, a full tiny
+"""pdml.training: schedule, config, checkpoints, one step per precision and loss, a full tiny
 run, exact resume after SIGKILL, and a 2-process torchrun (gloo) run."""
 import json
 import os
@@ -13,7 +13,12 @@ import pytest
 import torch
 
 import pdml
-from pdml import train as T
+from pdml.training.checkpoint import (CHECKPOINT_FORMAT, atomic_write_bytes, load_checkpoint,
+                                      save_checkpoint)
+from pdml.training.config import TrainConfig, TrainError, lr_factor, make_config
+from pdml.training.rng import capture_rng_state, restore_rng_state
+from pdml.training.run import TrainingRun
+from pdml.training.step import patch_loss
 from pdml.cli import train_main
 
 PDML_TRAIN = str(Path(sys.executable).with_name("pdml-train"))
@@ -44,44 +49,44 @@ def _params(ckpt):
 # --------------------------------------------------------------------------- units
 
 def test_lr_schedule_constant_then_linear_decay():
-    cfg = T.make_config("tiny", steps=10, decay_steps=4)
-    factors = [T.lr_factor(s, cfg) for s in range(11)]
+    cfg = make_config("tiny", steps=10, decay_steps=4)
+    factors = [lr_factor(s, cfg) for s in range(11)]
     assert factors[:6] == [1.0] * 6
     assert factors[6:] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
 
 
 def test_presets_and_config_validation():
-    demo = T.make_config()
+    demo = make_config()
     assert (demo.preset, demo.loss, demo.lambda_gan, demo.lambda_identity, demo.lambda_metric,
             demo.resolved_tau, demo.num_patches, demo.loss_layers, demo.lr, demo.beta1,
             demo.beta2, demo.wavelet) == ("demo", "dml", 1.0, 5.0, 0.1, 0.15, 128,
                                           ("trunk", "fusion"), 2e-4, 0.5, 0.999, True)
-    assert T.make_config(loss="patchnce").resolved_tau == 0.07
-    assert T.TrainConfig.from_dict(demo.to_dict()) == demo
+    assert make_config(loss="patchnce").resolved_tau == 0.07
+    assert TrainConfig.from_dict(demo.to_dict()) == demo
     for kwargs, match in [({"loss": "nce"}, "--loss"), ({"precision": "fp8"}, "--precision"),
                           ({"ldct": "/a"}, "--ldct and --ndct"), ({"steps": 0}, "--steps"),
                           ({"decay_steps": 10**9}, "--decay-steps"),
                           ({"loss_backend": "cuda"}, "--loss-backend"), ({"crop": 4}, "--crop")]:
-        with pytest.raises(T.TrainError, match=match):
-            T.make_config("tiny", **kwargs)
-    with pytest.raises(T.TrainError, match="--preset"):
-        T.make_config("huge")
+        with pytest.raises(TrainError, match=match):
+            make_config("tiny", **kwargs)
+    with pytest.raises(TrainError, match="--preset"):
+        make_config("huge")
 
 
 def test_patch_loss_uses_the_same_ids_for_output_and_input():
-    cfg = T.make_config("tiny", num_patches=16)
+    cfg = make_config("tiny", num_patches=16)
     torch.manual_seed(0)
     fq = [torch.randn(2, 8, 6, 5) for _ in range(2)]
     fk = [torch.randn(2, 8, 6, 5) for _ in range(2)]
     torch.manual_seed(5)
-    got = T.patch_loss(cfg, fq, fk)
+    got = patch_loss(cfg, fq, fk)
     torch.manual_seed(5)
     want = sum(pdml.reference.patch_metric(q, k, torch.randperm(30)[:16], tau=0.15)
                for q, k in zip(fq, fk)) / 2
     torch.testing.assert_close(got, want)
-    cfg_nce = T.make_config("tiny", num_patches=16, loss="patchnce")
+    cfg_nce = make_config("tiny", num_patches=16, loss="patchnce")
     torch.manual_seed(5)
-    got = T.patch_loss(cfg_nce, fq, fk)
+    got = patch_loss(cfg_nce, fq, fk)
     torch.manual_seed(5)
     want = sum(pdml.reference.patch_nce(q, k, torch.randperm(30)[:16], tau=0.07).mean()
                for q, k in zip(fq, fk)) / 2
@@ -91,31 +96,87 @@ def test_patch_loss_uses_the_same_ids_for_output_and_input():
 def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
     import random
 
-    state = T.capture_rng_state()
+    state = capture_rng_state()
     a = (torch.rand(3), np.random.rand(3), random.random())
-    T.save_checkpoint({"rng": state}, tmp_path / "s.pt")
-    T.restore_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    save_checkpoint({"rng": state}, tmp_path / "s.pt")
+    restore_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 
 
 def test_load_checkpoint_rejects_foreign_and_corrupt_files(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "other.pt")
-    with pytest.raises(T.TrainError, match="not a pdml-train checkpoint"):
-        T.load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(TrainError, match="not a pdml-train checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
     (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(T.TrainError, match="cannot read checkpoint"):
-        T.load_checkpoint(tmp_path / "torn.pt")
-    with pytest.raises(T.TrainError, match="does not exist"):
-        T.load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(TrainError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "torn.pt")
+    with pytest.raises(TrainError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
 
 
 def test_atomic_write_leaves_old_or_new_file(tmp_path):
     path = tmp_path / "f.bin"
-    T.atomic_write_bytes(path, b"old")
-    T.atomic_write_bytes(path, b"new")
+    atomic_write_bytes(path, b"old")
+    atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no tmp file left behind
+
+
+def _pdml_imports(path: Path) -> set[str]:
+    """The pdml modules a source file imports (module level and inside functions)."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pdml"):
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("pdml"))
+    return out
+
+
+def test_training_package_has_one_job_per_file_and_imports_point_down():
+    root = Path(pdml.__file__).parent
+    files = sorted((root / "training").glob("*.py"))
+    assert {f.stem for f in files} >= {"config", "distributed", "checkpoint", "rng", "step",
+                                       "data", "evaluate", "report", "telemetry", "run"}
+    assert not (root / "train.py").exists()
+    for f in files:
+        assert len(f.read_text().splitlines()) <= 400, f"{f.name} is over 400 lines"
+        if f.stem not in ("run", "__init__"):
+            assert "pdml.training.run" not in _pdml_imports(f), f"{f.name} imports run.py back"
+    assert not any(m.startswith("pdml.training.run") or m in ("pdml.training.train",
+                                                              "pdml.training.TrainingRun")
+                   for m in _pdml_imports(root / "inference.py"))
+    # the public names README and the tests use
+    import pdml.training as training
+
+    for name in ("train", "TrainingRun", "TrainConfig", "make_config", "TrainError", "PRESETS",
+                 "load_checkpoint", "evaluate_slices", "denoise_slices", "ValItem"):
+        assert getattr(training, name) is not None
+    assert set(training.__all__) <= set(dir(training))
+    with pytest.raises(AttributeError):
+        training.no_such_name
+
+
+def test_evaluate_slices_returns_metrics_only():
+    from pdml.training.data import ValItem
+    from pdml.training.evaluate import evaluate_slices
+
+    rng = np.random.default_rng(0)
+    nd = rng.normal(40.0, 5.0, (48, 48)).astype(np.float32)
+    paired = [ValItem(nd + rng.normal(0, 20, nd.shape).astype(np.float32), nd, "a")]
+    got = evaluate_slices(paired, [nd + 1.0])
+    assert set(got) == {"psnr", "ssim", "noise_std", "hu_shift", "ld_psnr", "ld_ssim",
+                        "ld_noise_std", "ld_hu_shift", "slices"}
+    assert got["slices"] == 1 and got["hu_shift"] == pytest.approx(1.0, abs=1e-3)
+    assert got["psnr"] > got["ld_psnr"]
+    unpaired = evaluate_slices([ValItem(nd, None)], [nd])
+    assert unpaired["psnr"] is None and unpaired["hu_shift"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="denoised"):
+        evaluate_slices(paired, [])
 
 
 # --------------------------------------------------------------------------- training
@@ -131,9 +192,9 @@ def test_one_training_step(tmp_path, monkeypatch, precision, loss):
             seen.append((_name, fq.dtype, fk.dtype, tuple(ids.shape), k.get("backend")))
             return _real(fq, fk, ids, *a, **k)
         monkeypatch.setattr(pdml.ops, name, spy)
-    cfg = T.make_config("tiny", precision=precision, loss=loss, out=str(tmp_path / "run"),
+    cfg = make_config("tiny", precision=precision, loss=loss, out=str(tmp_path / "run"),
                         progress=False)
-    run = T.TrainingRun(cfg)
+    run = TrainingRun(cfg)
     try:
         before = {k: v.detach().clone() for k, v in run.generator.named_parameters()}
         d_before = {k: v.detach().clone() for k, v in run.discriminator.named_parameters()}
@@ -172,7 +233,7 @@ def test_tiny_run_writes_the_run_folder(tmp_path, capsys):
         assert np.isfinite(eval_recs[-1][key])
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(out / "checkpoints" / name, weights_only=True)
-        assert ckpt["format"] == T.CHECKPOINT_FORMAT and ckpt["config"]["preset"] == "tiny"
+        assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["config"]["preset"] == "tiny"
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
     for fig in ("eval_step0000002.png", "eval_step0000004.png", "losses.png"):
         assert (out / "figures" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
