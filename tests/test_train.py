@@ -17,7 +17,7 @@ from pdml.training.checkpoint import (CHECKPOINT_FORMAT, atomic_write_bytes, loa
                                       save_checkpoint)
 from pdml.training.config import TrainConfig, TrainError, lr_factor, make_config
 from pdml.training.rng import capture_rng_state, restore_rng_state
-from pdml.training.run import TrainingRun
+from pdml.training.run import TrainingRun, train
 from pdml.training.step import patch_loss
 from pdml.cli import train_main
 
@@ -282,6 +282,99 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
         sa, sb = a["optimizer"][group]["state"], b["optimizer"][group]["state"]
         assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     assert [r["step"] for r in _records(killed, "train")] == list(range(1, steps + 1))
+
+
+def _write_version_1_run(run_dir: Path, cfg) -> dict:
+    """A run folder as the trainer wrote it before the heads became row MLPs (checkpoint
+    version 1): 1×1-conv heads ``[o, i, 1, 1]``, Adam state of those shapes, one step in."""
+    from torch import nn
+
+    from pdml.training.networks import build_networks
+
+    torch.manual_seed(0)
+    generator, discriminator, _ = build_networks(cfg)
+    old_heads = nn.Module()
+    old_heads.heads = nn.ModuleDict({name: nn.Sequential(
+        nn.Conv2d(cfg.features, cfg.head_dim, 1), nn.ReLU(), nn.Conv2d(cfg.head_dim, cfg.head_dim, 1))
+        for name in cfg.loss_layers})
+    betas = (cfg.beta1, cfg.beta2)
+    opt_g = torch.optim.Adam(list(generator.parameters()) + list(old_heads.parameters()),
+                             lr=cfg.lr, betas=betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=betas)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg)) for o in (opt_g, opt_d)]
+    for opt, sched in zip((opt_g, opt_d), scheds):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = torch.randn_like(p)
+        opt.step()
+        sched.step()
+    ckpt = {
+        "format": CHECKPOINT_FORMAT, "version": 1, "pdml_version": pdml.__version__,
+        "step": 1, "world_size": 1, "elapsed_s": 1.0, "config": cfg.to_dict(),
+        "model": {"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
+                  "heads": old_heads.state_dict()},
+        "optimizer": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
+        "scheduler": {"generator": scheds[0].state_dict(), "discriminator": scheds[1].state_dict()},
+        "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+        "rng": [capture_rng_state()], "best": {"step": -1, "psnr": None},
+    }
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, run_dir / "checkpoints" / "last.pt")
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    return ckpt
+
+
+def test_resume_of_a_version_1_run_with_conv_heads(tmp_path):
+    cfg = make_config("tiny", steps=3, decay_steps=1, eval_every=10, ckpt_every=10,
+                      out=str(tmp_path / "old"), progress=False)
+    old = _write_version_1_run(tmp_path / "old", cfg)
+    head_keys = list(old["model"]["heads"])
+    n_gen = len(old["optimizer"]["generator"]["param_groups"][0]["params"]) - len(head_keys)
+    old_state = old["optimizer"]["generator"]["state"]
+    assert old["model"]["heads"]["heads.trunk.0.weight"].shape == (128, 32, 1, 1)
+    assert old_state[n_gen + 2]["exp_avg"].shape == (128, 128, 1, 1)  # heads.trunk.2.weight
+
+    # the migration: heads and their Adam state become linear-shaped, values unchanged
+    migrated = load_checkpoint(tmp_path / "old")
+    assert migrated["version"] == 2
+    for j, key in enumerate(head_keys):
+        want = old["model"]["heads"][key]
+        got = migrated["model"]["heads"][key]
+        assert torch.equal(got, want.reshape(want.shape[:2]) if want.dim() == 4 else want)
+        for name in ("exp_avg", "exp_avg_sq"):
+            want = old_state[n_gen + j][name]
+            got = migrated["optimizer"]["generator"]["state"][n_gen + j][name]
+            assert torch.equal(got, want.reshape(want.shape[:2]) if want.dim() == 4 else want)
+    for i in range(n_gen):  # the generator's own state (1×1 convs included) is untouched
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(migrated["optimizer"]["generator"]["state"][i][name],
+                               old_state[i][name])
+
+    # pdml-train --resume continues the old run and trains its heads
+    assert train_main(["--resume", str(tmp_path / "old")]) == 0
+    done = torch.load(tmp_path / "old" / "checkpoints" / "last.pt", weights_only=True)
+    assert done["version"] == 2 and done["step"] == 3
+    assert [r["step"] for r in _records(tmp_path / "old", "train")] == [2, 3]
+    for key in head_keys:
+        assert done["model"]["heads"][key].shape == migrated["model"]["heads"][key].shape
+        assert not torch.equal(done["model"]["heads"][key], migrated["model"]["heads"][key])
+
+    # the same state written by hand in version 2 resumes to bit-identical weights
+    by_hand = tmp_path / "by_hand"
+    (by_hand / "checkpoints").mkdir(parents=True)
+    v2 = dict(old, version=2)
+    v2["model"] = dict(old["model"], heads={k: v.flatten(1) if v.dim() == 4 else v
+                                            for k, v in old["model"]["heads"].items()})
+    v2_opt = dict(old["optimizer"]["generator"])
+    v2_opt["state"] = {i: {n: (t.flatten(1) if i >= n_gen and t.dim() == 4 else t)
+                           for n, t in st.items()} for i, st in old_state.items()}
+    v2["optimizer"] = dict(old["optimizer"], generator=v2_opt)
+    v2["config"] = dict(old["config"], out=str(by_hand))
+    torch.save(v2, by_hand / "checkpoints" / "last.pt")
+    train(resume=str(by_hand))
+    again = torch.load(by_hand / "checkpoints" / "last.pt", weights_only=True)
+    pa, pb = _params(done), _params(again)
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
 @pytest.mark.slow
