@@ -1,4 +1,4 @@
-"""Builds pdml and its optional extension ``pdml._C`` (DESIGN.md §3, §4).
+"""Builds pdml and its optional extension ``pdml._C`` (docs/layout.md).
 
 - CPU kernels (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) are always built.
 - CUDA kernels (``csrc/cuda/*.cu``) are built when torch is a CUDA build and nvcc is

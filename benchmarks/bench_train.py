@@ -46,7 +46,7 @@ def test_train_step(benchmark, precision, backend, device, tmp_path, monkeypatch
         if device == "cuda":
             torch.cuda.synchronize()
 
-    label = f"{precision}+{ops.resolve_backend(backend, pool[0][0]).name}"
+    label = f"{precision}+{ops.resolve_backend(backend, pool[0][0], 'patch_metric').name}"
     benchmark.group = "train step paper"
     benchmark.extra_info.update(harness.environment(device))
     benchmark.extra_info.update(kind="train", op="train_step", mode="G+D", shape=f"paper (B={BATCH}, {CROP}²)",

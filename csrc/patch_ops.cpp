@@ -1,7 +1,7 @@
 // Bodies of the pdml ops (schemas in pdml.cpp), shared by CPU and CUDA tensors: input
 // checks, then gather + normalise -> core kernel -> normaliser backward + scatter, each
 // step running on the tensors' device (patch_kernels.h). Fake impls and autograd are
-// registered in Python (pdml/_ops_ext.py).
+// registered in Python (pdml/backends/ext.py).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -68,8 +68,12 @@ void check_map(const Tensor& fq, const Tensor& fk, const Tensor& ids) {
   check_ids(ids, fq);
 }
 
-int64_t map_groups(const Tensor& fq, bool batch_negatives) {
-  return batch_negatives ? 1 : fq.size(0);
+// The map form's number of groups of negatives: B (one per image), 1 (the whole
+// minibatch) or any other divisor of B (consecutive images share a group).
+int64_t check_map_groups(const Tensor& fq, int64_t groups) {
+  TORCH_CHECK(groups >= 1 && fq.size(0) % groups == 0, "groups=", groups,
+              " must be >= 1 and divide the batch size ", fq.size(0));
+  return groups;
 }
 
 int64_t check_rows(const Tensor& feat_q, const Tensor& feat_k, int64_t groups) {
@@ -89,18 +93,18 @@ Tensor as_groups(const Tensor& rows, int64_t groups) {
 // ------------------------------------------------------------------------- map form
 
 std::tuple<Tensor, Tensor> patch_nce(const Tensor& fq, const Tensor& fk, const Tensor& ids,
-                                     double tau, bool batch_negatives) {
+                                     double tau, int64_t groups) {
   check_map(fq, fk, ids);
-  const int64_t g = map_groups(fq, batch_negatives);
+  const int64_t g = check_map_groups(fq, groups);
   auto [q, q_norm] = PDML_ON_DEVICE(fq, gather_normalize, fq, ids);
   auto [k, k_norm] = PDML_ON_DEVICE(fk, gather_normalize, fk, ids);
   return PDML_ON_DEVICE(fq, nce_forward, q.view({g, -1, q.size(1)}), k.view({g, -1, k.size(1)}), tau);
 }
 
 Tensor patch_nce_backward(const Tensor& grad_loss, const Tensor& fq, const Tensor& fk, const Tensor& ids,
-                          const Tensor& loss, const Tensor& lse, double tau, bool batch_negatives) {
+                          const Tensor& loss, const Tensor& lse, double tau, int64_t groups) {
   check_map(fq, fk, ids);
-  const int64_t g = map_groups(fq, batch_negatives);
+  const int64_t g = check_map_groups(fq, groups);
   auto [q, q_norm] = PDML_ON_DEVICE(fq, gather_normalize, fq, ids);
   auto [k, k_norm] = PDML_ON_DEVICE(fk, gather_normalize, fk, ids);
   const int64_t c = q.size(1);
@@ -114,9 +118,9 @@ Tensor patch_nce_backward(const Tensor& grad_loss, const Tensor& fq, const Tenso
 // with compute_grad the op also returns ∂L/∂q̂, ∂L/∂k̂ as [B·N, C] acc rows (O(B·N·C)),
 // and patch_metric_backward scales them and takes them through normaliser and scatter.
 std::tuple<Tensor, Tensor, Tensor> patch_metric(const Tensor& fq, const Tensor& fk, const Tensor& ids,
-                                                double tau, bool batch_negatives, bool compute_grad) {
+                                                double tau, int64_t groups, bool compute_grad) {
   check_map(fq, fk, ids);
-  const int64_t g = map_groups(fq, batch_negatives);
+  const int64_t g = check_map_groups(fq, groups);
   auto [q, q_norm] = PDML_ON_DEVICE(fq, gather_normalize, fq, ids);
   auto [k, k_norm] = PDML_ON_DEVICE(fk, gather_normalize, fk, ids);
   const int64_t c = q.size(1);

@@ -29,9 +29,10 @@ static std::string build_info() {
 }
 
 // Schemas of the ops; their CPU/CUDA bodies are in patch_ops.cpp, their fake impls and
-// autograd in pdml/_ops_ext.py. `float` is a C++ double; `batch_negatives` selects
-// negatives="batch" (all B·N rows one group) instead of "image" (one group per image);
-// `groups` is the rows form's number of groups (batch_size, or 1 for "batch").
+// autograd in pdml/backends/ext.py. `float` is a C++ double; `groups` is the number of
+// groups of negatives (docs/ops.md): in the map form it must divide B (B = one group per
+// image, negatives="image"; 1 = all B·N rows one group, negatives="batch"); in the rows
+// form it must divide R and the groups are consecutive blocks of R/groups rows.
 // The forward of PatchNCE also returns the per-row logsumexp its backward needs (with the
 // loss itself, from which the backward takes the positive's weight exactly); the
 // forward of PatchMetric, with compute_grad, also returns ∂L/∂q̂ and ∂L/∂k̂ (rows [B·N, C],
@@ -39,10 +40,10 @@ static std::string build_info() {
 // backward is that scale alone, done in Python).
 TORCH_LIBRARY(pdml, m) {
   m.def("build_info() -> str", &build_info);
-  m.def("patch_nce(Tensor fq, Tensor fk, Tensor ids, float tau, bool batch_negatives) -> (Tensor, Tensor)");
+  m.def("patch_nce(Tensor fq, Tensor fk, Tensor ids, float tau, int groups) -> (Tensor, Tensor)");
   m.def("patch_nce_backward(Tensor grad_loss, Tensor fq, Tensor fk, Tensor ids, Tensor loss, Tensor lse, "
-        "float tau, bool batch_negatives) -> Tensor");
-  m.def("patch_metric(Tensor fq, Tensor fk, Tensor ids, float tau, bool batch_negatives, bool compute_grad) "
+        "float tau, int groups) -> Tensor");
+  m.def("patch_metric(Tensor fq, Tensor fk, Tensor ids, float tau, int groups, bool compute_grad) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("patch_metric_backward(Tensor grad, Tensor d_q, Tensor d_k, Tensor fq, Tensor fk, Tensor ids) "
         "-> (Tensor, Tensor)");

@@ -1,7 +1,8 @@
 """pdml: fused patch-wise contrastive / metric losses for unsupervised low-dose CT denoising.
 
-See DESIGN.md §2 for the public API: :mod:`pdml.ops` (fused ops),
-:class:`PatchNCELoss` / :class:`PatchMetricLoss` (drop-in modules), :mod:`pdml.reference`.
+The public API: :mod:`pdml.ops` (fused ops), :class:`PatchNCELoss` / :class:`PatchMetricLoss`
+(drop-in modules), :mod:`pdml.reference` (the pure-PyTorch oracle). The math is in
+docs/ops.md, the layering of the modules in docs/layout.md.
 """
 __version__ = "0.1.0"
 

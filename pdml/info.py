@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 import pdml
-from pdml import _ops_ext, ops
+from pdml import ops
+from pdml.backends import ext
 
 
 def _triton_version() -> Optional[str]:
@@ -25,16 +26,16 @@ def _triton_version() -> Optional[str]:
 
 
 def _describe_build() -> list[str]:
-    info = _ops_ext.build_info()
+    info = ext.build_info()
     if info is None:
-        return [f"pdml._C: not loaded ({_ops_ext.LOAD_ERROR})"]
-    archs = _ops_ext.cuda_archs()
+        return [f"pdml._C: not loaded ({ext.LOAD_ERROR})"]
+    archs = ext.cuda_archs()
     cuda = ("CUDA kernels for " + ", ".join(f"sm_{a // 10}" for a in archs)) if archs else "no CUDA kernels"
     return [f"pdml._C: {info} (CPU kernels; {cuda})"]
 
 
 def _auto_choice(t: torch.Tensor) -> list[str]:
-    reasons = ops.available_backends(t)
+    reasons = ops.available_backends(t, "patch_nce")
     lines = []
     for name in ops.auto_order(t):
         why = reasons[name]
@@ -49,15 +50,15 @@ def report() -> str:
                  f"triton {_triton_version() or 'not installed'}, python {sys.version.split()[0]}")
     lines.append(f"CUDA GPU visible: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
     cpu = torch.zeros(1)
-    lines.append(f"auto -> {ops.resolve_backend('auto', cpu).name} for CPU tensors")
+    lines.append(f"auto -> {ops.resolve_backend('auto', cpu, 'patch_nce').name} for CPU tensors")
     lines += _auto_choice(cpu)
     if torch.cuda.is_available():
         gpu = torch.zeros(1, device="cuda")
-        lines.append(f"auto -> {ops.resolve_backend('auto', gpu).name} for CUDA tensors")
+        lines.append(f"auto -> {ops.resolve_backend('auto', gpu, 'patch_nce').name} for CUDA tensors")
         lines += _auto_choice(gpu)
     else:
         order = ops.auto_order(SimpleNamespace(device=torch.device("cuda")))
-        ext_cuda = "has CUDA kernels" if _ops_ext.cuda_archs() else "has no CUDA kernels"
+        ext_cuda = "has CUDA kernels" if ext.cuda_archs() else "has no CUDA kernels"
         lines.append(f"auto for CUDA tensors: no GPU visible here; it would try {' > '.join(order)} "
                      f"(pdml._C {ext_cuda})")
     return "\n".join(lines)

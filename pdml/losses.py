@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pdml import ops
+from pdml import _validation, ops
+from pdml.backends.registry import BACKEND_NAMES
 
 _UNSET = object()
 
@@ -28,18 +29,15 @@ class _PatchLoss(nn.Module):
     def __init__(self, opt=None, *, tau=_UNSET, batch_size=_UNSET,
                  all_negatives_from_minibatch=_UNSET, backend: str = "auto"):
         super().__init__()
-        self.tau = ops._check_tau(_option(opt, self._tau_attr, tau, self._tau_default))
-        self.batch_size = _option(opt, "batch_size", batch_size, 1)
-        ops._check_batch_size(self.batch_size)
-        self.all_negatives_from_minibatch = bool(_option(
-            opt, "nce_includes_all_negatives_from_minibatch", all_negatives_from_minibatch, False))
-        if backend not in ops.BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {ops.BACKEND_NAMES}, got {backend!r}")
+        self.tau = _validation.check_tau(_option(opt, self._tau_attr, tau, self._tau_default))
+        self.batch_size = _validation.check_batch_size(_option(opt, "batch_size", batch_size, 1))
+        # CUT's option name lives only at this drop-in boundary; inside pdml it is `negatives`
+        all_from_minibatch = _option(opt, "nce_includes_all_negatives_from_minibatch",
+                                     all_negatives_from_minibatch, False)
+        self.negatives = "batch" if all_from_minibatch else "image"
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
         self.backend = backend
-
-    @property
-    def negatives(self) -> str:
-        return "batch" if self.all_negatives_from_minibatch else "image"
 
     def extra_repr(self) -> str:
         return (f"tau={self.tau}, batch_size={self.batch_size}, "

@@ -3,7 +3,7 @@
 Plain autograd, no custom kernels. It materialises the N×N similarity of every
 group, so its memory is O(G·n²); the fused backends exist to avoid exactly that.
 
-Conventions (DESIGN.md §1):
+Conventions (docs/ops.md):
 - map form: ``fq``/``fk`` are ``[B, C, H, W]`` feature maps, ``ids`` an int64 ``[N]``
   of distinct flat spatial indices; rows are gathered image-major (row ``b*N + i``
   is ``fq[b, :, ids[i]]``), exactly as CUT's ``PatchSampleF`` orders them, then
@@ -11,6 +11,8 @@ Conventions (DESIGN.md §1):
 - rows form: ``feat_q``/``feat_k`` are ``[R, C]``, already gathered and normalised
   by the caller; they are grouped as CUT's ``view(groups, -1, C)``.
 - ``negatives="image"``: one group per image; ``"batch"``: all rows form one group.
+  The ``map_*`` / ``rows_*`` functions (the reference backend's ops) take the number of
+  groups of negatives, ``groups``, instead: consecutive blocks of ``R // groups`` rows.
 
 Numerics: half inputs are computed in ``compute_dtype`` (default float32; float64
 inputs stay float64) and the loss is returned in that dtype; gradients come back in
@@ -20,14 +22,15 @@ the input dtype through autograd. Passing ``compute_dtype=x.dtype`` gives the
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from pdml._validation import NEGATIVE_MODES, groups_of  # noqa: F401  (NEGATIVE_MODES re-exported)
 
 NORM_EPS = 1e-7
 """CUT's ``Normalize``: ``x / (‖x‖₂ + 1e-7)``."""
 
 DIAG_FILL = -10.0
 """CUT's and DML_CT's fill of the self-similarity entries."""
-
-NEGATIVE_MODES = ("image", "batch")
 
 
 def _compute_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
@@ -92,12 +95,6 @@ def _map_rows(fq, fk, ids, compute_dtype):
     return q, k
 
 
-def _groups_of(batch: int, negatives: str) -> int:
-    if negatives not in NEGATIVE_MODES:
-        raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {negatives!r}")
-    return batch if negatives == "image" else 1
-
-
 def patch_similarity(fq: torch.Tensor, fk: torch.Tensor, ids: torch.Tensor,
                      compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Normalised ``q̂ k̂ᵀ`` per image: ``[B, C, H, W]`` ×2, ``[N]`` -> ``[B, N, N]``."""
@@ -105,35 +102,71 @@ def patch_similarity(fq: torch.Tensor, fk: torch.Tensor, ids: torch.Tensor,
     return torch.matmul(q, k.transpose(1, 2))
 
 
+def map_nce(fq: torch.Tensor, fk: torch.Tensor, ids: torch.Tensor, tau: float, groups: int,
+            compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """PatchNCE of maps ``[B, C, H, W]`` in ``groups`` groups of negatives -> ``[B·N]``."""
+    q, k = _map_rows(fq, fk, ids, compute_dtype)
+    return nce_grouped(_group(q.flatten(0, 1), groups), _group(k.flatten(0, 1), groups), tau)
+
+
+def map_metric(fq: torch.Tensor, fk: torch.Tensor, ids: torch.Tensor, tau: float, groups: int,
+               compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Metric loss of maps ``[B, C, H, W]`` in ``groups`` groups of negatives -> scalar."""
+    q, k = _map_rows(fq, fk, ids, compute_dtype)
+    return metric_grouped(_group(q.flatten(0, 1), groups), _group(k.flatten(0, 1), groups), tau)
+
+
+def rows_nce(feat_q: torch.Tensor, feat_k: torch.Tensor, tau: float, groups: int,
+             compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """PatchNCE of normalised rows ``[R, C]`` in ``groups`` groups of negatives -> ``[R]``."""
+    cdt = _compute_dtype(feat_q, compute_dtype)
+    return nce_grouped(_group(feat_q.to(cdt), groups), _group(feat_k.to(cdt), groups), tau)
+
+
+def rows_metric(feat_q: torch.Tensor, feat_k: torch.Tensor, tau: float, groups: int,
+                compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Metric loss of normalised rows ``[R, C]`` in ``groups`` groups of negatives -> scalar
+    (the mean over all groups' entries)."""
+    cdt = _compute_dtype(feat_q, compute_dtype)
+    return metric_grouped(_group(feat_q.to(cdt), groups), _group(feat_k.to(cdt), groups), tau)
+
+
 def patch_nce(fq: torch.Tensor, fk: torch.Tensor, ids: torch.Tensor, tau: float = 0.07,
               negatives: str = "image", compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fused-form PatchNCE: maps ``[B, C, H, W]``, ids ``[N]`` -> per-row loss ``[B·N]``."""
-    q, k = _map_rows(fq, fk, ids, compute_dtype)
-    groups = _groups_of(q.shape[0], negatives)
-    return nce_grouped(_group(q.flatten(0, 1), groups), _group(k.flatten(0, 1), groups), tau)
+    return map_nce(fq, fk, ids, tau, groups_of(negatives, fq.shape[0]), compute_dtype)
 
 
 def patch_metric(fq: torch.Tensor, fk: torch.Tensor, ids: torch.Tensor, tau: float = 0.15,
                  negatives: str = "image", compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fused-form patch-wise metric loss: maps ``[B, C, H, W]``, ids ``[N]`` -> scalar."""
-    q, k = _map_rows(fq, fk, ids, compute_dtype)
-    groups = _groups_of(q.shape[0], negatives)
-    return metric_grouped(_group(q.flatten(0, 1), groups), _group(k.flatten(0, 1), groups), tau)
+    return map_metric(fq, fk, ids, tau, groups_of(negatives, fq.shape[0]), compute_dtype)
 
 
 def patch_nce_rows(feat_q: torch.Tensor, feat_k: torch.Tensor, tau: float = 0.07,
                    batch_size: int = 1, negatives: str = "image",
                    compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """CUT's PatchNCELoss on normalised rows ``[B·N, C]`` -> per-row loss ``[B·N]``."""
-    cdt = _compute_dtype(feat_q, compute_dtype)
-    groups = _groups_of(batch_size, negatives)
-    return nce_grouped(_group(feat_q.to(cdt), groups), _group(feat_k.to(cdt), groups), tau)
+    return rows_nce(feat_q, feat_k, tau, groups_of(negatives, batch_size), compute_dtype)
 
 
 def patch_metric_rows(feat_q: torch.Tensor, feat_k: torch.Tensor, tau: float = 0.15,
                       batch_size: int = 1, negatives: str = "image",
                       compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """DML_CT's PatchMetricLoss on normalised rows ``[B·N, C]`` -> scalar."""
-    cdt = _compute_dtype(feat_q, compute_dtype)
-    groups = _groups_of(batch_size, negatives)
-    return metric_grouped(_group(feat_q.to(cdt), groups), _group(feat_k.to(cdt), groups), tau)
+    return rows_metric(feat_q, feat_k, tau, groups_of(negatives, batch_size), compute_dtype)
+
+
+def gather_project(fmap: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None,
+                   compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Gather + linear projection: ``fmap [B, F, H, W]``, ``ids [N]``, ``weight [D, F]``,
+    ``bias [D]`` or None -> ``[B·N, D]`` in fmap's dtype.
+
+    Row ``b*N + i`` is ``fmap[b, :, ids[i]] @ weight.T + bias`` (image-major, as
+    :func:`gather_rows`), computed in ``compute_dtype`` (float32 for half inputs).
+    """
+    cdt = _compute_dtype(fmap, compute_dtype)
+    rows = gather_rows(fmap, ids).flatten(0, 1).to(cdt)
+    out = F.linear(rows, weight.to(cdt), None if bias is None else bias.to(cdt))
+    return out.to(fmap.dtype)

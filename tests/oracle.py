@@ -1,4 +1,4 @@
-"""Independent float64 oracles of the losses, written from DESIGN.md §1's formulas.
+"""Independent float64 oracles of the losses, written from the formulas of docs/ops.md.
 
 Deliberately not sharing code with pdml.reference: explicit per-row sums,
 explicit max-shifted logsumexp, the diagonal replaced arithmetically.
@@ -19,9 +19,9 @@ def gather_map(fmap, ids):
     return torch.stack(rows)
 
 
-def _groups(rows, n_groups):
-    per = rows.shape[0] // n_groups
-    return [rows[g * per:(g + 1) * per] for g in range(n_groups)]
+def _split(rows, groups):
+    per = rows.shape[0] // groups
+    return [rows[g * per:(g + 1) * per] for g in range(groups)]
 
 
 def _with_diag(s, value):
@@ -30,11 +30,11 @@ def _with_diag(s, value):
     return s * (1 - eye) + value * eye
 
 
-def nce_rows(q, k, tau, n_groups):
+def nce_rows(q, k, tau, groups):
     """Per-row PatchNCE of normalised rows [R, C] (float64), k detached."""
     k = k.detach()
     out = []
-    for qg, kg in zip(_groups(q, n_groups), _groups(k, n_groups)):
+    for qg, kg in zip(_split(q, groups), _split(k, groups)):
         s = qg @ kg.T
         pos = torch.einsum("ic,ic->i", qg, kg)
         neg = _with_diag(s, -10.0)
@@ -45,11 +45,11 @@ def nce_rows(q, k, tau, n_groups):
     return torch.cat(out)
 
 
-def metric_rows(q, k, tau, n_groups):
+def metric_rows(q, k, tau, groups):
     """The paper's metric loss of normalised rows [R, C] (float64), no detach."""
     dim = q.shape[1]
     pos_terms, kk_terms, qq_terms = [], [], []
-    for qg, kg in zip(_groups(q, n_groups), _groups(k, n_groups)):
+    for qg, kg in zip(_split(q, groups), _split(k, groups)):
         pos_terms.append(torch.exp(torch.einsum("ic,ic->i", qg, kg) / tau))
         kk_terms.append(torch.exp(_with_diag(kg @ kg.T, -10.0) / tau).reshape(-1))
         qq_terms.append(torch.exp(_with_diag(qg @ qg.T, -10.0) / tau).reshape(-1))
@@ -57,20 +57,20 @@ def metric_rows(q, k, tau, n_groups):
     return (-pos.sum() / pos.numel() + kk.sum() / kk.numel() + qq.sum() / qq.numel()) / dim
 
 
-def n_groups_of(batch, negatives):
+def groups_of(batch, negatives):
     return batch if negatives == "image" else 1
 
 
 def nce_map(fq, fk, ids, tau, negatives):
     q = cut_normalise(gather_map(fq.double(), ids))
     k = cut_normalise(gather_map(fk.double(), ids))
-    return nce_rows(q, k, tau, n_groups_of(fq.shape[0], negatives))
+    return nce_rows(q, k, tau, groups_of(fq.shape[0], negatives))
 
 
 def metric_map(fq, fk, ids, tau, negatives):
     q = cut_normalise(gather_map(fq.double(), ids))
     k = cut_normalise(gather_map(fk.double(), ids))
-    return metric_rows(q, k, tau, n_groups_of(fq.shape[0], negatives))
+    return metric_rows(q, k, tau, groups_of(fq.shape[0], negatives))
 
 
 def similarity_map(fq, fk, ids):

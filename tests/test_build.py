@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from pdml import _ops_ext
+from pdml.backends import ext as ext_backend
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FATBIN_MAGIC = 0xBA55ED50
@@ -71,13 +71,13 @@ def _cuda_toolkit() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_ops_ext.LOAD_ERROR is not None, reason=f"pdml._C not loaded: {_ops_ext.LOAD_ERROR}")
+@pytest.mark.skipif(ext_backend.LOAD_ERROR is not None, reason=f"pdml._C not loaded: {ext_backend.LOAD_ERROR}")
 def test_library_has_cuda_code_for_sm80_and_sm90():
     if torch.version.cuda is None or _cuda_toolkit() is None or os.environ.get("PDML_SKIP_CUDA", "0") != "0":
         pytest.skip("no CUDA toolkit / CUDA build of torch here: the build is CPU-only by design")
     import pdml._C
 
-    assert set(_ops_ext.cuda_archs()) >= {800, 900}, f"build_info() = {_ops_ext.build_info()}"
+    assert set(ext_backend.cuda_archs()) >= {800, 900}, f"build_info() = {ext_backend.build_info()}"
     entries = fatbin_entries(elf_section(pdml._C.__file__, ".nv_fatbin"))
     cubins = {sm for kind, sm in entries if kind == FATBIN_KIND_ELF}
     assert {80, 90} <= cubins, f"fatbinary entries (kind, sm): {entries}"
@@ -98,7 +98,7 @@ import importlib.util, sys, torch
 spec = importlib.util.spec_from_file_location("_C", sys.argv[1])
 spec.loader.exec_module(importlib.util.module_from_spec(spec))
 fq, fk = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
-loss, _, _ = torch.ops.pdml.patch_metric(fq, fk, torch.arange(10), 0.15, False, False)
+loss, _, _ = torch.ops.pdml.patch_metric(fq, fk, torch.arange(10), 0.15, 2, False)
 assert torch.isfinite(loss)
 print(torch.ops.pdml.build_info())
 """

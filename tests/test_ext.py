@@ -1,7 +1,7 @@
 """The "ext" backend (pdml._C): CPU kernels against the float64 truth, opcheck, gradcheck,
 mixed precision; the same comparisons on a GPU in the ``cuda``-marked tests.
 
-Accuracy rule (tests/README, DESIGN.md): for loss and gradients,
+Accuracy rule (tests/README): for loss and gradients,
 ``|ext − truth| ≤ 2·|same-dtype reference − truth| + tol`` elementwise, where truth is the
 reference in float64 and the same-dtype reference is ``pdml.reference`` computing in the
 input dtype.
@@ -16,10 +16,11 @@ import sys
 import pytest
 import torch
 
-from pdml import _ops_ext, ops, reference
+from pdml import ops, reference
+from pdml.backends import ext as ext_backend
 
-pytestmark = pytest.mark.skipif(_ops_ext.LOAD_ERROR is not None,
-                                reason=f"pdml._C not loaded: {_ops_ext.LOAD_ERROR}")
+pytestmark = pytest.mark.skipif(ext_backend.LOAD_ERROR is not None,
+                                reason=f"pdml._C not loaded: {ext_backend.LOAD_ERROR}")
 
 ODD = dict(B=3, C=123, H=11, W=13, N=97)
 TINY = dict(B=2, C=5, H=4, W=4, N=6)
@@ -105,12 +106,12 @@ def check_against_truth(op, negatives, form, dtype, shape, device="cpu"):
 # --------------------------------------------------------------------------- registration
 
 def test_ext_backend_is_registered_and_auto_on_cpu():
-    assert "cpu" in _ops_ext.build_info()
+    assert "cpu" in ext_backend.build_info()
     assert ops.available_backends(torch.zeros(1))["ext"] is None
     if os.environ.get("PDML_BACKEND", "auto") == "auto":
-        assert ops.resolve_backend("auto", torch.zeros(1)).name == "ext"
+        assert ops.resolve_backend("auto", torch.zeros(1), "patch_nce").name == "ext"
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        assert _ops_ext._unsupported(torch.zeros(1, dtype=dtype)) is None
+        assert ext_backend._unsupported(torch.zeros(1, dtype=dtype)) is None
 
 
 def test_info_reports_build_and_auto_choice(capsys):
@@ -118,11 +119,11 @@ def test_info_reports_build_and_auto_choice(capsys):
 
     info.main()
     out = capsys.readouterr().out
-    assert f"pdml._C: {_ops_ext.build_info()}" in out
+    assert f"pdml._C: {ext_backend.build_info()}" in out
     assert f"torch {torch.__version__}" in out
     assert "auto -> ext for CPU tensors" in out or os.environ.get("PDML_BACKEND", "auto") != "auto"
     assert "CUDA tensors" in out
-    if _ops_ext.cuda_archs():
+    if ext_backend.cuda_archs():
         assert "sm_80" in out and "sm_90" in out
 
 
@@ -207,7 +208,7 @@ def test_cpu_nce_gives_fk_no_gradient():
 
 def test_cpu_metric_without_grad_returns_no_gradient_rows():
     fq, fk, ids = make_maps(TINY, torch.float32)
-    loss, d_q, d_k = torch.ops.pdml.patch_metric(fq, fk, ids, 0.15, False, False)
+    loss, d_q, d_k = torch.ops.pdml.patch_metric(fq, fk, ids, 0.15, fq.shape[0], False)
     assert loss.dim() == 0 and d_q.numel() == 0 and d_k.numel() == 0
     with torch.no_grad():
         fq.requires_grad_(True)
@@ -223,13 +224,18 @@ def test_cpp_ops_reject_bad_ids_themselves():
     hw = TINY["H"] * TINY["W"]
     for bad, msg in ((torch.tensor([0, hw]), "ids must lie in"), (torch.tensor([-1, 2]), "ids must lie in"),
                      (torch.tensor([3, 3]), "ids must be distinct")):
-        for call in (lambda: torch.ops.pdml.patch_nce(fq, fk, bad, 0.07, False),
-                     lambda: torch.ops.pdml.patch_metric(fq, fk, bad, 0.15, False, True),
+        for call in (lambda: torch.ops.pdml.patch_nce(fq, fk, bad, 0.07, 2),
+                     lambda: torch.ops.pdml.patch_metric(fq, fk, bad, 0.15, 2, True),
                      lambda: torch.ops.pdml.patch_similarity(fq, fk, bad)):
             with pytest.raises(RuntimeError, match=msg):
                 call()
     with pytest.raises(RuntimeError, match="groups"):
         torch.ops.pdml.patch_nce_rows(torch.randn(10, 4), torch.randn(10, 4), 0.07, 3)
+    for groups in (0, 3):  # the map form's groups must divide B = 2
+        for call in (lambda: torch.ops.pdml.patch_nce(fq, fk, ids, 0.07, groups),
+                     lambda: torch.ops.pdml.patch_metric(fq, fk, ids, 0.15, groups, True)):
+            with pytest.raises(RuntimeError, match="groups"):
+                call()
 
 
 # --------------------------------------------------------------------------- opcheck
@@ -238,20 +244,19 @@ def opcheck_samples(device="cpu", dtype=torch.float32):
     fq, fk, ids = make_maps(dict(B=2, C=6, H=5, W=7, N=9), dtype, device)
     q, k = map_to_rows(fq, ids), map_to_rows(fk, ids)
     samples = []
-    for batch in (False, True):
-        groups = 1 if batch else 2
+    for groups in (2, 1):  # negatives "image" (B = 2 groups), "batch" (1)
         fq_g, fk_g = fq.clone().requires_grad_(True), fk.clone().requires_grad_(True)
         q_g, k_g = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
-        loss, lse = torch.ops.pdml.patch_nce(fq, fk, ids, 0.07, batch)
-        _, d_q, d_k = torch.ops.pdml.patch_metric(fq, fk, ids, 0.15, batch, True)
+        loss, lse = torch.ops.pdml.patch_nce(fq, fk, ids, 0.07, groups)
+        _, d_q, d_k = torch.ops.pdml.patch_metric(fq, fk, ids, 0.15, groups, True)
         loss_rows, lse_rows = torch.ops.pdml.patch_nce_rows(q, k, 0.07, groups)
         grad0 = torch.tensor(1.5, device=device)
         samples += [
-            ("patch_nce", (fq_g, fk_g, ids, 0.07, batch)),
-            ("patch_nce", (fq, fk, ids, 0.07, batch)),
-            ("patch_nce_backward", (torch.randn_like(loss), fq, fk, ids, loss, lse, 0.07, batch)),
-            ("patch_metric", (fq_g, fk_g, ids, 0.15, batch, True)),
-            ("patch_metric", (fq, fk, ids, 0.15, batch, False)),
+            ("patch_nce", (fq_g, fk_g, ids, 0.07, groups)),
+            ("patch_nce", (fq, fk, ids, 0.07, groups)),
+            ("patch_nce_backward", (torch.randn_like(loss), fq, fk, ids, loss, lse, 0.07, groups)),
+            ("patch_metric", (fq_g, fk_g, ids, 0.15, groups, True)),
+            ("patch_metric", (fq, fk, ids, 0.15, groups, False)),
             ("patch_metric_backward", (grad0, d_q, d_k, fq, fk, ids)),
             ("patch_nce_rows", (q_g, k_g, 0.07, groups)),
             ("patch_nce_rows_backward", (torch.randn_like(lse_rows), q, k, loss_rows, lse_rows, 0.07, groups)),
@@ -354,7 +359,7 @@ cuda = pytest.mark.cuda
 
 
 def _cuda_ready():
-    return torch.cuda.is_available() and _ops_ext.cuda_archs()
+    return torch.cuda.is_available() and ext_backend.cuda_archs()
 
 
 @cuda
@@ -363,7 +368,7 @@ def _cuda_ready():
 @pytest.mark.parametrize("form", ("map", "rows"))
 @pytest.mark.parametrize("op", ("patch_nce", "patch_metric"))
 def test_cuda_matches_float64_truth(op, form, negatives, dtype):
-    assert _cuda_ready(), f"pdml._C has no CUDA kernels: {_ops_ext.build_info()}"
+    assert _cuda_ready(), f"pdml._C has no CUDA kernels: {ext_backend.build_info()}"
     check_against_truth(op, negatives, form, dtype, ODD, device="cuda")
     check_against_truth(op, negatives, form, dtype, dict(B=2, C=64, H=20, W=20, N=300), device="cuda")
 
@@ -383,7 +388,7 @@ def test_cuda_similarity_and_noncontiguous(dtype):
 @cuda
 def test_cuda_auto_and_opcheck():
     assert _cuda_ready()
-    assert _ops_ext._unsupported(torch.zeros(1, device="cuda")) is None
+    assert ext_backend._unsupported(torch.zeros(1, device="cuda")) is None
     for name, args in opcheck_samples("cuda"):
         torch.library.opcheck(getattr(torch.ops.pdml, name), args)
 

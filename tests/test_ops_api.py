@@ -101,15 +101,15 @@ def test_auto_never_fails_and_env_overrides(monkeypatch):
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
         fq, fk = maps(dtype=dtype)
         assert torch.isfinite(ops.patch_metric(fq, fk, IDS))
-        assert ops.resolve_backend("auto", fq).name in ops.auto_order(fq)
+        assert ops.resolve_backend("auto", fq, "patch_metric").name in ops.auto_order(fq)
     fq, fk = maps()
     monkeypatch.setenv("PDML_BACKEND", "reference")
-    assert ops.resolve_backend("auto", fq).name == "reference"
+    assert ops.resolve_backend("auto", fq, "patch_metric").name == "reference"
     monkeypatch.setenv("PDML_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
         ops.patch_metric(fq, fk, IDS)
-    assert ops.resolve_backend("reference", fq).name == "reference"  # explicit beats the env
+    assert ops.resolve_backend("reference", fq, "patch_metric").name == "reference"  # explicit beats the env
     monkeypatch.setenv("PDML_BACKEND", "gpu")
     with pytest.raises(ValueError, match="PDML_BACKEND must be one of"):
         ops.patch_metric(fq, fk, IDS)
@@ -186,3 +186,61 @@ def test_build_without_extension(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == pdml.__version__
     assert str(target) in out.stdout
+
+
+def test_resolve_backend_skips_a_backend_without_the_op(monkeypatch):
+    """A backend whose field for an op is None: "auto" skips it, naming it raises."""
+    from pdml.backends import registry
+
+    no_nce = registry.Backend(name="ext", unavailable=lambda: None, unsupported=lambda t: None,
+                              patch_metric=lambda *args: torch.tensor(0.0))
+    monkeypatch.setitem(registry._REGISTRY, "ext", no_nce)
+    monkeypatch.delenv("PDML_BACKEND", raising=False)
+    fq, fk = maps()
+    assert ops.resolve_backend("auto", fq, "patch_nce").name == "reference"
+    assert ops.resolve_backend("auto", fq, "patch_metric").name == "ext"
+    assert ops.available_backends(fq, "patch_nce")["ext"] == "it has no patch_nce op"
+    with pytest.raises(RuntimeError, match="backend 'ext' is not available for patch_nce: it has no patch_nce op"):
+        ops.resolve_backend("ext", fq, "patch_nce")
+    with pytest.raises(RuntimeError, match="backend 'ext' is not available for patch_nce"):
+        ops.patch_nce(fq, fk, IDS, backend="ext")
+    torch.testing.assert_close(ops.patch_nce(fq, fk, IDS), ops.patch_nce(fq, fk, IDS, backend="reference"))
+    with pytest.raises(ValueError, match="op must be one of"):
+        ops.resolve_backend("auto", fq, "patch_loss")
+
+
+def test_mark_unavailable_gives_the_reason(monkeypatch):
+    from pdml.backends import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_UNAVAILABLE", dict(registry._UNAVAILABLE))
+    registry.mark_unavailable("ext", "pdml._C did not load (test)")
+    fq, _ = maps()
+    assert ops.available_backends(fq)["ext"] == "pdml._C did not load (test)"
+    with pytest.raises(RuntimeError, match=r"pdml._C did not load \(test\)"):
+        ops.resolve_backend("ext", fq, "patch_metric")
+
+
+def test_device_index_is_the_one_resolver():
+    from pdml.backends.registry import device_index
+
+    with pytest.raises(ValueError, match="expected a CUDA tensor or device"):
+        device_index(torch.zeros(1))
+    assert device_index(torch.device("cuda", 3)) == 3
+
+
+def test_finite_check_skips_meta_and_fake_tensors():
+    """The NaN/inf check reads values; meta/fake tensors (tracing) have none to read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops.set_check_finite(True)
+    try:
+        fq = torch.empty(2, 4, 3, 3, device="meta")
+        ids = torch.arange(4, device="meta")
+        out = ops.patch_similarity(fq, fq, ids, backend="reference")
+        assert out.shape == (2, 4, 4) and out.device.type == "meta"
+        with FakeTensorMode():
+            fake = torch.randn(2, 4, 3, 3)
+            assert ops.patch_metric(fake, fake, torch.arange(4), backend="reference").shape == ()
+    finally:
+        ops.set_check_finite(False)

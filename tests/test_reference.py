@@ -89,7 +89,7 @@ def test_rows_form_matches_oracle(b, n, c, mode, dtype):
     qt = q.detach().T.contiguous().T.requires_grad_()   # same values, non-contiguous
     kt = k.detach().T.contiguous().T.requires_grad_()
     assert b * n == 1 or not qt.is_contiguous()
-    groups = oracle.n_groups_of(b, mode)
+    groups = oracle.groups_of(b, mode)
     
     crit_nce = pdml.PatchNCELoss(tau=0.07, batch_size=b, all_negatives_from_minibatch=(mode == "batch"),
                                  backend="reference")
@@ -110,7 +110,7 @@ def test_rows_form_matches_oracle(b, n, c, mode, dtype):
 
 
 def test_metric_gradient_matches_closed_form():
-    """DESIGN.md §1's ∂L/∂q̂ of the metric loss (image negatives), checked against autograd."""
+    """docs/ops.md's ∂L/∂q̂ of the metric loss (image negatives), checked against autograd."""
     b, n, c, tau = 2, 9, 5, 0.15
     g = torch.Generator().manual_seed(3)
     q = oracle.cut_normalise(torch.randn(b * n, c, generator=g, dtype=torch.float64)).requires_grad_()

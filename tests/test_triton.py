@@ -1,4 +1,4 @@
-"""Backend "triton" (pdml/kernels, pdml/_ops_triton.py): numerics, gradients, custom-op
+"""Backend "triton" (pdml/kernels, pdml/backends/triton.py): numerics, gradients, custom-op
 registration, torch.compile, memory, determinism.
 
 On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1 is set per test by
@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from pdml import _ops_triton, ops, reference  # noqa: E402
+from pdml import ops, reference  # noqa: E402
 from pdml.kernels import kernel_module  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -189,7 +189,7 @@ def test_backend_choice_rules(monkeypatch):
     assert "TRITON_INTERPRET" in ops.available_backends(x32)["triton"]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert ops.available_backends(x32)["triton"] is None
-    assert ops.resolve_backend("auto", x32).name != "triton"  # auto never picks it on CPU
+    assert ops.resolve_backend("auto", x32, "patch_nce").name != "triton"  # auto never picks it on CPU
     assert "float64" in ops.available_backends(x32.double())["triton"]
     with pytest.raises(RuntimeError, match="triton"):
         ops.patch_nce(x32.double(), x32.double(), torch.arange(4), backend="triton")
@@ -202,10 +202,10 @@ def test_direct_op_call_checks_ids_before_any_kernel(interpreter):
     bad = ids.clone()
     bad[3] = fq.shape[2] * fq.shape[3]  # one past the end
     with pytest.raises(ValueError, match="ids"):
-        torch.ops.pdml_triton.nce(fq, fk, bad, 0.07, 16)
+        torch.ops.pdml_triton.nce(fq, fk, bad, 0.07, 1)
     bad[3] = bad[4]
     with pytest.raises(ValueError, match="distinct"):
-        torch.ops.pdml_triton.metric(fq, fk, bad, 0.15, 16)
+        torch.ops.pdml_triton.metric(fq, fk, bad, 0.15, 1)
 
 
 # --------------------------------------------------------------------------- several layers, one launch
@@ -232,13 +232,14 @@ def test_layers_entry_is_one_launch_and_matches_per_layer(op, form, interpreter,
     if form == "map":
         single_fn = ops.patch_nce if is_nce else ops.patch_metric
         per_layer = lambda q, k: single_fn(q, k, ids, negatives=negatives, backend="triton")  # noqa: E731
-        fused_fn = _ops_triton.patch_nce_layers if is_nce else _ops_triton.patch_metric_layers
-        fused_call = lambda qs, ks: fused_fn(qs, ks, ids, negatives=negatives)  # noqa: E731
+        fused_fn = ops.patch_nce_layers if is_nce else ops.patch_metric_layers
+        fused_call = lambda qs, ks: fused_fn(qs, ks, ids, negatives=negatives, backend="triton")  # noqa: E731
     else:
         single_fn = ops.patch_nce_rows if is_nce else ops.patch_metric_rows
         per_layer = lambda q, k: single_fn(q, k, batch_size=2, negatives=negatives, backend="triton")  # noqa: E731
-        fused_fn = _ops_triton.patch_nce_rows_layers if is_nce else _ops_triton.patch_metric_rows_layers
-        fused_call = lambda qs, ks: fused_fn(qs, ks, batch_size=2, negatives=negatives)  # noqa: E731
+        fused_fn = ops.patch_nce_rows_layers if is_nce else ops.patch_metric_rows_layers
+        fused_call = lambda qs, ks: fused_fn(torch.cat(qs), torch.cat(ks), len(qs), batch_size=2,  # noqa: E731
+                                             negatives=negatives, backend="triton")
 
     singles, single_grads = [], []
     for layer in layers:
@@ -256,12 +257,14 @@ def test_layers_entry_is_one_launch_and_matches_per_layer(op, form, interpreter,
     fused = fused_call(qs, ks)
     fused.sum().backward()
     assert len(forward_calls) == 1 and len(backward_calls) == 1
-    assert fused.shape == ((3, 48) if is_nce else (3,))
-    torch.testing.assert_close(fused.detach(), torch.stack(singles), rtol=1e-6, atol=1e-7)
+    assert fused.shape == ((3, 48) if is_nce else ())
+    want = torch.stack(singles) if is_nce else torch.stack(singles).mean()
+    torch.testing.assert_close(fused.detach(), want, rtol=1e-6, atol=1e-7)
+    scale = 1.0 if is_nce else 1.0 / 3  # the metric entries return the mean over the layers
     for layer in range(3):
-        torch.testing.assert_close(qs[layer].grad, single_grads[layer][0], rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(qs[layer].grad, single_grads[layer][0] * scale, rtol=1e-6, atol=1e-8)
         if not is_nce:
-            torch.testing.assert_close(ks[layer].grad, single_grads[layer][1], rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(ks[layer].grad, single_grads[layer][1] * scale, rtol=1e-6, atol=1e-8)
 
 
 def test_tiles_shrink_when_the_gpu_refuses_a_configuration(interpreter, monkeypatch):
@@ -299,18 +302,18 @@ def _opcheck_cases():
     fq, fk, ids = _make_inputs("map", 2, 16, 16, torch.float32, seed=11)
     feat_q, feat_k = _make_inputs("rows", 2, 16, 16, torch.float32, seed=12)
     grad_rows = torch.rand(32, generator=torch.Generator().manual_seed(2))
-    lse = torch.ops.pdml_triton.nce(fq, fk, ids, 0.07, 32)[1]
-    lse_rows = torch.ops.pdml_triton.nce(feat_q, feat_k, None, 0.07, 16)[1]
+    lse = torch.ops.pdml_triton.nce(fq, fk, ids, 0.07, 1)[1]
+    lse_rows = torch.ops.pdml_triton.nce(feat_q, feat_k, None, 0.07, 2)[1]
     req = _leaf
     return {
-        "nce-map": ("nce", (req(fq), fk, ids, 0.07, 32, True)),
-        "nce-rows": ("nce", (req(feat_q), feat_k, None, 0.07, 16, False)),
-        "metric-map": ("metric", (req(fq), req(fk), ids, 0.15, 16, 1, True)),
-        "metric-rows": ("metric", (req(feat_q), req(feat_k), None, 0.15, 32, 1, False)),
+        "nce-map": ("nce", (req(fq), fk, ids, 0.07, 1, True)),
+        "nce-rows": ("nce", (req(feat_q), feat_k, None, 0.07, 2, False)),
+        "metric-map": ("metric", (req(fq), req(fk), ids, 0.15, 2, True)),
+        "metric-rows": ("metric", (req(feat_q), req(feat_k), None, 0.15, 1, False)),
         "similarity": ("similarity", (req(fq), req(fk), ids, True)),
-        "nce_backward": ("nce_backward", (grad_rows, fq, fk, ids, lse, 0.07, 32)),
-        "nce_backward-rows": ("nce_backward", (grad_rows, feat_q, feat_k, None, lse_rows, 0.07, 16)),
-        "metric_backward": ("metric_backward", (grad_rows, fq, fk, ids, 0.15, 16, 1)),
+        "nce_backward": ("nce_backward", (grad_rows, fq, fk, ids, lse, 0.07, 1)),
+        "nce_backward-rows": ("nce_backward", (grad_rows, feat_q, feat_k, None, lse_rows, 0.07, 2)),
+        "metric_backward": ("metric_backward", (grad_rows, fq, fk, ids, 0.15, 2)),
         "similarity_backward": ("similarity_backward", (torch.randn(2, 16, 16), fq, fk, ids)),
     }
 
@@ -405,7 +408,7 @@ def test_cuda_numerics(case, dtype):
     tau = 0.07 if op == "nce" else 0.15
     _check_against_reference(op, form, inputs, dtype, negatives, tau, batch)
     # auto picks triton for CUDA tensors
-    assert ops.resolve_backend("auto", inputs[0]).name == "triton"
+    assert ops.resolve_backend("auto", inputs[0], "patch_nce").name == "triton"
 
 
 @pytest.mark.cuda

@@ -11,7 +11,7 @@
 //
 // These kernels do NOT use tensor cores: half/bf16 inputs are converted to float32 at the
 // gather and the tile products are float32 FMAs. An mma.sync/wgmma path for half/bf16
-// tiles is the next step (see /work/notes/issue-4.md).
+// tiles is the next step.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>

@@ -2,15 +2,16 @@
 
 When ``pdml._C`` loads, this module registers, for each op the library defines
 (``csrc/pdml.cpp``), its fake (meta) impl and its autograd formula, then the backend
-"ext"; otherwise it records in ``ops._UNBUILT`` why there is no such backend.
+"ext"; otherwise it marks the backend unavailable with the reason (registry.py).
 
 The ops (all features ``[B, C, H, W]`` or rows ``[R, C]``; "acc" = float64 for float64
-inputs, float32 otherwise):
+inputs, float32 otherwise; ``groups`` = the number of groups of negatives, docs/ops.md:
+in the map form a divisor of B, consecutive images sharing a group):
 
-- ``pdml::patch_nce(fq, fk, ids, tau, batch_negatives) -> (loss [B·N] acc, lse [B·N] acc)``
-  and ``patch_nce_backward(grad_loss, fq, fk, ids, loss, lse, tau, batch_negatives) -> grad_fq``
+- ``pdml::patch_nce(fq, fk, ids, tau, groups) -> (loss [B·N] acc, lse [B·N] acc)``
+  and ``patch_nce_backward(grad_loss, fq, fk, ids, loss, lse, tau, groups) -> grad_fq``
   (the backward recomputes the similarities tile by tile; ``fk`` gets no gradient, as in CUT).
-- ``pdml::patch_metric(fq, fk, ids, tau, batch_negatives, compute_grad)
+- ``pdml::patch_metric(fq, fk, ids, tau, groups, compute_grad)
   -> (loss 0-dim acc, d_q [B·N, C] acc, d_k [B·N, C] acc)``: with ``compute_grad`` the
   gradient w.r.t. the normalised rows comes out of the same sweep as the loss (it needs no
   global normaliser), else ``d_q``/``d_k`` are empty; ``patch_metric_backward(grad, d_q, d_k,
@@ -31,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from pdml import ops
+from pdml.backends.registry import Backend, device_index, mark_unavailable, register_backend
 
 
 def _load() -> Optional[str]:
@@ -83,8 +84,7 @@ def _unsupported(t: torch.Tensor) -> Optional[str]:
             return "the CUDA kernels take float32, float16 or bfloat16 features, not float64"
         if not cuda_archs():
             return f"pdml._C was built without CUDA kernels ({build_info()})"
-        return _why_not_cuda_device(t.device.index if t.device.index is not None
-                                    else torch.cuda.current_device())
+        return _why_not_cuda_device(device_index(t))
     return f"pdml._C has no kernels for {t.device.type} tensors"
 
 
@@ -99,17 +99,17 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 def _register_fakes_and_autograd() -> None:
     # ------------------------------------------------------------------ fake impls
     @torch.library.register_fake("pdml::patch_nce")
-    def _(fq, fk, ids, tau, batch_negatives):
+    def _(fq, fk, ids, tau, groups):
         rows = fq.shape[0] * ids.shape[0]
         acc = _acc_dtype(fq.dtype)
         return fq.new_empty(rows, dtype=acc), fq.new_empty(rows, dtype=acc)
 
     @torch.library.register_fake("pdml::patch_nce_backward")
-    def _(grad_loss, fq, fk, ids, loss, lse, tau, batch_negatives):
+    def _(grad_loss, fq, fk, ids, loss, lse, tau, groups):
         return fq.new_empty(fq.shape)
 
     @torch.library.register_fake("pdml::patch_metric")
-    def _(fq, fk, ids, tau, batch_negatives, compute_grad):
+    def _(fq, fk, ids, tau, groups, compute_grad):
         acc = _acc_dtype(fq.dtype)
         shape = (fq.shape[0] * ids.shape[0], fq.shape[1]) if compute_grad else (0,)
         return fq.new_empty((), dtype=acc), fq.new_empty(shape, dtype=acc), fq.new_empty(shape, dtype=acc)
@@ -145,9 +145,9 @@ def _register_fakes_and_autograd() -> None:
 
     # ------------------------------------------------------------------ autograd
     def nce_setup(ctx, inputs, output):
-        fq, fk, ids, tau, batch_negatives = inputs
+        fq, fk, ids, tau, groups = inputs
         ctx.save_for_backward(fq, fk, ids, output[0], output[1])
-        ctx.tau, ctx.batch_negatives = tau, batch_negatives
+        ctx.tau, ctx.groups = tau, groups
         ctx.mark_non_differentiable(output[1])
 
     def nce_backward(ctx, grad_loss, _grad_lse):
@@ -155,13 +155,13 @@ def _register_fakes_and_autograd() -> None:
         grad_fq = None
         if ctx.needs_input_grad[0]:
             grad_fq = torch.ops.pdml.patch_nce_backward(grad_loss, fq, fk, ids, loss, lse, ctx.tau,
-                                                        ctx.batch_negatives)
+                                                        ctx.groups)
         return grad_fq, None, None, None, None  # fk is detached (CUT)
 
     torch.library.register_autograd("pdml::patch_nce", nce_backward, setup_context=nce_setup)
 
     def metric_setup(ctx, inputs, output):
-        fq, fk, ids, tau, batch_negatives, compute_grad = inputs
+        fq, fk, ids, tau, groups, compute_grad = inputs
         ctx.save_for_backward(fq, fk, ids, output[1], output[2])
         ctx.compute_grad = compute_grad
         ctx.mark_non_differentiable(output[1], output[2])
@@ -222,36 +222,31 @@ def _register_fakes_and_autograd() -> None:
 
 
 # ---------------------------------------------------------------------- backend callables
-# They take the arguments pdml.ops validated, in the public functions' order.
+# Validated arguments (pdml/_validation.py), in the order of registry.Backend's fields.
 
-def _patch_nce(fq, fk, ids, tau, negatives):
-    return torch.ops.pdml.patch_nce(fq, fk, ids, tau, negatives == "batch")[0]
+def _patch_nce(fq, fk, ids, tau, groups):
+    return torch.ops.pdml.patch_nce(fq, fk, ids, tau, groups)[0]
 
 
-def _patch_metric(fq, fk, ids, tau, negatives):
-    return torch.ops.pdml.patch_metric(fq, fk, ids, tau, negatives == "batch", _needs_grad(fq, fk))[0]
+def _patch_metric(fq, fk, ids, tau, groups):
+    return torch.ops.pdml.patch_metric(fq, fk, ids, tau, groups, _needs_grad(fq, fk))[0]
 
 
 def _patch_similarity(fq, fk, ids):
     return torch.ops.pdml.patch_similarity(fq, fk, ids)
 
 
-def _groups(batch_size: int, negatives: str) -> int:
-    return batch_size if negatives == "image" else 1
+def _patch_nce_rows(feat_q, feat_k, tau, groups):
+    return torch.ops.pdml.patch_nce_rows(feat_q, feat_k, tau, groups)[0]
 
 
-def _patch_nce_rows(feat_q, feat_k, tau, batch_size, negatives):
-    return torch.ops.pdml.patch_nce_rows(feat_q, feat_k, tau, _groups(batch_size, negatives))[0]
-
-
-def _patch_metric_rows(feat_q, feat_k, tau, batch_size, negatives):
-    return torch.ops.pdml.patch_metric_rows(feat_q, feat_k, tau, _groups(batch_size, negatives),
-                                            _needs_grad(feat_q, feat_k))[0]
+def _patch_metric_rows(feat_q, feat_k, tau, groups):
+    return torch.ops.pdml.patch_metric_rows(feat_q, feat_k, tau, groups, _needs_grad(feat_q, feat_k))[0]
 
 
 if LOAD_ERROR is None:
     _register_fakes_and_autograd()
-    ops.register_backend(ops.Backend(
+    register_backend(Backend(
         name="ext",
         unavailable=lambda: None,
         unsupported=_unsupported,
@@ -260,6 +255,7 @@ if LOAD_ERROR is None:
         patch_similarity=_patch_similarity,
         patch_nce_rows=_patch_nce_rows,
         patch_metric_rows=_patch_metric_rows,
+        gather_project=None,  # no fused kernel yet: "auto" falls through to the reference
     ))
 else:
-    ops._UNBUILT["ext"] = LOAD_ERROR
+    mark_unavailable("ext", LOAD_ERROR)

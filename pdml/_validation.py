@@ -1,0 +1,226 @@
+"""Every input check of pdml's ops, shared by :mod:`pdml.ops` and the backends.
+
+Each check raises ``TypeError`` for a wrong type or dtype and ``ValueError`` for a wrong
+shape or value, naming the argument, before any kernel runs (docs/ops.md, "Numerics
+and checks"). The checks that read the ids' values (range, distinctness) synchronise
+with the device; they are skipped while ``torch.compile`` traces (the fused backends
+then run :func:`check_ids_values` inside their op implementations) and on fake or meta
+tensors, which have no values. The NaN/inf check of the features is off by default (it
+reads every feature): :func:`set_check_finite` or ``PDML_CHECK_FINITE=1`` turns it on.
+
+This module imports nothing else of pdml, so every layer above it may use it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+NEGATIVE_MODES = ("image", "batch")
+
+_check_finite = os.environ.get("PDML_CHECK_FINITE", "0") not in ("", "0")
+
+
+def set_check_finite(enabled: bool) -> None:
+    """Turn the NaN/inf check of the features on or off (default: ``PDML_CHECK_FINITE``)."""
+    global _check_finite
+    _check_finite = bool(enabled)
+
+
+def is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """False for a fake or meta tensor (shape only): reading its values would fail."""
+    if t.device.type == "meta":
+        return False
+    from torch._subclasses.fake_tensor import is_fake  # lazy: only torch's internals need it
+    return not is_fake(t)
+
+
+def _can_read_values(t: torch.Tensor) -> bool:
+    return not is_compiling() and has_values(t)
+
+
+# --------------------------------------------------------------------------- features
+
+def check_features(name: str, t, rank: int, layout: str) -> None:
+    """``t`` is a non-empty float tensor of ``rank`` dims (``layout`` names them)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    if _check_finite and _can_read_values(t) and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_pair(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    """``a`` and ``b`` agree in shape, dtype and device."""
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} and {b_name} must have the same shape, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{a_name} and {b_name} must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{a_name} and {b_name} must be on the same device, "
+                         f"got {a.device} and {b.device}")
+
+
+# --------------------------------------------------------------------------- ids
+
+def check_ids_values(ids: torch.Tensor, hw: int) -> None:
+    """Raise ValueError unless every id is in ``[0, hw)`` and all are distinct.
+
+    One host synchronisation; the details are worked out only on failure.
+    """
+    s = torch.sort(ids).values
+    bad = (s[0] < 0) | (s[-1] >= hw)
+    if s.numel() > 1:
+        bad = bad | (s[1:] == s[:-1]).any()
+    if not bool(bad):
+        return
+    lo, hi = int(s[0]), int(s[-1])
+    if lo < 0 or hi >= hw:
+        raise ValueError(f"ids must lie in [0, H*W) = [0, {hw}), got values in [{lo}, {hi}]")
+    dup = s[1:][s[1:] == s[:-1]]
+    raise ValueError(f"ids must be distinct, got repeated values {dup.unique()[:8].tolist()}")
+
+
+def check_ids(ids, fmap: torch.Tensor) -> torch.Tensor:
+    """``ids`` ``[N]`` integer on ``fmap``'s device, values checked -> ids as int64."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be a torch.Tensor of int64, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"ids must be an integer tensor (int64), got {ids.dtype}")
+    if ids.dim() != 1:
+        raise ValueError(f"ids must have shape [N], got {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError("ids must not be empty")
+    if ids.device != fmap.device:
+        raise ValueError(f"ids must be on the features' device {fmap.device}, got {ids.device}")
+    ids = ids.to(torch.int64)
+    if _can_read_values(ids):
+        check_ids_values(ids, fmap.shape[2] * fmap.shape[3])
+    return ids
+
+
+# --------------------------------------------------------------------------- scalars
+
+def check_tau(tau) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"tau must be a float, got {type(tau).__name__}")
+    tau = float(tau)
+    if not (tau > 0.0 and tau < float("inf")):
+        raise ValueError(f"tau must be a positive finite float, got {tau}")
+    return tau
+
+
+def check_negatives(negatives) -> str:
+    if negatives not in NEGATIVE_MODES:
+        raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {negatives!r}")
+    return negatives
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_batch_size(batch_size, rows: Optional[int] = None, what: str = "the number of rows of feat_q") -> int:
+    """A positive int; when ``rows`` is given, also a divisor of it (``what`` names ``rows``)."""
+    batch_size = _check_count("batch_size", batch_size)
+    if rows is not None and rows % batch_size != 0:
+        raise ValueError(f"batch_size={batch_size} must divide {what} ({rows})")
+    return batch_size
+
+
+def check_layers(layers, rows: int) -> int:
+    """A positive int dividing ``rows`` (the rows of all layers stacked)."""
+    layers = _check_count("layers", layers)
+    if rows % layers != 0:
+        raise ValueError(f"layers={layers} must divide the number of rows of feat_q ({rows})")
+    return layers
+
+
+def groups_of(negatives: str, batch: int) -> int:
+    """The number of groups of negatives: ``batch`` for "image", 1 for "batch"."""
+    return batch if check_negatives(negatives) == "image" else 1
+
+
+# --------------------------------------------------------------------------- whole calls
+
+def validate_map(fq, fk, ids) -> torch.Tensor:
+    """Two maps ``[B, C, H, W]`` and their ``ids`` -> ids as int64."""
+    check_features("fq", fq, 4, "[B, C, H, W]")
+    check_features("fk", fk, 4, "[B, C, H, W]")
+    check_pair("fq", fq, "fk", fk)
+    return check_ids(ids, fq)
+
+
+def validate_rows(feat_q, feat_k, batch_size) -> int:
+    """Two row tensors ``[B·N, C]`` grouped into ``batch_size`` images -> batch_size."""
+    check_features("feat_q", feat_q, 2, "[B·N, C]")
+    check_features("feat_k", feat_k, 2, "[B·N, C]")
+    check_pair("feat_q", feat_q, "feat_k", feat_k)
+    return check_batch_size(batch_size, feat_q.shape[0])
+
+
+def validate_rows_layers(feat_q, feat_k, layers, batch_size) -> tuple[int, int]:
+    """``L`` layers of rows stacked ``[L·R, C]`` -> ``(layers, batch_size)``."""
+    check_features("feat_q", feat_q, 2, "[L·R, C]")
+    check_features("feat_k", feat_k, 2, "[L·R, C]")
+    check_pair("feat_q", feat_q, "feat_k", feat_k)
+    layers = check_layers(layers, feat_q.shape[0])
+    rows = feat_q.shape[0] // layers
+    return layers, check_batch_size(batch_size, rows, "the number of rows of one layer")
+
+
+def validate_map_layers(fqs, fks, ids) -> torch.Tensor:
+    """Two equal-length lists of maps, all of one shape, dtype and device -> ids as int64."""
+    for name, maps in (("fqs", fqs), ("fks", fks)):
+        if not isinstance(maps, Sequence) or isinstance(maps, (str, torch.Tensor)):
+            raise TypeError(f"{name} must be a list of [B, C, H, W] tensors, got {type(maps).__name__}")
+    if len(fqs) == 0 or len(fqs) != len(fks):
+        raise ValueError(f"fqs and fks must be non-empty and of the same length, got {len(fqs)} and {len(fks)}")
+    for layer, (fq, fk) in enumerate(zip(fqs, fks)):
+        check_features(f"fqs[{layer}]", fq, 4, "[B, C, H, W]")
+        check_features(f"fks[{layer}]", fk, 4, "[B, C, H, W]")
+        check_pair(f"fqs[{layer}]", fq, f"fks[{layer}]", fk)
+        if layer:
+            check_pair(f"fqs[{layer}]", fq, "fqs[0]", fqs[0])
+    return check_ids(ids, fqs[0])
+
+
+def validate_gather_project(fmap, ids, weight, bias) -> torch.Tensor:
+    """``fmap [B, F, H, W]``, ``ids [N]``, ``weight [D, F]``, ``bias [D]`` or None -> ids int64."""
+    check_features("fmap", fmap, 4, "[B, F, H, W]")
+    ids = check_ids(ids, fmap)
+    check_features("weight", weight, 2, "[D, F]")
+    if weight.shape[1] != fmap.shape[1]:
+        raise ValueError(f"weight must have shape [D, F] with F = fmap.shape[1] = {fmap.shape[1]}, "
+                         f"got {tuple(weight.shape)}")
+    _check_like("weight", weight, fmap)
+    if bias is not None:
+        check_features("bias", bias, 1, "[D]")
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape [D] with D = weight.shape[0] = {weight.shape[0]}, "
+                             f"got {tuple(bias.shape)}")
+        _check_like("bias", bias, fmap)
+    return ids
+
+
+def _check_like(name: str, t: torch.Tensor, fmap: torch.Tensor) -> None:
+    if t.dtype != fmap.dtype:
+        raise TypeError(f"{name} must have fmap's dtype {fmap.dtype}, got {t.dtype}")
+    if t.device != fmap.device:
+        raise ValueError(f"{name} must be on fmap's device {fmap.device}, got {t.device}")
