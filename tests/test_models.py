@@ -133,6 +133,25 @@ def test_old_conv_head_weights_load_and_compute_the_same_function():
         ProjectionHead(5, 8, 6).load_state_dict(state)
 
 
+def test_forward_sampled_projects_only_the_sampled_pixels():
+    torch.manual_seed(2)
+    head = ProjectionHead(6, 9, 5).double()
+    fmap = torch.randn(3, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([33, 0, 17, 4, 21])
+    rows = head.forward_sampled(fmap, ids, backend="reference")
+    full = head.forward_map(fmap).flatten(2)[:, :, ids].transpose(1, 2).reshape(-1, 5)
+    assert rows.shape == (3 * 5, 5)
+    torch.testing.assert_close(rows, full, rtol=0, atol=1e-12)
+    grad, = torch.autograd.grad(rows.square().sum(), fmap)
+    untouched = torch.ones(35, dtype=torch.bool)
+    untouched[ids] = False
+    assert grad.flatten(2)[:, :, untouched].abs().max() == 0  # no dense head backward
+    assert (grad.flatten(2)[:, :, ids].abs().sum(1) > 0).all()  # every sampled pixel gets one
+    heads = ProjectionHeads(("trunk", "fusion"), 6, 9, 5).double()
+    with pytest.raises(ValueError, match="expected 2 ids"):
+        heads.forward_sampled([fmap, fmap], [ids])
+
+
 def test_dml_ct_conv_f_down_pool_heads_map_onto_projection_heads():
     # DML_CT keeps one ConvF_down_pool per NCE layer; with netF_down=0 its state_dict is
     # conv.0 (1×1 conv in→nc), conv.2 (1×1 conv nc→nc); ReLU (conv.1) has no weights.

@@ -73,24 +73,56 @@ def test_presets_and_config_validation():
         make_config("huge")
 
 
-def test_patch_loss_uses_the_same_ids_for_output_and_input():
-    cfg = make_config("tiny", num_patches=16)
+def _conv_head(head, fmap):
+    """The old trainer's head: 1×1 convs over every pixel of the map."""
+    w0, b0, w2, b2 = head[0].weight, head[0].bias, head[2].weight, head[2].bias
+    hidden = torch.nn.functional.conv2d(fmap, w0[:, :, None, None], b0).relu()
+    return torch.nn.functional.conv2d(hidden, w2[:, :, None, None], b2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("loss", ["dml", "patchnce"])
+def test_sampled_first_patch_loss_equals_heads_on_full_maps(loss, backend):
+    """The trainer's path (sample, project the rows, one rows-form call for all layers)
+    against the old one (heads as 1×1 convs on the full maps, then the map-form reference
+    loss per layer at the same ids, averaged): loss and gradients w.r.t. the generator's
+    feature maps and the heads' weights, float64, within 1e-10."""
+    from pdml.models import ProjectionHeads
+    from pdml.training.step import project_patches, sample_patch_ids
+
+    cfg = make_config("tiny", loss=loss, num_patches=13, loss_backend=backend)
+    layers, b, f, h, w = len(cfg.loss_layers), 3, 6, 7, 9
     torch.manual_seed(0)
-    fq = [torch.randn(2, 8, 6, 5) for _ in range(2)]
-    fk = [torch.randn(2, 8, 6, 5) for _ in range(2)]
-    torch.manual_seed(5)
-    got = patch_loss(cfg, fq, fk)
-    torch.manual_seed(5)
-    want = sum(pdml.reference.patch_metric(q, k, torch.randperm(30)[:16], tau=0.15)
-               for q, k in zip(fq, fk)) / 2
-    torch.testing.assert_close(got, want)
-    cfg_nce = make_config("tiny", num_patches=16, loss="patchnce")
-    torch.manual_seed(5)
-    got = patch_loss(cfg_nce, fq, fk)
-    torch.manual_seed(5)
-    want = sum(pdml.reference.patch_nce(q, k, torch.randperm(30)[:16], tau=0.07).mean()
-               for q, k in zip(fq, fk)) / 2
-    torch.testing.assert_close(got, want)
+    heads = ProjectionHeads(cfg.loss_layers, in_channels=f, hidden=11, out_channels=10).double()
+    q_maps = [torch.randn(b, f, h, w, dtype=torch.float64, requires_grad=True)
+              for _ in range(layers)]
+    k_maps = [torch.randn(b, f, h, w, dtype=torch.float64, requires_grad=True)
+              for _ in range(layers)]
+    leaves = q_maps + k_maps + list(heads.parameters())
+    ids = sample_patch_ids(h * w, cfg.num_patches, layers, torch.device("cpu"))
+    assert all(len(set(i.tolist())) == 13 for i in ids) and not torch.equal(ids[0], ids[1])
+
+    q, k = project_patches(heads, q_maps, k_maps, ids, backend=backend)
+    assert q.shape == k.shape == (layers * b * 13, 10) and q.dtype == torch.float64
+    new = patch_loss(cfg, q, k, b)
+    old = 0.0
+    for name, qm, km, i in zip(cfg.loss_layers, q_maps, k_maps, ids):
+        head = heads.heads[name]
+        if loss == "dml":
+            old = old + pdml.reference.patch_metric(_conv_head(head, qm), _conv_head(head, km),
+                                                    i, tau=0.15)
+        else:
+            old = old + pdml.reference.patch_nce(_conv_head(head, qm), _conv_head(head, km),
+                                                 i, tau=0.07).mean()
+    old = old / layers
+    grads_new = torch.autograd.grad(new, leaves, allow_unused=True, materialize_grads=True)
+    grads_old = torch.autograd.grad(old, leaves, allow_unused=True, materialize_grads=True)
+    torch.testing.assert_close(new, old, rtol=0, atol=1e-10)
+    for g_new, g_old in zip(grads_new, grads_old):
+        torch.testing.assert_close(g_new, g_old, rtol=0, atol=1e-10)
+    assert all(g.abs().sum() > 0 for g in grads_new[:layers] + grads_new[2 * layers:])
+    if loss == "patchnce":  # CUT detaches the keys
+        assert all(g.abs().sum() == 0 for g in grads_new[layers:2 * layers])
 
 
 def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
@@ -184,17 +216,35 @@ def test_evaluate_slices_returns_metrics_only():
 @pytest.mark.parametrize("precision,loss", [("fp32", "dml"), ("fp32", "patchnce"),
                                             ("fp32", "none"), ("bf16", "dml"), ("fp16", "dml")])
 def test_one_training_step(tmp_path, monkeypatch, precision, loss):
-    seen = []
-    for name in ("patch_metric", "patch_nce"):
+    from pdml.models.heads import ProjectionHead
+
+    seen, head_rows = [], []
+    for name in ("patch_metric_rows_layers", "patch_nce_rows_layers"):
         real = getattr(pdml.ops, name)
 
-        def spy(fq, fk, ids, *a, _real=real, _name=name, **k):
-            seen.append((_name, fq.dtype, fk.dtype, tuple(ids.shape), k.get("backend")))
-            return _real(fq, fk, ids, *a, **k)
+        def spy(q, k, *a, _real=real, _name=name, **kw):
+            seen.append((_name, q.dtype, k.dtype, tuple(q.shape), kw.get("layers"),
+                         kw.get("batch_size"), kw.get("backend")))
+            return _real(q, k, *a, **kw)
         monkeypatch.setattr(pdml.ops, name, spy)
+    real_gather = pdml.ops.gather_project
+
+    def gather_spy(fmap, ids, weight, bias, **kw):
+        out = real_gather(fmap, ids, weight, bias, **kw)
+        head_rows.append(out.shape[0])  # rows entering a head: one per sampled pixel
+        return out
+    monkeypatch.setattr(pdml.ops, "gather_project", gather_spy)
+
+    def full_map(*a, **kw):
+        raise AssertionError("a head ran on a full map")
+    monkeypatch.setattr(ProjectionHead, "forward_map", full_map)
     cfg = make_config("tiny", precision=precision, loss=loss, out=str(tmp_path / "run"),
-                        progress=False)
+                      progress=False)
     run = TrainingRun(cfg)
+    second_rows = []
+    if run.heads is not None:
+        for head in run.heads.heads.values():
+            head[2].register_forward_hook(lambda m, inp, out: second_rows.append(inp[0].shape[0]))
     try:
         before = {k: v.detach().clone() for k, v in run.generator.named_parameters()}
         d_before = {k: v.detach().clone() for k, v in run.discriminator.named_parameters()}
@@ -208,13 +258,18 @@ def test_one_training_step(tmp_path, monkeypatch, precision, loss):
     assert any(not torch.equal(before[k], v) for k, v in run.generator.named_parameters())
     assert any(not torch.equal(d_before[k], v) for k, v in run.discriminator.named_parameters())
     if loss == "none":
-        assert seen == [] and run.heads is None and float(losses["loss_patch"]) == 0.0
+        assert seen == [] and head_rows == [] and run.heads is None
+        assert float(losses["loss_patch"]) == 0.0
     else:
-        op = "patch_metric" if loss == "dml" else "patch_nce"
+        op = "patch_metric_rows_layers" if loss == "dml" else "patch_nce_rows_layers"
         half = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        # one call per loss layer, half-precision features under autocast
-        assert seen == [(op, half, half, (32,), "auto")] * 2
+        layers, b, n = len(cfg.loss_layers), cfg.batch_size, cfg.num_patches
+        # ONE loss call for all layers, on half-precision rows under autocast
+        assert seen == [(op, half, half, (layers * b * n, cfg.head_dim), layers, b, "auto")]
+        # the heads never run on pixels no loss reads: layers × (q, k) × B × num_patches
+        assert sum(head_rows) == sum(second_rows) == layers * 2 * b * n == 256
         assert float(losses["loss_patch"]) != 0.0
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in run.heads.parameters())
     assert run.scaler.is_enabled() == (precision == "fp16")
 
 

@@ -95,7 +95,8 @@ class TrainingRun:
                                            enabled=cfg.precision == "fp16")
         self.autocast = autocast(device, cfg.precision)
 
-        g_pass: nn.Module = GeneratorPass(self.generator, self.heads, cfg.loss_layers)
+        g_pass: nn.Module = GeneratorPass(self.generator, self.heads, cfg.loss_layers,
+                                         cfg.loss_backend)
         d_model: nn.Module = self.discriminator
         if info.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP

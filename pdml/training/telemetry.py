@@ -5,6 +5,8 @@ import warnings
 
 import torch
 
+from pdml.backends.registry import device_index
+
 
 class GpuTelemetry:
     """Utilisation, memory and power of the run's GPU through nvidia-ml-py (NVML).
@@ -19,8 +21,7 @@ class GpuTelemetry:
             import pynvml
 
             pynvml.nvmlInit()
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index(device))
             self._nvml = pynvml
         except Exception as e:  # no driver library, no permission: training goes on
             warnings.warn(f"GPU telemetry off: NVML unavailable ({e})")
