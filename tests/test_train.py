@@ -213,9 +213,10 @@ def test_evaluate_slices_returns_metrics_only():
 
 # --------------------------------------------------------------------------- training
 
-@pytest.mark.parametrize("precision,loss", [("fp32", "dml"), ("fp32", "patchnce"),
-                                            ("fp32", "none"), ("bf16", "dml"), ("fp16", "dml")])
-def test_one_training_step(tmp_path, monkeypatch, precision, loss):
+@pytest.mark.parametrize("precision,loss,backend", [
+    ("fp32", "dml", "auto"), ("fp32", "patchnce", "auto"), ("fp32", "none", "auto"),
+    ("bf16", "dml", "auto"), ("fp16", "dml", "auto"), ("fp32", "dml", "ext")])
+def test_one_training_step(tmp_path, monkeypatch, precision, loss, backend):
     from pdml.models.heads import ProjectionHead
 
     seen, head_rows = [], []
@@ -238,8 +239,10 @@ def test_one_training_step(tmp_path, monkeypatch, precision, loss):
     def full_map(*a, **kw):
         raise AssertionError("a head ran on a full map")
     monkeypatch.setattr(ProjectionHead, "forward_map", full_map)
+    if backend != "auto" and pdml.ops.available_backends(torch.zeros(1))[backend]:
+        pytest.skip(f"the {backend} backend is not built here")
     cfg = make_config("tiny", precision=precision, loss=loss, out=str(tmp_path / "run"),
-                      progress=False)
+                      progress=False, loss_backend=backend)
     run = TrainingRun(cfg)
     second_rows = []
     if run.heads is not None:
@@ -265,7 +268,7 @@ def test_one_training_step(tmp_path, monkeypatch, precision, loss):
         half = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         layers, b, n = len(cfg.loss_layers), cfg.batch_size, cfg.num_patches
         # ONE loss call for all layers, on half-precision rows under autocast
-        assert seen == [(op, half, half, (layers * b * n, cfg.head_dim), layers, b, "auto")]
+        assert seen == [(op, half, half, (layers * b * n, cfg.head_dim), layers, b, backend)]
         # the heads never run on pixels no loss reads: layers × (q, k) × B × num_patches
         assert sum(head_rows) == sum(second_rows) == layers * 2 * b * n == 256
         assert float(losses["loss_patch"]) != 0.0

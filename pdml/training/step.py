@@ -48,7 +48,12 @@ def project_patches(heads: ProjectionHeads, q_maps: Sequence[torch.Tensor],
     row ``b·N + i`` of a layer is pixel ``ids[i]`` of image ``b`` (CUT's order), each row
     divided by ``‖row‖₂ + 1e-7`` (CUT's Normalize, computed in float32 at least). Only the
     sampled pixels go through the heads (:meth:`ProjectionHead.forward_sampled`).
+    ``backend`` (the run's loss backend) also runs the fused gather + first linear layer
+    when it has that op for these maps, else "auto" picks one.
     """
+    if backend != "auto" and ops.available_backends(q_maps[0], "gather_project")[backend]:
+        backend = "auto"
+
     def rows(maps):
         projected = torch.cat(heads.forward_sampled(maps, ids, backend=backend), dim=0)
         wide = projected if projected.dtype == torch.float64 else projected.float()
