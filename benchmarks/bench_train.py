@@ -7,7 +7,7 @@ import torch
 
 from benchmarks import harness
 from pdml import ops
-from pdml.train import TrainingRun, make_config
+from pdml.training import TrainingRun, make_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH, CROP = 8, 128

@@ -14,7 +14,7 @@ from pathlib import Path
 from pdml import ops
 
 def _train_parser() -> argparse.ArgumentParser:
-    from pdml.train import LOSSES, PRECISIONS, PRESETS
+    from pdml.training.config import LOSSES, PRECISIONS, PRESETS
 
     p = argparse.ArgumentParser(
         prog="pdml-train",
@@ -22,7 +22,7 @@ def _train_parser() -> argparse.ArgumentParser:
                     "LSGAN + identity + patch-wise metric loss). Without data arguments it "
                     "trains on the built-in dataset with the 'demo' preset.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # None means "the preset's value"; the presets live in pdml.train.PRESETS.
+    # None means "the preset's value"; the presets live in pdml.training.config.PRESETS.
     data = p.add_argument_group("data")
     data.add_argument("--ldct", metavar="DIR", help="folder of low-dose DICOM CT (unpaired)")
     data.add_argument("--ndct", metavar="DIR", help="folder of normal-dose DICOM CT (unpaired)")
@@ -77,7 +77,7 @@ _TRAIN_KEYS = ("ldct", "ndct", "val_ldct", "val_ndct", "out", "steps", "decay_st
 
 def train_main(argv=None) -> int:
     """``pdml-train``: parse the arguments, train (or resume), print the summary table."""
-    from pdml.train import TrainError, make_config, train
+    from pdml.training import TrainError, make_config, train
 
     args = _train_parser().parse_args(argv)
     try:
@@ -104,7 +104,7 @@ def train_main(argv=None) -> int:
 
 
 def _denoise_parser() -> argparse.ArgumentParser:
-    from pdml.train import PRECISIONS
+    from pdml.training.config import PRECISIONS
 
     p = argparse.ArgumentParser(
         prog="pdml-denoise",
@@ -134,7 +134,9 @@ def denoise_main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from pdml.data import DicomReadError, NoCTImagesError, load_ct, save_ct
-    from pdml.train import TrainError, denoise_hu, generator_from_checkpoint, load_checkpoint
+    from pdml.inference import denoise_hu, generator_from_checkpoint
+    from pdml.training.checkpoint import load_checkpoint
+    from pdml.training.config import TrainError
 
     args = _denoise_parser().parse_args(argv)
     try:

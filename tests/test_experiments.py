@@ -109,7 +109,7 @@ def test_repeated_invocation_reuses_finished_runs(ablation):
         assert new["psnr"] == pytest.approx(old["psnr"], abs=1e-9)
         assert new["hu_shift"] == pytest.approx(old["hu_shift"], abs=1e-9)
     # other settings in the same folder are refused, not mixed into the table
-    from pdml.train import TrainError
+    from pdml.training import TrainError
 
     with pytest.raises(TrainError, match="other settings"):
         H.run_ablation("tiny", out, seeds=[0], variants=["none"], steps=2, decay_steps=1,

@@ -1,4 +1,4 @@
-"""pdml.train: schedule, config, checkpoints, one step per precision and loss, a full tiny
+"""pdml.training: schedule, config, checkpoints, one step per precision and loss, a full tiny
 run, exact resume after SIGKILL, and a 2-process torchrun (gloo) run."""
 import json
 import os
@@ -13,7 +13,12 @@ import pytest
 import torch
 
 import pdml
-from pdml import train as T
+from pdml.training.checkpoint import (CHECKPOINT_FORMAT, atomic_write_bytes, load_checkpoint,
+                                      save_checkpoint)
+from pdml.training.config import TrainConfig, TrainError, lr_factor, make_config
+from pdml.training.rng import capture_rng_state, restore_rng_state
+from pdml.training.run import TrainingRun, train
+from pdml.training.step import patch_loss
 from pdml.cli import train_main
 
 PDML_TRAIN = str(Path(sys.executable).with_name("pdml-train"))
@@ -44,96 +49,205 @@ def _params(ckpt):
 # --------------------------------------------------------------------------- units
 
 def test_lr_schedule_constant_then_linear_decay():
-    cfg = T.make_config("tiny", steps=10, decay_steps=4)
-    factors = [T.lr_factor(s, cfg) for s in range(11)]
+    cfg = make_config("tiny", steps=10, decay_steps=4)
+    factors = [lr_factor(s, cfg) for s in range(11)]
     assert factors[:6] == [1.0] * 6
     assert factors[6:] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
 
 
 def test_presets_and_config_validation():
-    demo = T.make_config()
+    demo = make_config()
     assert (demo.preset, demo.loss, demo.lambda_gan, demo.lambda_identity, demo.lambda_metric,
             demo.resolved_tau, demo.num_patches, demo.loss_layers, demo.lr, demo.beta1,
             demo.beta2, demo.wavelet) == ("demo", "dml", 1.0, 5.0, 0.1, 0.15, 128,
                                           ("trunk", "fusion"), 2e-4, 0.5, 0.999, True)
-    assert T.make_config(loss="patchnce").resolved_tau == 0.07
-    assert T.TrainConfig.from_dict(demo.to_dict()) == demo
+    assert make_config(loss="patchnce").resolved_tau == 0.07
+    assert TrainConfig.from_dict(demo.to_dict()) == demo
     for kwargs, match in [({"loss": "nce"}, "--loss"), ({"precision": "fp8"}, "--precision"),
                           ({"ldct": "/a"}, "--ldct and --ndct"), ({"steps": 0}, "--steps"),
                           ({"decay_steps": 10**9}, "--decay-steps"),
                           ({"loss_backend": "cuda"}, "--loss-backend"), ({"crop": 4}, "--crop")]:
-        with pytest.raises(T.TrainError, match=match):
-            T.make_config("tiny", **kwargs)
-    with pytest.raises(T.TrainError, match="--preset"):
-        T.make_config("huge")
+        with pytest.raises(TrainError, match=match):
+            make_config("tiny", **kwargs)
+    with pytest.raises(TrainError, match="--preset"):
+        make_config("huge")
 
 
-def test_patch_loss_uses_the_same_ids_for_output_and_input():
-    cfg = T.make_config("tiny", num_patches=16)
+def _conv_head(head, fmap):
+    """The old trainer's head: 1×1 convs over every pixel of the map."""
+    w0, b0, w2, b2 = head[0].weight, head[0].bias, head[2].weight, head[2].bias
+    hidden = torch.nn.functional.conv2d(fmap, w0[:, :, None, None], b0).relu()
+    return torch.nn.functional.conv2d(hidden, w2[:, :, None, None], b2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("loss", ["dml", "patchnce"])
+def test_sampled_first_patch_loss_equals_heads_on_full_maps(loss, backend):
+    """The trainer's path (sample, project the rows, one rows-form call for all layers)
+    against the old one (heads as 1×1 convs on the full maps, then the map-form reference
+    loss per layer at the same ids, averaged): loss and gradients w.r.t. the generator's
+    feature maps and the heads' weights, float64, within 1e-10."""
+    from pdml.models import ProjectionHeads
+    from pdml.training.step import project_patches, sample_patch_ids
+
+    cfg = make_config("tiny", loss=loss, num_patches=13, loss_backend=backend)
+    layers, b, f, h, w = len(cfg.loss_layers), 3, 6, 7, 9
     torch.manual_seed(0)
-    fq = [torch.randn(2, 8, 6, 5) for _ in range(2)]
-    fk = [torch.randn(2, 8, 6, 5) for _ in range(2)]
-    torch.manual_seed(5)
-    got = T.patch_loss(cfg, fq, fk)
-    torch.manual_seed(5)
-    want = sum(pdml.reference.patch_metric(q, k, torch.randperm(30)[:16], tau=0.15)
-               for q, k in zip(fq, fk)) / 2
-    torch.testing.assert_close(got, want)
-    cfg_nce = T.make_config("tiny", num_patches=16, loss="patchnce")
-    torch.manual_seed(5)
-    got = T.patch_loss(cfg_nce, fq, fk)
-    torch.manual_seed(5)
-    want = sum(pdml.reference.patch_nce(q, k, torch.randperm(30)[:16], tau=0.07).mean()
-               for q, k in zip(fq, fk)) / 2
-    torch.testing.assert_close(got, want)
+    heads = ProjectionHeads(cfg.loss_layers, in_channels=f, hidden=11, out_channels=10).double()
+    q_maps = [torch.randn(b, f, h, w, dtype=torch.float64, requires_grad=True)
+              for _ in range(layers)]
+    k_maps = [torch.randn(b, f, h, w, dtype=torch.float64, requires_grad=True)
+              for _ in range(layers)]
+    leaves = q_maps + k_maps + list(heads.parameters())
+    ids = sample_patch_ids(h * w, cfg.num_patches, layers, torch.device("cpu"))
+    assert all(len(set(i.tolist())) == 13 for i in ids) and not torch.equal(ids[0], ids[1])
+
+    q, k = project_patches(heads, q_maps, k_maps, ids, backend=backend)
+    assert q.shape == k.shape == (layers * b * 13, 10) and q.dtype == torch.float64
+    new = patch_loss(cfg, q, k, b)
+    old = 0.0
+    for name, qm, km, i in zip(cfg.loss_layers, q_maps, k_maps, ids):
+        head = heads.heads[name]
+        if loss == "dml":
+            old = old + pdml.reference.patch_metric(_conv_head(head, qm), _conv_head(head, km),
+                                                    i, tau=0.15)
+        else:
+            old = old + pdml.reference.patch_nce(_conv_head(head, qm), _conv_head(head, km),
+                                                 i, tau=0.07).mean()
+    old = old / layers
+    grads_new = torch.autograd.grad(new, leaves, allow_unused=True, materialize_grads=True)
+    grads_old = torch.autograd.grad(old, leaves, allow_unused=True, materialize_grads=True)
+    torch.testing.assert_close(new, old, rtol=0, atol=1e-10)
+    for g_new, g_old in zip(grads_new, grads_old):
+        torch.testing.assert_close(g_new, g_old, rtol=0, atol=1e-10)
+    assert all(g.abs().sum() > 0 for g in grads_new[:layers] + grads_new[2 * layers:])
+    if loss == "patchnce":  # CUT detaches the keys
+        assert all(g.abs().sum() == 0 for g in grads_new[layers:2 * layers])
 
 
 def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
     import random
 
-    state = T.capture_rng_state()
+    state = capture_rng_state()
     a = (torch.rand(3), np.random.rand(3), random.random())
-    T.save_checkpoint({"rng": state}, tmp_path / "s.pt")
-    T.restore_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    save_checkpoint({"rng": state}, tmp_path / "s.pt")
+    restore_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 
 
 def test_load_checkpoint_rejects_foreign_and_corrupt_files(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "other.pt")
-    with pytest.raises(T.TrainError, match="not a pdml-train checkpoint"):
-        T.load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(TrainError, match="not a pdml-train checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
     (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(T.TrainError, match="cannot read checkpoint"):
-        T.load_checkpoint(tmp_path / "torn.pt")
-    with pytest.raises(T.TrainError, match="does not exist"):
-        T.load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(TrainError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "torn.pt")
+    with pytest.raises(TrainError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
 
 
 def test_atomic_write_leaves_old_or_new_file(tmp_path):
     path = tmp_path / "f.bin"
-    T.atomic_write_bytes(path, b"old")
-    T.atomic_write_bytes(path, b"new")
+    atomic_write_bytes(path, b"old")
+    atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no tmp file left behind
 
 
+def _pdml_imports(path: Path) -> set[str]:
+    """The pdml modules a source file imports (module level and inside functions)."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pdml"):
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("pdml"))
+    return out
+
+
+def test_training_package_has_one_job_per_file_and_imports_point_down():
+    root = Path(pdml.__file__).parent
+    files = sorted((root / "training").glob("*.py"))
+    assert {f.stem for f in files} >= {"config", "distributed", "checkpoint", "rng", "step",
+                                       "data", "evaluate", "report", "telemetry", "run"}
+    assert not (root / "train.py").exists()
+    for f in files:
+        assert len(f.read_text().splitlines()) <= 400, f"{f.name} is over 400 lines"
+        if f.stem not in ("run", "__init__"):
+            assert "pdml.training.run" not in _pdml_imports(f), f"{f.name} imports run.py back"
+    assert not any(m.startswith("pdml.training.run") or m in ("pdml.training.train",
+                                                              "pdml.training.TrainingRun")
+                   for m in _pdml_imports(root / "inference.py"))
+    # the public names README and the tests use
+    import pdml.training as training
+
+    for name in ("train", "TrainingRun", "TrainConfig", "make_config", "TrainError", "PRESETS",
+                 "load_checkpoint", "evaluate_slices", "denoise_slices", "ValItem"):
+        assert getattr(training, name) is not None
+    assert set(training.__all__) <= set(dir(training))
+    with pytest.raises(AttributeError):
+        training.no_such_name
+
+
+def test_evaluate_slices_returns_metrics_only():
+    from pdml.training.data import ValItem
+    from pdml.training.evaluate import evaluate_slices
+
+    rng = np.random.default_rng(0)
+    nd = rng.normal(40.0, 5.0, (48, 48)).astype(np.float32)
+    paired = [ValItem(nd + rng.normal(0, 20, nd.shape).astype(np.float32), nd, "a")]
+    got = evaluate_slices(paired, [nd + 1.0])
+    assert set(got) == {"psnr", "ssim", "noise_std", "hu_shift", "ld_psnr", "ld_ssim",
+                        "ld_noise_std", "ld_hu_shift", "slices"}
+    assert got["slices"] == 1 and got["hu_shift"] == pytest.approx(1.0, abs=1e-3)
+    assert got["psnr"] > got["ld_psnr"]
+    unpaired = evaluate_slices([ValItem(nd, None)], [nd])
+    assert unpaired["psnr"] is None and unpaired["hu_shift"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="denoised"):
+        evaluate_slices(paired, [])
+
+
 # --------------------------------------------------------------------------- training
 
-@pytest.mark.parametrize("precision,loss", [("fp32", "dml"), ("fp32", "patchnce"),
-                                            ("fp32", "none"), ("bf16", "dml"), ("fp16", "dml")])
-def test_one_training_step(tmp_path, monkeypatch, precision, loss):
-    seen = []
-    for name in ("patch_metric", "patch_nce"):
+@pytest.mark.parametrize("precision,loss,backend", [
+    ("fp32", "dml", "auto"), ("fp32", "patchnce", "auto"), ("fp32", "none", "auto"),
+    ("bf16", "dml", "auto"), ("fp16", "dml", "auto"), ("fp32", "dml", "ext")])
+def test_one_training_step(tmp_path, monkeypatch, precision, loss, backend):
+    from pdml.models.heads import ProjectionHead
+
+    seen, head_rows = [], []
+    for name in ("patch_metric_rows_layers", "patch_nce_rows_layers"):
         real = getattr(pdml.ops, name)
 
-        def spy(fq, fk, ids, *a, _real=real, _name=name, **k):
-            seen.append((_name, fq.dtype, fk.dtype, tuple(ids.shape), k.get("backend")))
-            return _real(fq, fk, ids, *a, **k)
+        def spy(q, k, *a, _real=real, _name=name, **kw):
+            seen.append((_name, q.dtype, k.dtype, tuple(q.shape), kw.get("layers"),
+                         kw.get("batch_size"), kw.get("backend")))
+            return _real(q, k, *a, **kw)
         monkeypatch.setattr(pdml.ops, name, spy)
-    cfg = T.make_config("tiny", precision=precision, loss=loss, out=str(tmp_path / "run"),
-                        progress=False)
-    run = T.TrainingRun(cfg)
+    real_gather = pdml.ops.gather_project
+
+    def gather_spy(fmap, ids, weight, bias, **kw):
+        out = real_gather(fmap, ids, weight, bias, **kw)
+        head_rows.append(out.shape[0])  # rows entering a head: one per sampled pixel
+        return out
+    monkeypatch.setattr(pdml.ops, "gather_project", gather_spy)
+
+    def full_map(*a, **kw):
+        raise AssertionError("a head ran on a full map")
+    monkeypatch.setattr(ProjectionHead, "forward_map", full_map)
+    if backend != "auto" and pdml.ops.available_backends(torch.zeros(1))[backend]:
+        pytest.skip(f"the {backend} backend is not built here")
+    cfg = make_config("tiny", precision=precision, loss=loss, out=str(tmp_path / "run"),
+                      progress=False, loss_backend=backend)
+    run = TrainingRun(cfg)
+    second_rows = []
+    if run.heads is not None:
+        for head in run.heads.heads.values():
+            head[2].register_forward_hook(lambda m, inp, out: second_rows.append(inp[0].shape[0]))
     try:
         before = {k: v.detach().clone() for k, v in run.generator.named_parameters()}
         d_before = {k: v.detach().clone() for k, v in run.discriminator.named_parameters()}
@@ -147,13 +261,18 @@ def test_one_training_step(tmp_path, monkeypatch, precision, loss):
     assert any(not torch.equal(before[k], v) for k, v in run.generator.named_parameters())
     assert any(not torch.equal(d_before[k], v) for k, v in run.discriminator.named_parameters())
     if loss == "none":
-        assert seen == [] and run.heads is None and float(losses["loss_patch"]) == 0.0
+        assert seen == [] and head_rows == [] and run.heads is None
+        assert float(losses["loss_patch"]) == 0.0
     else:
-        op = "patch_metric" if loss == "dml" else "patch_nce"
+        op = "patch_metric_rows_layers" if loss == "dml" else "patch_nce_rows_layers"
         half = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        # one call per loss layer, half-precision features under autocast
-        assert seen == [(op, half, half, (32,), "auto")] * 2
+        layers, b, n = len(cfg.loss_layers), cfg.batch_size, cfg.num_patches
+        # ONE loss call for all layers, on half-precision rows under autocast
+        assert seen == [(op, half, half, (layers * b * n, cfg.head_dim), layers, b, backend)]
+        # the heads never run on pixels no loss reads: layers × (q, k) × B × num_patches
+        assert sum(head_rows) == sum(second_rows) == layers * 2 * b * n == 256
         assert float(losses["loss_patch"]) != 0.0
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in run.heads.parameters())
     assert run.scaler.is_enabled() == (precision == "fp16")
 
 
@@ -172,7 +291,7 @@ def test_tiny_run_writes_the_run_folder(tmp_path, capsys):
         assert np.isfinite(eval_recs[-1][key])
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(out / "checkpoints" / name, weights_only=True)
-        assert ckpt["format"] == T.CHECKPOINT_FORMAT and ckpt["config"]["preset"] == "tiny"
+        assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["config"]["preset"] == "tiny"
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
     for fig in ("eval_step0000002.png", "eval_step0000004.png", "losses.png"):
         assert (out / "figures" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -221,6 +340,99 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
         sa, sb = a["optimizer"][group]["state"], b["optimizer"][group]["state"]
         assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     assert [r["step"] for r in _records(killed, "train")] == list(range(1, steps + 1))
+
+
+def _write_version_1_run(run_dir: Path, cfg) -> dict:
+    """A run folder as the trainer wrote it before the heads became row MLPs (checkpoint
+    version 1): 1×1-conv heads ``[o, i, 1, 1]``, Adam state of those shapes, one step in."""
+    from torch import nn
+
+    from pdml.training.networks import build_networks
+
+    torch.manual_seed(0)
+    generator, discriminator, _ = build_networks(cfg)
+    old_heads = nn.Module()
+    old_heads.heads = nn.ModuleDict({name: nn.Sequential(
+        nn.Conv2d(cfg.features, cfg.head_dim, 1), nn.ReLU(), nn.Conv2d(cfg.head_dim, cfg.head_dim, 1))
+        for name in cfg.loss_layers})
+    betas = (cfg.beta1, cfg.beta2)
+    opt_g = torch.optim.Adam(list(generator.parameters()) + list(old_heads.parameters()),
+                             lr=cfg.lr, betas=betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=betas)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg)) for o in (opt_g, opt_d)]
+    for opt, sched in zip((opt_g, opt_d), scheds):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = torch.randn_like(p)
+        opt.step()
+        sched.step()
+    ckpt = {
+        "format": CHECKPOINT_FORMAT, "version": 1, "pdml_version": pdml.__version__,
+        "step": 1, "world_size": 1, "elapsed_s": 1.0, "config": cfg.to_dict(),
+        "model": {"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
+                  "heads": old_heads.state_dict()},
+        "optimizer": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
+        "scheduler": {"generator": scheds[0].state_dict(), "discriminator": scheds[1].state_dict()},
+        "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+        "rng": [capture_rng_state()], "best": {"step": -1, "psnr": None},
+    }
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, run_dir / "checkpoints" / "last.pt")
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    return ckpt
+
+
+def test_resume_of_a_version_1_run_with_conv_heads(tmp_path):
+    cfg = make_config("tiny", steps=3, decay_steps=1, eval_every=10, ckpt_every=10,
+                      out=str(tmp_path / "old"), progress=False)
+    old = _write_version_1_run(tmp_path / "old", cfg)
+    head_keys = list(old["model"]["heads"])
+    n_gen = len(old["optimizer"]["generator"]["param_groups"][0]["params"]) - len(head_keys)
+    old_state = old["optimizer"]["generator"]["state"]
+    assert old["model"]["heads"]["heads.trunk.0.weight"].shape == (128, 32, 1, 1)
+    assert old_state[n_gen + 2]["exp_avg"].shape == (128, 128, 1, 1)  # heads.trunk.2.weight
+
+    # the migration: heads and their Adam state become linear-shaped, values unchanged
+    migrated = load_checkpoint(tmp_path / "old")
+    assert migrated["version"] == 2
+    for j, key in enumerate(head_keys):
+        want = old["model"]["heads"][key]
+        got = migrated["model"]["heads"][key]
+        assert torch.equal(got, want.reshape(want.shape[:2]) if want.dim() == 4 else want)
+        for name in ("exp_avg", "exp_avg_sq"):
+            want = old_state[n_gen + j][name]
+            got = migrated["optimizer"]["generator"]["state"][n_gen + j][name]
+            assert torch.equal(got, want.reshape(want.shape[:2]) if want.dim() == 4 else want)
+    for i in range(n_gen):  # the generator's own state (1×1 convs included) is untouched
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(migrated["optimizer"]["generator"]["state"][i][name],
+                               old_state[i][name])
+
+    # pdml-train --resume continues the old run and trains its heads
+    assert train_main(["--resume", str(tmp_path / "old")]) == 0
+    done = torch.load(tmp_path / "old" / "checkpoints" / "last.pt", weights_only=True)
+    assert done["version"] == 2 and done["step"] == 3
+    assert [r["step"] for r in _records(tmp_path / "old", "train")] == [2, 3]
+    for key in head_keys:
+        assert done["model"]["heads"][key].shape == migrated["model"]["heads"][key].shape
+        assert not torch.equal(done["model"]["heads"][key], migrated["model"]["heads"][key])
+
+    # the same state written by hand in version 2 resumes to bit-identical weights
+    by_hand = tmp_path / "by_hand"
+    (by_hand / "checkpoints").mkdir(parents=True)
+    v2 = dict(old, version=2)
+    v2["model"] = dict(old["model"], heads={k: v.flatten(1) if v.dim() == 4 else v
+                                            for k, v in old["model"]["heads"].items()})
+    v2_opt = dict(old["optimizer"]["generator"])
+    v2_opt["state"] = {i: {n: (t.flatten(1) if i >= n_gen and t.dim() == 4 else t)
+                           for n, t in st.items()} for i, st in old_state.items()}
+    v2["optimizer"] = dict(old["optimizer"], generator=v2_opt)
+    v2["config"] = dict(old["config"], out=str(by_hand))
+    torch.save(v2, by_hand / "checkpoints" / "last.pt")
+    train(resume=str(by_hand))
+    again = torch.load(by_hand / "checkpoints" / "last.pt", weights_only=True)
+    pa, pb = _params(done), _params(again)
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
 @pytest.mark.slow

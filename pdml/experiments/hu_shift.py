@@ -7,7 +7,7 @@ negatives = other patches of the same image) removes noise while keeping the inp
 numbers.
 
 ``python -m pdml.experiments.hu_shift --preset demo`` trains three variants with identical
-settings, seeds and data through :func:`pdml.train.train`:
+settings, seeds and data through :func:`pdml.training.train`:
 
 - ``none``: adversarial (LSGAN) + identity loss only, "GAN only";
 - ``patchnce``: + CUT's PatchNCE loss;
@@ -17,7 +17,7 @@ on the built-in dataset (:func:`pdml.data.builtin_dataset`, whose ND domain carr
 acquisition CT-number shift of :data:`pdml.data.shift.BUILTIN_ND_SHIFT`), then evaluates
 each final generator (``checkpoints/last.pt``: no selection on the test slices) on every
 held-out paired slice of the built-in test split (simulated LD; truth = its noiseless
-reconstruction at the LD domain's CT numbers) with :func:`pdml.train.evaluate_slices` and
+reconstruction at the LD domain's CT numbers) with :func:`pdml.training.evaluate_slices` and
 :func:`pdml.metrics.rmse`: PSNR, SSIM, RMSE, noise std in homogeneous ROIs and HU shift in
 those ROIs, and the same figures for the untouched LD input.
 
@@ -65,7 +65,7 @@ COLUMNS = (  # (key, header, format): per-slice means over the held-out slices
 )
 METRIC_KEYS = tuple(key for key, _, _ in COLUMNS)
 
-# Settings on top of the trainer's presets (pdml.train.PRESETS), the same for every variant.
+# Settings on top of the trainer's presets (pdml.training.PRESETS), the same for every variant.
 # demo: the trainer's demo (128² built-in slices, batch 4, 64² crops) with a schedule that
 # the three variants complete within 30 minutes on a busy 2-core CPU: measured with one
 # thread among other jobs, a step takes 1.1 s (none), 1.8 s (patchnce), 2.0 s (dml), so
@@ -83,10 +83,10 @@ _EXECUTION_ONLY = ("progress", "threads")
 
 def ablation_config(preset: str, loss: str, seed: int, run_dir, time_limit: bool = True,
                     **overrides):
-    """The :class:`pdml.train.TrainConfig` of one variant: preset + ablation settings +
+    """The :class:`pdml.training.TrainConfig` of one variant: preset + ablation settings +
     ``overrides`` (``None`` = keep), with ``loss``, ``seed`` and ``out=run_dir``;
     ``time_limit=False`` drops the per-run time limit."""
-    from pdml.train import TrainError, make_config
+    from pdml.training import TrainError, make_config
 
     if preset not in ABLATION_OVERRIDES:
         raise TrainError(f"--preset must be one of {sorted(ABLATION_OVERRIDES)}, got {preset!r}")
@@ -101,9 +101,9 @@ def ablation_config(preset: str, loss: str, seed: int, run_dir, time_limit: bool
 
 def held_out_slices(cfg) -> list:
     """Every paired slice of the built-in test split at the run's size, as
-    :class:`pdml.train.ValItem` (``ld``, ``nd`` = the truth, float32 ``[H, W]`` HU)."""
+    :class:`pdml.training.ValItem` (``ld``, ``nd`` = the truth, float32 ``[H, W]`` HU)."""
     from pdml.data import builtin_dataset
-    from pdml.train import ValItem
+    from pdml.training import ValItem
 
     ds = builtin_dataset(size=cfg.builtin_size, progress=cfg.progress)
     ld, truth = ds.load("test/ld"), ds.load("test/truth")
@@ -121,17 +121,19 @@ def evaluate_run(run_dir: Path, items: Sequence, device: torch.device) -> tuple[
 
     -> ``(denoised, per_slice, ld_per_slice)``: the denoised slices (float32 ``[H, W]``
     HU) and one dict of :data:`METRIC_KEYS` per slice for the output and for the LD input.
-    Each slice goes alone through :func:`pdml.train.evaluate_slices` (the trainer's own
-    evaluation), which gives per-slice values and the denoised image.
+    Each slice goes alone through :func:`pdml.training.denoise_slices` and
+    :func:`pdml.training.evaluate_slices` (the trainer's own evaluation), which gives
+    per-slice values.
     """
     from pdml import metrics
-    from pdml.train import evaluate_slices, generator_from_checkpoint, load_checkpoint
+    from pdml.inference import generator_from_checkpoint
+    from pdml.training import denoise_slices, evaluate_slices, load_checkpoint
 
     generator, cfg = generator_from_checkpoint(load_checkpoint(run_dir), device)
     denoised, per_slice, ld_per_slice = [], [], []
     for index, item in enumerate(items):
-        ev = evaluate_slices(generator, [item], cfg, device)
-        out = ev.pop("_first_denoised")
+        out = denoise_slices(generator, [item], cfg, device)[0]
+        ev = evaluate_slices([item], [out])
         denoised.append(out)
         for prefix, image, rows in (("", out, per_slice), ("ld_", item.ld, ld_per_slice)):
             row = {"index": index, "name": item.name}
@@ -305,7 +307,7 @@ def save_figure(path: Path, item, outputs: dict, slice_index: int) -> None:
     from matplotlib.patches import Rectangle
 
     from pdml import metrics
-    from pdml.train import DISPLAY_WINDOW
+    from pdml.training import DISPLAY_WINDOW
 
     truth = item.nd
     images = [("LD input", item.ld)] + [(SHORT_NAMES[k], v) for k, v in outputs.items()]
@@ -349,7 +351,7 @@ def _comparable(config: dict) -> dict:
 def train_or_reuse(cfg, stream) -> tuple[dict, str]:
     """Train ``cfg`` into ``cfg.out``; a finished run there with the same settings is
     reused, an interrupted one resumed exactly. -> ``(summary, "trained"|"reused"|"resumed")``."""
-    from pdml.train import TrainError, train
+    from pdml.training import TrainError, train
 
     run_dir = Path(cfg.out)
     last = run_dir / "checkpoints" / "last.pt"
@@ -375,12 +377,12 @@ def run_ablation(preset: str = "demo", out=None, seeds: Sequence[int] = (0,),
                  **overrides) -> dict:
     """Train every variant for every seed, evaluate, write ``ablation.{md,json,png}``.
 
-    ``overrides``: :class:`pdml.train.TrainConfig` fields for every run (``steps``,
+    ``overrides``: :class:`pdml.training.TrainConfig` fields for every run (``steps``,
     ``max_minutes``, ``device``, ``threads``, ``loss_backend``, ``precision``,
     ``progress``...; ``None`` = the preset's); ``time_limit=False`` drops the per-run
     time limit. -> the result dict written to ``ablation.json``.
     """
-    from pdml.train import TrainError
+    from pdml.training import TrainError
 
     stream = stream if stream is not None else sys.stdout
     started = time.time()
@@ -472,7 +474,7 @@ def run_ablation(preset: str = "demo", out=None, seeds: Sequence[int] = (0,),
 
 def _parser() -> argparse.ArgumentParser:
     from pdml import ops
-    from pdml.train import PRECISIONS
+    from pdml.training import PRECISIONS
 
     p = argparse.ArgumentParser(
         prog="python -m pdml.experiments.hu_shift",
@@ -505,7 +507,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from pdml.train import TrainError
+    from pdml.training import TrainError
 
     args = _parser().parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("steps", "decay_steps", "max_minutes",

@@ -1,0 +1,69 @@
+"""Denoise CT slices with a trained generator; rebuild that generator from a checkpoint.
+
+Used by ``pdml-denoise`` (:mod:`pdml.cli`), the trainer's evaluation and the experiments.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pdml.models import RRDNGenerator
+from pdml.training.config import TrainConfig, TrainError, autocast
+from pdml.training.networks import build_generator
+
+
+def generator_from_checkpoint(ckpt: dict, device: torch.device, which: str = "generator"
+                              ) -> tuple[RRDNGenerator, TrainConfig]:
+    """Rebuild the trained generator (eval mode) and the run's config from a checkpoint."""
+    try:
+        cfg = TrainConfig.from_dict(dict(ckpt["config"]))
+        state = ckpt["model"][which]
+    except (KeyError, TypeError, TrainError) as e:
+        raise TrainError(f"checkpoint lacks a usable config or generator weights ({e})") from None
+    generator = build_generator(cfg)
+    try:
+        generator.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise TrainError("checkpoint's generator weights do not fit the RRDN generator of its "
+                         f"config (another model?): {' '.join(first[:3])[:300]}") from None
+    return generator.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def denoise_hu(generator: RRDNGenerator, hu, cfg: TrainConfig, device: torch.device,
+               precision: str = "fp32", batch_size: int = 4, progress=None) -> np.ndarray:
+    """Denoise CT slices: ``hu`` float ``[S, H, W]`` (or ``[H, W]``) in HU -> float32, same shape.
+
+    The slices go to the unit window without clipping (values outside [-1000, 1000] HU pass
+    through linearly), are split by the wavelet transform when the run used it, the
+    generator replaces the high-frequency part, the low-frequency part is added back.
+    ``progress``: optional callable ``(slices_done)`` for a progress bar.
+    """
+    from pdml.data.hu import hu_to_unit, unit_to_hu
+    from pdml.data.wavelet import wavelet_split
+
+    hu = np.asarray(hu, dtype=np.float32)
+    squeeze = hu.ndim == 2
+    if squeeze:
+        hu = hu[None]
+    if hu.ndim != 3:
+        raise ValueError(f"hu must be [S, H, W] or [H, W], got shape {hu.shape}")
+    generator.eval()
+    context = autocast(device, precision)
+    out = np.empty_like(hu)
+    for start in range(0, hu.shape[0], batch_size):
+        unit = hu_to_unit(hu[start:start + batch_size], clip=False).astype(np.float32)
+        if cfg.wavelet:
+            low, high = wavelet_split(unit, cfg.wavelet_name, cfg.wavelet_level)
+        else:
+            low, high = np.zeros_like(unit), unit
+        scale = cfg.resolved_net_scale
+        x = torch.from_numpy(np.ascontiguousarray(high * scale)).unsqueeze(1).to(device)
+        with context:
+            y = generator(x)
+        y = y.float().squeeze(1).cpu().numpy() / scale
+        out[start:start + batch_size] = unit_to_hu(low + y)
+        if progress is not None:
+            progress(min(start + batch_size, hu.shape[0]))
+    return out[0] if squeeze else out

@@ -1,0 +1,196 @@
+"""A run's settings: :class:`TrainConfig`, the presets, the LR schedule, autocast.
+
+``TrainError`` is the user-facing error of the trainer (bad arguments or data): the CLI
+prints it without a traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from pdml import ops
+from pdml.models import FEATURE_LAYERS
+
+LOSSES = ("dml", "patchnce", "none")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_TAU = {"dml": 0.15, "patchnce": 0.07, "none": 0.15}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainError(Exception):
+    """A user-facing error (bad arguments or data): the CLI prints it without a traceback."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; ``config.json`` and the checkpoints store ``to_dict()``."""
+    preset: str = "demo"
+    # data: unpaired LD / ND DICOM folders; optional paired validation folders. With no
+    # ``ldct``/``ndct`` the built-in dataset (simulated LD from real CT slices) is used.
+    ldct: Optional[str] = None
+    ndct: Optional[str] = None
+    val_ldct: Optional[str] = None
+    val_ndct: Optional[str] = None
+    out: Optional[str] = None
+    # schedule: ``steps`` generator+discriminator steps; the LR is constant, then decays
+    # linearly to 0 over the last ``decay_steps``.
+    steps: int = 400
+    decay_steps: int = 200
+    batch_size: int = 4
+    crop: int = 64
+    crop_margin: int = 30
+    builtin_size: int = 256
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    # networks
+    features: int = 32
+    growth: int = 8
+    block_layers: int = 5
+    input_residual: bool = True
+    ndf: int = 32
+    d_layers: int = 3
+    head_dim: int = 128
+    # losses
+    loss: str = "dml"
+    lambda_gan: float = 1.0
+    lambda_identity: float = 5.0
+    lambda_metric: float = 0.1
+    tau: Optional[float] = None
+    num_patches: int = 128
+    loss_layers: tuple = ("trunk", "fusion")
+    wavelet: bool = True
+    wavelet_name: str = "db3"
+    wavelet_level: int = 6
+    # The networks see the image times ``net_scale`` (None: 20 with the wavelet split,
+    # 1 without). The high-frequency part is small in the unit window (25 HU noise is
+    # 0.0125); spectral norm makes every layer 1-Lipschitz, so a discriminator fed such
+    # inputs cannot move its scores far from its bias and stays at chance. At 20, one unit
+    # is 100 HU. Losses other than the adversarial one are computed in the unit window.
+    net_scale: Optional[float] = None
+    # execution
+    precision: str = "fp32"
+    loss_backend: str = "auto"
+    compile: bool = False
+    device: str = "auto"
+    threads: Optional[int] = None
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    ckpt_every: int = 50
+    max_minutes: Optional[float] = None
+    val_slices: int = 4
+    progress: bool = True
+
+    @property
+    def resolved_net_scale(self) -> float:
+        if self.net_scale is not None:
+            return float(self.net_scale)
+        return 20.0 if self.wavelet else 1.0
+
+    @property
+    def resolved_tau(self) -> float:
+        return float(self.tau) if self.tau is not None else DEFAULT_TAU[self.loss]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["loss_layers"] = list(self.loss_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise TrainError(f"unknown config keys {unknown}")
+        kwargs = dict(d)
+        if "loss_layers" in kwargs:
+            kwargs["loss_layers"] = tuple(kwargs["loss_layers"])
+        return cls(**kwargs)
+
+    def validate(self) -> None:
+        """Raise TrainError naming the first bad setting."""
+        if self.preset not in PRESETS:
+            raise TrainError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.loss not in LOSSES:
+            raise TrainError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.precision not in PRECISIONS:
+            raise TrainError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.loss_backend not in ops.BACKEND_NAMES:
+            raise TrainError(f"--loss-backend must be one of {ops.BACKEND_NAMES}, "
+                             f"got {self.loss_backend!r}")
+        if (self.ldct is None) != (self.ndct is None):
+            raise TrainError("--ldct and --ndct go together (unpaired LD and ND folders); "
+                             "give both, or neither for the built-in dataset")
+        if (self.val_ldct is None) != (self.val_ndct is None):
+            raise TrainError("--val-ldct and --val-ndct go together (a paired validation set)")
+        for name in ("steps", "batch_size", "crop", "num_patches", "log_every", "eval_every",
+                     "ckpt_every", "features", "growth", "ndf", "head_dim", "val_slices",
+                     "builtin_size"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.decay_steps <= self.steps:
+            raise TrainError(f"--decay-steps must be in [0, steps={self.steps}], got {self.decay_steps}")
+        if self.crop < 8:
+            raise TrainError(f"--crop must be >= 8 (the discriminator downsamples 8x), got {self.crop}")
+        if self.crop_margin < 0:
+            raise TrainError(f"crop_margin must be >= 0, got {self.crop_margin}")
+        unknown = [n for n in self.loss_layers if n not in FEATURE_LAYERS]
+        if unknown or not self.loss_layers:
+            raise TrainError(f"loss layers must be a non-empty subset of {FEATURE_LAYERS}, "
+                             f"got {list(self.loss_layers)}")
+        if not self.resolved_net_scale > 0:
+            raise TrainError(f"net_scale must be > 0, got {self.net_scale}")
+        if self.resolved_tau <= 0:
+            raise TrainError(f"--tau must be > 0, got {self.tau}")
+        if self.threads is not None and self.threads < 1:
+            raise TrainError(f"--threads must be >= 1, got {self.threads}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise TrainError(f"--max-minutes must be > 0, got {self.max_minutes}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Finishes in minutes on a 2-core CPU with the built-in data (the default without data).
+    # The built-in slices at 128² build in seconds (256²: minutes on a busy 2-core CPU).
+    "demo": dict(steps=400, decay_steps=200, batch_size=4, crop=64, log_every=10,
+                 eval_every=100, ckpt_every=50, max_minutes=8.0, val_slices=4,
+                 builtin_size=128, crop_margin=8),
+    # The paper's settings, for a GPU: the full model, larger crops, a long schedule.
+    "paper": dict(steps=100_000, decay_steps=50_000, batch_size=8, crop=128, log_every=50,
+                  eval_every=2_000, ckpt_every=1_000, max_minutes=None, val_slices=16),
+    # For tests and smoke runs: a few seconds.
+    "tiny": dict(steps=4, decay_steps=2, batch_size=2, crop=32, num_patches=32, log_every=1,
+                 eval_every=2, ckpt_every=2, max_minutes=None, val_slices=1, builtin_size=64,
+                 crop_margin=4),
+}
+
+
+def make_config(preset: str = "demo", **overrides) -> TrainConfig:
+    """The preset's config with ``overrides`` (``None`` values mean "keep the preset's")."""
+    if preset not in PRESETS:
+        raise TrainError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    values = dict(PRESETS[preset])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["preset"] = preset
+    cfg = TrainConfig.from_dict(values)
+    cfg.validate()
+    return cfg
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Constant 1 for ``steps - decay_steps`` steps, then linear to 0 at ``steps``."""
+    const = cfg.steps - cfg.decay_steps
+    if step < const or cfg.decay_steps == 0:
+        return 1.0
+    return max(0.0, 1.0 - (step - const) / cfg.decay_steps)
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])

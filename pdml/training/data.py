@@ -1,0 +1,161 @@
+"""What a run trains and evaluates on: training crops, held-out slices, the sample order."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from pdml.training.config import TrainConfig, TrainError
+from pdml.training.distributed import DistInfo, barrier
+
+
+@dataclass
+class ValItem:
+    """One held-out slice: ``ld`` float32 ``[H, W]`` HU, ``nd`` its ND reference or None."""
+    ld: np.ndarray
+    nd: Optional[np.ndarray]
+    name: str = ""
+
+
+@dataclass
+class RunData:
+    """What a run trains and evaluates on.
+
+    ``train``: ``len()`` and ``get(epoch, index) -> (ld, nd)`` crops ``[1, crop, crop]``
+    float32 in the unit window (the high-frequency part when the wavelet split is on), the
+    two unpaired (:class:`HighFrequencyCrops`); ``val``: held-out slices in HU.
+    """
+    train: Any
+    val: list = field(default_factory=list)
+
+
+class HighFrequencyCrops:
+    """Training crops of the wavelet high-frequency part of whole slices.
+
+    Wraps :class:`pdml.data.UnpairedCTDataset` built on the high-frequency part (HU) of
+    every slice: the split is made once on whole slices, exactly as at inference, then
+    cropped. The dataset maps HU to the unit window linearly (``(hu + 1000) / 2000``); the
+    high-frequency part of the unit image is that minus the window's image of 0 HU.
+    Item ``i`` (after ``set_epoch``): ``(ld [1, c, c], nd [1, c, c])`` float32.
+    """
+
+    def __init__(self, ld_hu: np.ndarray, nd_hu: np.ndarray, cfg: TrainConfig):
+        from pdml.data import UnpairedCTDataset, hu_to_unit, wavelet_split
+
+        if cfg.wavelet:
+            ld_hu = wavelet_split(ld_hu, cfg.wavelet_name, cfg.wavelet_level)[1]
+            nd_hu = wavelet_split(nd_hu, cfg.wavelet_name, cfg.wavelet_level)[1]
+            self.offset = float(hu_to_unit(np.float32(0.0), clip=False))
+        else:
+            self.offset = 0.0
+        try:
+            self.dataset = UnpairedCTDataset(ld_hu, nd_hu, crop=cfg.crop, margin=cfg.crop_margin,
+                                             flip=True, seed=cfg.seed)
+        except ValueError as e:
+            raise TrainError(f"training data: {e}") from None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.dataset.set_epoch(epoch)
+        item = self.dataset[index]
+        return item["ld"] - self.offset, item["nd"] - self.offset
+
+
+def _read_folder(flag: str, folder: Optional[str]) -> np.ndarray:
+    """All CT slices of a DICOM (or .npy) folder as float32 [S, H, W] HU; TrainError if unusable."""
+    from pdml.data import read_slices
+
+    path = Path(folder)
+    if not path.exists():
+        raise TrainError(f"{flag} {folder}: no such folder")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # per-file skip warnings of load_ct
+        try:
+            return read_slices(path)
+        except FileNotFoundError as e:  # NoCTImagesError: a folder without CT images
+            raise TrainError(f"{flag} {folder}: {e}") from None
+        except ValueError as e:
+            raise TrainError(f"{flag} {folder}: {e}") from None
+
+
+def _spread(count: int, total: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(total)``."""
+    count = min(count, total)
+    return sorted({int(round(v)) for v in np.linspace(0, total - 1, count)})
+
+
+def build_data(cfg: TrainConfig, info: DistInfo) -> RunData:
+    """The run's training crops and held-out slices.
+
+    - no ``--ldct/--ndct``: the built-in dataset (:func:`pdml.data.builtin_dataset`, built
+      once by rank 0 and cached); held-out: its test split (simulated LD and clean truth);
+    - ``--ldct/--ndct``: unpaired folders; held-out: ``--val-ldct/--val-ndct`` when given
+      (paired), else a few LD training slices without a reference.
+    """
+    from pdml.data import builtin_dataset
+
+    val: list[ValItem] = []
+    if cfg.ldct is None:
+        if info.is_main:
+            builtin_dataset(size=cfg.builtin_size, progress=cfg.progress)
+        barrier(info)
+        ds = builtin_dataset(size=cfg.builtin_size, progress=False)
+        ld, nd = ds.load("train/ld"), ds.load("train/nd")
+        test_ld, test_truth = ds.load("test/ld"), ds.load("test/truth")
+        for i in _spread(cfg.val_slices, len(test_ld)):
+            val.append(ValItem(test_ld[i], test_truth[i], f"builtin test {i}"))
+    else:
+        ld, nd = _read_folder("--ldct", cfg.ldct), _read_folder("--ndct", cfg.ndct)
+        if cfg.val_ldct is not None:
+            v_ld, v_nd = _read_folder("--val-ldct", cfg.val_ldct), _read_folder("--val-ndct", cfg.val_ndct)
+            if v_ld.shape != v_nd.shape:
+                raise TrainError(f"--val-ldct and --val-ndct must hold paired slices of the same "
+                                 f"shape, got {v_ld.shape} and {v_nd.shape}")
+            for i in _spread(cfg.val_slices, len(v_ld)):
+                val.append(ValItem(v_ld[i], v_nd[i], f"val {i}"))
+        else:
+            for i in _spread(cfg.val_slices, len(ld)):
+                val.append(ValItem(ld[i], None, f"train LD {i}"))
+    for flag, arr in (("--ldct", ld), ("--ndct", nd)):
+        if min(arr.shape[1:]) < cfg.crop:
+            raise TrainError(f"{flag}: slices of {arr.shape[1]}x{arr.shape[2]} px are smaller "
+                             f"than --crop {cfg.crop}")
+    return RunData(train=HighFrequencyCrops(ld, nd, cfg), val=val)
+
+
+class IndexStream:
+    """The endless, resumable sample order of one rank over a dataset.
+
+    Epoch ``e`` is the order of a :class:`~torch.utils.data.DistributedSampler` with
+    ``set_epoch(e)``; sample ``p`` of the stream is a pure function of ``(seed, rank, p)``,
+    so a resumed run picks up the exact same samples without replaying the loader.
+    """
+
+    def __init__(self, dataset_len: int, info: DistInfo, seed: int):
+        from torch.utils.data import DistributedSampler
+
+        if dataset_len < info.world:
+            raise TrainError(f"the dataset has {dataset_len} samples, fewer than the "
+                             f"{info.world} ranks")
+        self.sampler = DistributedSampler(range(dataset_len), num_replicas=info.world,
+                                          rank=info.rank, shuffle=True, seed=seed,
+                                          drop_last=True)
+        self.per_epoch = len(self.sampler)
+        self._epoch, self._order = -1, []
+
+    def positions(self, start: int, count: int) -> list[tuple[int, int]]:
+        """``(epoch, dataset index)`` of stream samples ``start .. start + count - 1``."""
+        out = []
+        for p in range(start, start + count):
+            epoch, pos = divmod(p, self.per_epoch)
+            if epoch != self._epoch:
+                self.sampler.set_epoch(epoch)
+                self._epoch, self._order = epoch, list(iter(self.sampler))
+            out.append((epoch, self._order[pos]))
+        return out

@@ -1,0 +1,74 @@
+"""Distributed setup: join the torchrun job (DDP), pick the device and the CPU threads."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from pdml.training.config import TrainError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_request: str) -> tuple[DistInfo, torch.device]:
+    """Join the torchrun job if there is one (gloo on CPU, NCCL on CUDA); pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_request == "auto":
+        device_request = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_request.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainError("--device cuda was asked for but no CUDA GPU is visible")
+        device = torch.device("cuda", local_rank if device_request == "cuda" else
+                              torch.device(device_request).index)
+        torch.cuda.set_device(device)
+    elif device_request == "cpu":
+        device = torch.device("cpu")
+    else:
+        raise TrainError(f"--device must be auto, cpu or cuda[:i], got {device_request!r}")
+    info = DistInfo(rank, world, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        info.initialized_here = True
+    return info, device
+
+
+def cpu_threads(requested: Optional[int]) -> int:
+    """Intra-op threads for CPU training: ``requested``, else torch's default unless the
+    machine is already busy (1-minute load average + our threads > cores), then 1.
+
+    Why: OpenMP worker threads spin while they wait; on an oversubscribed machine two
+    spinning threads per process run several times slower than one thread.
+    """
+    if requested is not None:
+        return requested
+    current = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # platforms without them: keep torch's choice
+        return current
+    return 1 if current > 1 and load + current > cores + 0.5 else current
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()

@@ -1,0 +1,121 @@
+"""What a run shows a person: the evaluation and loss figures, the terminal summary table."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pdml.training.checkpoint import atomic_write_bytes
+from pdml.training.config import TrainConfig
+
+DISPLAY_WINDOW = (-160.0, 240.0)
+"""Soft-tissue display window (HU) of the figures (W 400, L 40)."""
+
+
+def _write_figure(fig, path: Path) -> None:
+    """Lay out, render to PNG in memory and write atomically (a killed run leaves no torn PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_eval_figure(val_item, denoised: np.ndarray, path: Path, step: int) -> None:
+    """PNG of one held-out slice: LD | denoised | ND (when known) | denoised − LD (HU)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ld, nd = val_item.ld, val_item.nd
+    panels = [("LD input", ld), (f"denoised (step {step})", denoised)]
+    if nd is not None:
+        panels.append(("ND reference", nd))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
+    lo, hi = DISPLAY_WINDOW
+    for ax, (title, img) in zip(axes, panels):
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    diff = axes[-1].imshow(denoised - ld, cmap="RdBu_r", vmin=-150, vmax=150)
+    axes[-1].set_title("denoised − LD (HU)", fontsize=9)
+    axes[-1].axis("off")
+    fig.colorbar(diff, ax=axes[-1], fraction=0.046, pad=0.04)
+    fig.suptitle(f"window [{lo:.0f}, {hi:.0f}] HU", fontsize=9)
+    _write_figure(fig, path)
+
+
+def save_loss_figure(metrics_path: Path, path: Path) -> None:
+    """PNG of the training losses over steps, from ``metrics.jsonl`` (resumed runs included)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    records = []
+    for line in Path(metrics_path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("kind") == "train":
+            records.append(rec)
+    if not records:
+        return
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for key in ("loss_G", "loss_D", "loss_gan", "loss_idt", "loss_patch"):
+        ax.plot(steps, [r[key] for r in records], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _write_figure(fig, path)
+
+
+def format_summary(summary: dict, cfg: TrainConfig) -> str:
+    """The terminal table printed at the end of a run."""
+    lines = [
+        "",
+        f"pdml-train summary: {summary['run_dir']}",
+        f"  {summary['steps']}/{summary['planned_steps']} steps"
+        + (" (stopped at the time limit)" if summary["stopped_early"] else "")
+        + f", {_fmt_time(summary['elapsed_s'])} this session"
+        + f", {summary['img_per_s']:.1f} img/s, {summary['world_size']} rank(s)"
+        + f", loss={cfg.loss}, precision={cfg.precision}"
+        + (f", {summary['cpu_threads']} CPU thread(s)" if summary.get("cpu_threads") else ""),
+    ]
+    if summary.get("ranks_in_sync") is not None:
+        lines.append(f"  ranks hold identical parameters: {summary['ranks_in_sync']}")
+    ev = summary.get("final_eval")
+    if ev:
+        rows = [("LD input", "ld_"), ("denoised", "")]
+        head = f"  {'held-out slices':<16}{'PSNR dB':>9}{'SSIM':>8}{'noise HU':>10}{'HU shift':>10}"
+        lines += [head, "  " + "-" * (len(head) - 2)]
+        for name, prefix in rows:
+            def cell(key, spec, width):
+                v = ev.get(prefix + key)
+                return format(v, spec).rjust(width) if v is not None else "-".rjust(width)
+            lines.append(f"  {name:<16}{cell('psnr', '.2f', 9)}{cell('ssim', '.4f', 8)}"
+                         f"{cell('noise_std', '.1f', 10)}{cell('hu_shift', '+.1f', 10)}")
+        ref = "truth/ND" if ev.get("psnr") is not None else "the LD input (no reference)"
+        lines.append(f"  ({ev.get('slices')} slice(s); noise = std in homogeneous ROIs, "
+                     f"HU shift = mean difference to {ref})")
+    best = summary.get("best") or {}
+    if best.get("psnr") is not None:
+        lines.append(f"  best PSNR {best['psnr']:.2f} dB at step {best['step']} "
+                     f"(checkpoints/best.pt)")
+    lines.append(f"  checkpoints: {summary['run_dir']}/checkpoints/last.pt; "
+                 f"figures: {summary['run_dir']}/figures/")
+    return "\n".join(lines)
+
+
+def _fmt_time(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s"

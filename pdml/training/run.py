@@ -1,0 +1,367 @@
+"""A training run of ``pdml-train``: set up, loop over steps, evaluate, checkpoint, resume.
+
+Everything a run writes goes to its run folder (rank 0 only): ``config.json``,
+``metrics.jsonl``, ``checkpoints/last.pt`` and ``checkpoints/best.pt`` (atomic: tmp file,
+fsync, ``os.replace``), ``figures/*.png`` and ``summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pdml.training.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_write_bytes,
+                                      load_checkpoint, save_checkpoint)
+from pdml.training.config import TrainConfig, TrainError, autocast, lr_factor
+from pdml.training.data import IndexStream, build_data
+from pdml.training.distributed import barrier, cpu_threads, init_distributed
+from pdml.training.evaluate import denoise_slices, evaluate_slices
+from pdml.training.networks import build_networks
+from pdml.training.report import format_summary, save_eval_figure, save_loss_figure
+from pdml.training.rng import capture_rng_state, restore_rng_state
+from pdml.training.step import GanStep, GeneratorPass
+from pdml.training.telemetry import GpuTelemetry
+
+
+class TrainingRun:
+    """One run of ``pdml-train`` (all ranks construct one; rank 0 alone writes).
+
+    ``TrainingRun(cfg).run() -> summary dict``; ``TrainingRun(None, resume=RUN_DIR)``
+    continues a run from ``RUN_DIR/checkpoints/last.pt`` with the run's own config.
+    """
+
+    def __init__(self, cfg: Optional[TrainConfig], resume: Optional[str] = None,
+                 stream=None):
+        self.stream = stream if stream is not None else sys.stdout
+        ckpt = None
+        if resume is not None:
+            ckpt = load_checkpoint(Path(resume) / "checkpoints" / "last.pt"
+                                   if Path(resume).is_dir() else resume)
+            cfg = TrainConfig.from_dict(dict(ckpt["config"]))
+            run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent.parent
+        else:
+            if cfg is None:
+                raise TrainError("a config or --resume RUN_DIR is needed")
+            cfg.validate()
+            run_dir = Path(cfg.out) if cfg.out else Path("runs") / (
+                time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.loss}")
+        self.cfg, self.run_dir = cfg, run_dir
+        self.info, self.device = init_distributed(cfg.device)
+        try:
+            self._setup(ckpt)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- setup
+    def _setup(self, ckpt: Optional[dict]) -> None:
+        cfg, info, device = self.cfg, self.info, self.device
+        if info.is_main and ckpt is None and (self.run_dir / "checkpoints" / "last.pt").exists():
+            raise TrainError(f"{self.run_dir} already holds a run; continue it with "
+                             f"--resume {self.run_dir} or choose another --out")
+        if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise TrainError("--precision bf16 needs a GPU with bfloat16 support")
+        if device.type == "cpu":
+            torch.set_num_threads(cpu_threads(cfg.threads))
+        # identical initial weights on every rank (DDP also broadcasts rank 0's)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.data = build_data(cfg, info)
+        self.generator, self.discriminator, self.heads = build_networks(cfg)
+        for m in (self.generator, self.discriminator, self.heads):
+            if m is not None:
+                m.to(device)
+        g_params = list(self.generator.parameters())
+        if self.heads is not None:
+            g_params += list(self.heads.parameters())
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_g = torch.optim.Adam(g_params, lr=cfg.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr, betas=betas)
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda s: lr_factor(s, cfg))
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, lambda s: lr_factor(s, cfg))
+        # fp16: start at 2**10, not torch's 2**16, which overflows the first steps' gradients
+        # (the metric loss's exp(s/τ) terms are up to e^{1/0.15}) and so skips them.
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 10,
+                                           enabled=cfg.precision == "fp16")
+        self.autocast = autocast(device, cfg.precision)
+
+        g_pass: nn.Module = GeneratorPass(self.generator, self.heads, cfg.loss_layers,
+                                         cfg.loss_backend)
+        d_model: nn.Module = self.discriminator
+        if info.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [device.index] if device.type == "cuda" else None
+            g_pass = DDP(g_pass, device_ids=ids)
+            d_model = DDP(d_model, device_ids=ids)
+        d_for_g: nn.Module = self.discriminator
+        if cfg.compile:
+            g_pass, d_model, d_for_g = (torch.compile(g_pass), torch.compile(d_model),
+                                        torch.compile(d_for_g))
+        self.g_pass, self.d_model, self.d_for_g = g_pass, d_model, d_for_g
+        self.gan_step = GanStep(cfg, g_pass=g_pass, d_model=d_model, d_for_g=d_for_g,
+                                discriminator=self.discriminator, opt_g=self.opt_g,
+                                opt_d=self.opt_d, sched_g=self.sched_g, sched_d=self.sched_d,
+                                scaler=self.scaler, autocast=self.autocast, device=device)
+
+        self.step = 0
+        self.best = {"step": -1, "psnr": None}
+        self.last_eval: Optional[dict] = None
+        self.elapsed_before = 0.0
+        # each rank draws its own crops and patch positions
+        torch.manual_seed(cfg.seed + 1_000_003 * (info.rank + 1))
+        np.random.seed((cfg.seed + 7919 * (info.rank + 1)) % 2**32)
+        random.seed(cfg.seed + 104_729 * (info.rank + 1))
+        if ckpt is not None:
+            self._load_state(ckpt)
+        self.samples = IndexStream(len(self.data.train), info, cfg.seed)
+        self.telemetry = GpuTelemetry(device)
+        if info.is_main:
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "figures").mkdir(exist_ok=True)
+            atomic_write_bytes(self.run_dir / "config.json",
+                               (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+            self._trim_metrics(self.step)
+
+    def _load_state(self, ckpt: dict) -> None:
+        try:
+            self.generator.load_state_dict(ckpt["model"]["generator"])
+            self.discriminator.load_state_dict(ckpt["model"]["discriminator"])
+            if self.heads is not None:
+                self.heads.load_state_dict(ckpt["model"]["heads"])
+            self.opt_g.load_state_dict(ckpt["optimizer"]["generator"])
+            self.opt_d.load_state_dict(ckpt["optimizer"]["discriminator"])
+            self.sched_g.load_state_dict(ckpt["scheduler"]["generator"])
+            self.sched_d.load_state_dict(ckpt["scheduler"]["discriminator"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise TrainError(f"checkpoint does not match this run's networks: {e}") from None
+        self.step = int(ckpt["step"])
+        self.best = dict(ckpt["best"])
+        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        states = ckpt["rng"]
+        if len(states) == self.info.world:
+            restore_rng_state(states[self.info.rank])
+        elif self.info.is_main:
+            warnings.warn(f"the checkpoint was written by {len(states)} ranks, this run has "
+                          f"{self.info.world}: random streams restart (not bit-exact)")
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop metric records past ``step`` (a killed run logged beyond its checkpoint)
+        and any torn last line."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+    # ---------------------------------------------------------------- one step
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``step``'s crops of this rank: LD ``x`` and ND ``y`` ``[B, 1, crop, crop]``
+        float32, in the networks' scale (unit window × ``net_scale``), on the device."""
+        b = self.cfg.batch_size
+        pairs = [self.data.train.get(e, i) for e, i in self.samples.positions(step * b, b)]
+        scale = self.cfg.resolved_net_scale
+        x = torch.stack([p[0] for p in pairs]) * scale
+        y = torch.stack([p[1] for p in pairs]) * scale
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One generator step then one discriminator step; -> detached float32 losses."""
+        return self.gan_step(x, y)
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, step: int) -> Optional[dict]:
+        """Denoise the held-out slices (rank 0): metrics record, figure; None elsewhere."""
+        if not self.info.is_main or not self.data.val:
+            return None
+        denoised = denoise_slices(self.generator, self.data.val, self.cfg, self.device)
+        self.generator.train()
+        record = {"kind": "eval", "step": step, **evaluate_slices(self.data.val, denoised)}
+        self._log(record)
+        try:
+            save_eval_figure(self.data.val[0], denoised[0],
+                             self.run_dir / "figures" / f"eval_step{step:07d}.png", step)
+        except Exception as e:  # a figure must never stop training
+            warnings.warn(f"eval figure not written: {e}")
+        return record
+
+    # ---------------------------------------------------------------- checkpoint
+    def _checkpoint_obj(self, step: int, elapsed: float) -> dict:
+        states = capture_rng_state()
+        if self.info.enabled:
+            gathered = [None] * self.info.world
+            dist.all_gather_object(gathered, states)
+            states = gathered
+        else:
+            states = [states]
+        return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "pdml_version": __import__("pdml").__version__,
+            "step": step, "world_size": self.info.world, "elapsed_s": elapsed,
+            "config": self.cfg.to_dict(),
+            "model": {"generator": self.generator.state_dict(),
+                      "discriminator": self.discriminator.state_dict(),
+                      "heads": self.heads.state_dict() if self.heads is not None else {}},
+            "optimizer": {"generator": self.opt_g.state_dict(),
+                          "discriminator": self.opt_d.state_dict()},
+            "scheduler": {"generator": self.sched_g.state_dict(),
+                          "discriminator": self.sched_d.state_dict()},
+            "scaler": self.scaler.state_dict(),
+            "rng": states, "best": dict(self.best),
+        }
+
+    def checkpoint(self, step: int, elapsed: float, is_best: bool) -> None:
+        obj = self._checkpoint_obj(step, elapsed)  # collective: every rank takes part
+        if self.info.is_main:
+            save_checkpoint(obj, self.run_dir / "checkpoints" / "last.pt")
+            if is_best:
+                save_checkpoint(obj, self.run_dir / "checkpoints" / "best.pt")
+        barrier(self.info)
+
+    # ---------------------------------------------------------------- logging
+    def _log(self, record: dict) -> None:
+        if not self.info.is_main:
+            return
+        record = {k: v for k, v in record.items() if not k.startswith("_")}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _ranks_in_sync(self) -> Optional[bool]:
+        """True when every rank holds bit-identical networks (None without DDP)."""
+        if not self.info.enabled:
+            return None
+        modules = [self.generator, self.discriminator] + ([self.heads] if self.heads else [])
+        flat = torch.cat([p.detach().float().flatten() for m in modules for p in m.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(self.info.world)]
+        dist.all_gather(gathered, flat)
+        return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+    def _stop_now(self, started: float) -> bool:
+        """Time budget reached? Rank 0 decides for every rank."""
+        if self.cfg.max_minutes is None:
+            return False
+        flag = torch.tensor([float(time.time() - started > 60.0 * self.cfg.max_minutes)])
+        if self.info.enabled:
+            dist.broadcast(flag, 0)
+        return bool(flag.item())
+
+    # ---------------------------------------------------------------- main loop
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, info = self.cfg, self.info
+        start_step = self.step
+        started = time.time()
+        bar = tqdm(total=cfg.steps, initial=start_step, desc="pdml-train", unit="step",
+                   dynamic_ncols=True, disable=not (info.is_main and cfg.progress),
+                   file=sys.stderr)
+        sums: dict[str, torch.Tensor] = {}
+        window_steps, window_start = 0, time.time()
+        stopped_early = False
+        try:
+            while self.step < cfg.steps:
+                if self._stop_now(started):
+                    stopped_early = True
+                    break
+                x, y = self._batch(self.step)
+                losses = self.train_step(x, y)
+                self.step += 1
+                window_steps += 1
+                for k, v in losses.items():
+                    sums[k] = sums[k] + v if k in sums else v
+                bar.update(1)
+                last_step = self.step == cfg.steps
+                if self.step % cfg.log_every == 0 or last_step:
+                    dt = max(time.time() - window_start, 1e-9)
+                    rec = {"kind": "train", "step": self.step,
+                           **{k: float(v) / window_steps for k, v in sums.items()},
+                           "lr": self.opt_g.param_groups[0]["lr"],
+                           "img_per_s": window_steps * cfg.batch_size * info.world / dt,
+                           **self.telemetry.sample()}
+                    self._log(rec)
+                    bar.set_postfix(G=f"{rec['loss_G']:.3f}", D=f"{rec['loss_D']:.3f}",
+                                    P=f"{rec['loss_patch']:.3f}", img_s=f"{rec['img_per_s']:.1f}")
+                    sums, window_steps, window_start = {}, 0, time.time()
+                paused = time.time()
+                if self._maybe_eval_and_checkpoint(started, force=last_step):
+                    window_start += time.time() - paused  # img/s counts training time only
+            if stopped_early and self.step > start_step:
+                self._maybe_eval_and_checkpoint(started, force=True)
+        finally:
+            bar.close()
+        summary = self._summary(start_step, started, stopped_early)
+        self.close()
+        return summary
+
+    def _maybe_eval_and_checkpoint(self, started: float, force: bool) -> bool:
+        """Evaluate and/or checkpoint when due; -> whether anything ran."""
+        cfg = self.cfg
+        is_best, ran = False, False
+        if self.step % cfg.eval_every == 0 or force:
+            rec = self.evaluate(self.step)
+            if rec is not None and rec["psnr"] is not None and (
+                    self.best["psnr"] is None or rec["psnr"] > self.best["psnr"]):
+                self.best = {"step": self.step, "psnr": rec["psnr"]}
+                is_best = True
+            if self.info.enabled:  # every rank tracks the same best
+                box = [self.best, is_best]
+                dist.broadcast_object_list(box, 0)
+                self.best, is_best = box
+            self.last_eval = rec
+            ran = True
+        if self.step % cfg.ckpt_every == 0 or force or is_best:
+            self.checkpoint(self.step, self.elapsed_before + time.time() - started, is_best)
+            ran = True
+        return ran
+
+    def _summary(self, start_step: int, started: float, stopped_early: bool) -> dict:
+        in_sync = self._ranks_in_sync()
+        elapsed = time.time() - started
+        summary = {
+            "run_dir": str(self.run_dir), "steps": self.step, "planned_steps": self.cfg.steps,
+            "stopped_early": stopped_early, "world_size": self.info.world,
+            "elapsed_s": elapsed, "total_elapsed_s": self.elapsed_before + elapsed,
+            "img_per_s": (self.step - start_step) * self.cfg.batch_size * self.info.world
+            / max(elapsed, 1e-9),
+            "ranks_in_sync": in_sync, "best": self.best,
+            "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+            "final_eval": self.last_eval,
+        }
+        if self.info.is_main:
+            try:
+                save_loss_figure(self.run_dir / "metrics.jsonl",
+                                 self.run_dir / "figures" / "losses.png")
+            except Exception as e:
+                warnings.warn(f"loss figure not written: {e}")
+            atomic_write_bytes(self.run_dir / "summary.json",
+                               (json.dumps(summary, indent=2) + "\n").encode())
+            print(format_summary(summary, self.cfg), file=self.stream, flush=True)
+        return summary
+
+    def close(self) -> None:
+        if self.info.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
+            self.info.initialized_here = False
+
+
+def train(cfg: Optional[TrainConfig] = None, resume: Optional[str] = None, stream=None) -> dict:
+    """Run (or with ``resume=RUN_DIR`` continue) a training; -> the summary dict."""
+    return TrainingRun(cfg, resume=resume, stream=stream).run()
