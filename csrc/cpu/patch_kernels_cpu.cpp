@@ -124,6 +124,18 @@ PDML_VECTOR_CLONES void exp_shifted<float>(float* x, int64_t count, float inv_ta
   for (int64_t i = 0; i < count; ++i) x[i] = math::nce_weight(x[i], shift, inv_tau);
 }
 
+// x[i] = scale · exp(x[i]·inv_tau − shift)
+template <typename acc_t>
+void exp_shifted_scaled(acc_t* x, int64_t count, acc_t inv_tau, acc_t shift, acc_t scale) {
+  for (int64_t i = 0; i < count; ++i) x[i] = scale * math::nce_weight(x[i], shift, inv_tau);
+}
+
+template <>
+PDML_VECTOR_CLONES void exp_shifted_scaled<float>(float* x, int64_t count, float inv_tau, float shift,
+                                                  float scale) {
+  for (int64_t i = 0; i < count; ++i) x[i] = scale * math::nce_weight(x[i], shift, inv_tau);
+}
+
 template <typename acc_t>
 acc_t sum_of(const acc_t* x, int64_t count) {
   acc_t s = 0;
@@ -284,15 +296,14 @@ std::tuple<Tensor, Tensor> nce_forward(const Tensor& q, const Tensor& k, double 
 
 Tensor nce_backward(const Tensor& q, const Tensor& k, const Tensor& loss, const Tensor& lse, double tau) {
   check_slabs(q, k);
-  const int64_t groups = q.size(0), n = q.size(1), channels = q.size(2), tiles = num_tiles(n);
-  Tensor dq = at::zeros_like(q);
+  const int64_t groups = q.size(0), n = q.size(1), tiles = num_tiles(n);
+  // Every row tile's first column tile writes its rows with mm_out (β = 0): no zero fill.
+  Tensor dq = at::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pdml_nce_backward", [&] {
     using acc_t = scalar_t;
     const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
-    const acc_t* kp = k.const_data_ptr<acc_t>();
     const acc_t* lse_p = lse.const_data_ptr<acc_t>();
     const acc_t* loss_p = loss.const_data_ptr<acc_t>();
-    acc_t* dqp = dq.data_ptr<acc_t>();
     at::parallel_for(0, groups * tiles, 1, [&](int64_t t0, int64_t t1) {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: plain ATen
       Tensor scratch = at::empty({kTile * kTile}, q.options());
@@ -302,22 +313,27 @@ Tensor nce_backward(const Tensor& q, const Tensor& k, const Tensor& loss, const 
         const Tensor q_rows = rows_of(q, g, rows);
         Tensor dq_rows = rows_of(dq, g, rows);
         const acc_t* row_lse = lse_p + g * n + rows.begin;
+        const acc_t* row_loss = loss_p + g * n + rows.begin;
         for (int64_t j = 0; j < tiles; ++j) {
           const TileSpan cols = tile_span(j, n);
           const Tensor k_cols = rows_of(k, g, cols);
+          // W = (1/τ)·[p_ij] with the positive's p_0 − 1 on the diagonal (the filled entry
+          // is a constant): then dq̂_I = Σ_J W_IJ K_J is nce_grad_finish's sum as one GEMM.
           Tensor w = scratch_matrix(scratch, rows.size, cols.size);
           at::mm_out(w, q_rows, k_cols.t());
           acc_t* wp = w.data_ptr<acc_t>();
-          for (int64_t r = 0; r < rows.size; ++r) exp_shifted(wp + r * cols.size, cols.size, inv_tau, row_lse[r]);
-          if (j == t % tiles) {  // j = i is the positive: nce_grad_finish adds it exactly
-            for (int64_t r = 0; r < rows.size; ++r) wp[r * cols.size + r] = 0;
+          for (int64_t r = 0; r < rows.size; ++r) {
+            exp_shifted_scaled(wp + r * cols.size, cols.size, inv_tau, row_lse[r], inv_tau);
           }
-          dq_rows.addmm_(w, k_cols);
-        }
-        for (int64_t r = 0; r < rows.size; ++r) {
-          const int64_t row = g * n + rows.begin + r, o = row * channels;
-          for (int64_t c = 0; c < channels; ++c) {
-            dqp[o + c] = math::nce_grad_finish(dqp[o + c], kp[o + c], loss_p[row], inv_tau);
+          if (j == t % tiles) {
+            for (int64_t r = 0; r < rows.size; ++r) {
+              wp[r * cols.size + r] = math::nce_positive_weight(row_loss[r]) * inv_tau;
+            }
+          }
+          if (j == 0) {
+            at::mm_out(dq_rows, w, k_cols);
+          } else {
+            dq_rows.addmm_(w, k_cols);
           }
         }
       }
