@@ -8,7 +8,10 @@
 //
 // Parallelism (at::parallel_for):
 // - PatchNCE (forward and backward): over (group, row tile) tasks, each writing only its
-//   own rows; the backward recomputes the tiles.
+//   own rows; the backward recomputes the tiles. nce_forward_with_grad skips that
+//   recomputation: a row's loss depends on its own q̂_i only (k is detached), so its
+//   gradient for a unit upstream gradient comes out of the forward sweep and the backward
+//   of any per-row upstream gradient is a row scale (2 tile GEMMs per tile pair, not 3).
 // - PatchMetric: its gradient needs no global normaliser (unlike PatchNCE's logsumexp),
 //   so the forward computes it in the same sweep when asked (compute_grad), and the
 //   backward only scales it. The similarity of q with q (and k with k) is symmetric, so each
