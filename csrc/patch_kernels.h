@@ -40,6 +40,12 @@ namespace pdml {
 
 namespace cpu {
 PDML_DECLARE_KERNELS
+// PatchNCE forward that also returns ∂loss_i/∂q̂_i (as nce_backward: [G, n, C] acc, unit
+// upstream gradient per row) from the same sweep: -> (loss, lse, d_q). Each row's loss
+// depends on its own q̂_i only (k is detached), so the backward of a per-row upstream
+// gradient is d_q scaled row by row — no second pass over the similarities.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_with_grad(const at::Tensor& q, const at::Tensor& k,
+                                                                     double tau);
 }  // namespace cpu
 
 #ifdef PDML_WITH_CUDA

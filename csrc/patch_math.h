@@ -197,20 +197,25 @@ PDML_HD acc_t nce_row_lse(acc_t loss, acc_t s_pos, acc_t inv_tau) {
 // (p_0 the positive's softmax weight; the filled entry is a constant). p_0 − 1 is
 // expm1(−loss_i) exactly, as p_0 = e^{l0 − lse_i} = e^{−loss_i}: computing it as
 // e^{s_ii/τ − lse_i} − 1 would cancel (p_0 ≈ 1) and lose ~1e-6·(1/τ) in float32.
-// nce_weight gives p_ij (j ≠ i); nce_grad_finish adds the positive's term and the 1/τ.
+// nce_weight gives p_ij (j ≠ i); nce_positive_weight gives p_0 − 1, the coefficient of
+// k̂_i (one per row); nce_grad_finish adds the positive's term and the 1/τ.
 template <typename acc_t>
 PDML_HD acc_t nce_weight(acc_t s, acc_t lse, acc_t inv_tau) {
   return exp_(s * inv_tau - lse);
 }
 
 template <typename acc_t>
-PDML_HD acc_t nce_grad_finish(acc_t weighted_negatives, acc_t k_own, acc_t loss, acc_t inv_tau) {
+PDML_HD acc_t nce_positive_weight(acc_t loss) {
 #if defined(__CUDA_ARCH__)
-  const acc_t p0_minus_1 = ::expm1(-loss);
+  return ::expm1(-loss);
 #else
-  const acc_t p0_minus_1 = std::expm1(-loss);
+  return std::expm1(-loss);
 #endif
-  return (weighted_negatives + p0_minus_1 * k_own) * inv_tau;
+}
+
+template <typename acc_t>
+PDML_HD acc_t nce_grad_finish(acc_t weighted_negatives, acc_t k_own, acc_t loss, acc_t inv_tau) {
+  return (weighted_negatives + nce_positive_weight(loss) * k_own) * inv_tau;
 }
 
 // ---------------------------------------------------------------- PatchMetric

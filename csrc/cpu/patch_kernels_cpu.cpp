@@ -8,7 +8,10 @@
 //
 // Parallelism (at::parallel_for):
 // - PatchNCE (forward and backward): over (group, row tile) tasks, each writing only its
-//   own rows; the backward recomputes the tiles.
+//   own rows; the backward recomputes the tiles. nce_forward_with_grad skips that
+//   recomputation: a row's loss depends on its own q̂_i only (k is detached), so its
+//   gradient for a unit upstream gradient comes out of the forward sweep and the backward
+//   of any per-row upstream gradient is a row scale (2 tile GEMMs per tile pair, not 3).
 // - PatchMetric: its gradient needs no global normaliser (unlike PatchNCE's logsumexp),
 //   so the forward computes it in the same sweep when asked (compute_grad), and the
 //   backward only scales it. The similarity of q with q (and k with k) is symmetric, so each
@@ -124,6 +127,18 @@ PDML_VECTOR_CLONES void exp_shifted<float>(float* x, int64_t count, float inv_ta
   for (int64_t i = 0; i < count; ++i) x[i] = math::nce_weight(x[i], shift, inv_tau);
 }
 
+// x[i] = scale · exp(x[i]·inv_tau − shift)
+template <typename acc_t>
+void exp_shifted_scaled(acc_t* x, int64_t count, acc_t inv_tau, acc_t shift, acc_t scale) {
+  for (int64_t i = 0; i < count; ++i) x[i] = scale * math::nce_weight(x[i], shift, inv_tau);
+}
+
+template <>
+PDML_VECTOR_CLONES void exp_shifted_scaled<float>(float* x, int64_t count, float inv_tau, float shift,
+                                                  float scale) {
+  for (int64_t i = 0; i < count; ++i) x[i] = scale * math::nce_weight(x[i], shift, inv_tau);
+}
+
 template <typename acc_t>
 acc_t sum_of(const acc_t* x, int64_t count) {
   acc_t s = 0;
@@ -161,6 +176,18 @@ PDML_VECTOR_CLONES float max_of<float>(const float* x, int64_t count) {
   for (; i < count; ++i) m = x[i] > m ? x[i] : m;
   for (int l = 0; l < kLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
   return m;
+}
+
+// x[c] *= scale
+template <typename acc_t>
+void scale_row(acc_t* x, int64_t count, acc_t scale) {
+  for (int64_t c = 0; c < count; ++c) x[c] *= scale;
+}
+
+// out[c] = a[c]·a_scale + b[c]·b_scale
+template <typename acc_t>
+void combine_rows(acc_t* out, const acc_t* a, acc_t a_scale, const acc_t* b, acc_t b_scale, int64_t count) {
+  for (int64_t c = 0; c < count; ++c) out[c] = a[c] * a_scale + b[c] * b_scale;
 }
 
 }  // namespace
@@ -233,66 +260,124 @@ Tensor normalize_backward_scatter(const Tensor& d_rows, const Tensor& rows_hat, 
 
 // ------------------------------------------------------------------ PatchNCE
 
-std::tuple<Tensor, Tensor> nce_forward(const Tensor& q, const Tensor& k, double tau) {
-  check_slabs(q, k);
+namespace {
+
+// The PatchNCE sweep of nce_forward and nce_forward_with_grad: per (group, row tile) task,
+// S = Q_I K_Jᵀ tile by tile, a running max m_i and sum l_i = Σ_{j≠i} e^{s_ij/τ − m_i} of
+// the negatives (the positive's column is dropped from the tile), then the row's loss and
+// lse (patch_math.h). With dq (non-null, [G, n, C]) the same tiles, exponentiated relative
+// to m_i, also accumulate A_I = Σ_J E_IJ K_J (rows rescaled by e^{m_old − m_new} when m_i
+// grows, as in a streaming softmax); at the end
+//   ∂loss_i/∂q̂_i = (1/τ)·[e^{m_i − lse_i} A_i + (p_0 − 1) k̂_i]
+// — nce_backward's result without recomputing the similarities.
+template <typename acc_t>
+void nce_sweep(const Tensor& q, const Tensor& k, double tau, acc_t* loss_p, acc_t* lse_p, acc_t* dqp) {
   const int64_t groups = q.size(0), n = q.size(1), channels = q.size(2), tiles = num_tiles(n);
-  Tensor loss = at::empty({groups * n}, q.options());
-  Tensor lse = at::empty({groups * n}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pdml_nce_forward", [&] {
-    using acc_t = scalar_t;
-    const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
-    const acc_t* qp = q.const_data_ptr<acc_t>();
-    const acc_t* kp = k.const_data_ptr<acc_t>();
-    acc_t* loss_p = loss.data_ptr<acc_t>();
-    acc_t* lse_p = lse.data_ptr<acc_t>();
-    at::parallel_for(0, groups * tiles, 1, [&](int64_t t0, int64_t t1) {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: plain ATen
-      Tensor scratch = at::empty({kTile * kTile}, q.options());
-      std::vector<math::Lse<acc_t>> running(kTile);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t g = t / tiles;
-        const TileSpan rows = tile_span(t % tiles, n);
-        const Tensor q_rows = rows_of(q, g, rows);
-        std::fill(running.begin(), running.end(), math::lse_init<acc_t>());
-        for (int64_t j = 0; j < tiles; ++j) {
-          const TileSpan cols = tile_span(j, n);
-          Tensor s = scratch_matrix(scratch, rows.size, cols.size);
-          at::mm_out(s, q_rows, rows_of(k, g, cols).t());
-          acc_t* sp = s.data_ptr<acc_t>();
-          if (j == t % tiles) {  // the sweep covers the negatives only: drop j = i
-            for (int64_t r = 0; r < rows.size; ++r) sp[r * cols.size + r] = -std::numeric_limits<acc_t>::infinity();
-          }
-          for (int64_t r = 0; r < rows.size; ++r) {
-            acc_t* row = sp + r * cols.size;
-            // max of s·(1/τ) is (max s)·(1/τ) since 1/τ > 0
-            const acc_t block_max = max_of(row, cols.size) * inv_tau;
-            exp_shifted(row, cols.size, inv_tau, block_max);
-            running[r] = math::lse_merge(running[r], block_max, sum_of(row, cols.size));
-          }
+  const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t* qp = q.const_data_ptr<acc_t>();
+  const acc_t* kp = k.const_data_ptr<acc_t>();
+  at::parallel_for(0, groups * tiles, 1, [&](int64_t t0, int64_t t1) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: plain ATen
+    Tensor scratch = at::empty({kTile * kTile}, q.options());
+    Tensor acc_tile = dqp != nullptr ? at::empty({kTile, channels}, q.options()) : Tensor();
+    std::vector<acc_t> row_max(kTile), row_sum(kTile);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / tiles, own = t % tiles;
+      const TileSpan rows = tile_span(own, n);
+      const Tensor q_rows = rows_of(q, g, rows);
+      const int64_t first = g * n + rows.begin;  // global index of the tile's first row
+      Tensor acc_rows = dqp != nullptr ? acc_tile.narrow(0, 0, rows.size) : Tensor();
+      acc_t* accp = dqp != nullptr ? acc_rows.data_ptr<acc_t>() : nullptr;
+      std::fill(row_max.begin(), row_max.end(), kNegInf);
+      std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+      for (int64_t j = 0; j < tiles; ++j) {
+        const TileSpan cols = tile_span(j, n);
+        const Tensor k_cols = rows_of(k, g, cols);
+        Tensor s = scratch_matrix(scratch, rows.size, cols.size);
+        at::mm_out(s, q_rows, k_cols.t());
+        acc_t* sp = s.data_ptr<acc_t>();
+        if (j == own) {  // the sweep covers the negatives only: drop j = i
+          for (int64_t r = 0; r < rows.size; ++r) sp[r * cols.size + r] = kNegInf;
         }
         for (int64_t r = 0; r < rows.size; ++r) {
-          const int64_t row = g * n + rows.begin + r;
-          const acc_t s_pos = row_dot(qp + row * channels, kp + row * channels, channels);
-          loss_p[row] = math::nce_row_loss(running[r], s_pos, inv_tau);
-          lse_p[row] = math::nce_row_lse(loss_p[row], s_pos, inv_tau);
+          acc_t* row = sp + r * cols.size;
+          // max of s·(1/τ) is (max s)·(1/τ) since 1/τ > 0
+          const acc_t m_new = std::max(row_max[r], max_of(row, cols.size) * inv_tau);
+          if (m_new == kNegInf) {  // nothing swept yet (a 1×1 diagonal tile)
+            std::fill(row, row + cols.size, acc_t(0));
+            continue;
+          }
+          if (m_new > row_max[r]) {
+            const acc_t rescale = math::exp_(row_max[r] - m_new);  // 0 while row_max = -inf
+            row_sum[r] *= rescale;
+            if (accp != nullptr && j > 0) scale_row(accp + r * channels, channels, rescale);
+            row_max[r] = m_new;
+          }
+          exp_shifted(row, cols.size, inv_tau, m_new);
+          row_sum[r] += sum_of(row, cols.size);
+        }
+        if (accp != nullptr) {
+          if (j == 0) {
+            at::mm_out(acc_rows, s, k_cols);
+          } else {
+            acc_rows.addmm_(s, k_cols);
+          }
         }
       }
-    });
+      for (int64_t r = 0; r < rows.size; ++r) {
+        const int64_t row = first + r;
+        const acc_t s_pos = row_dot(qp + row * channels, kp + row * channels, channels);
+        const math::Lse<acc_t> negatives{row_max[r], row_sum[r]};
+        const acc_t loss = math::nce_row_loss(negatives, s_pos, inv_tau);
+        loss_p[row] = loss;
+        lse_p[row] = math::nce_row_lse(loss, s_pos, inv_tau);
+        if (dqp == nullptr) continue;
+        // p_ij = e^{s_ij/τ − m_i}·e^{m_i − lse_i}; row_max = -inf means no negative was swept
+        const acc_t weight_scale = row_max[r] == kNegInf ? acc_t(0) : math::exp_(row_max[r] - lse_p[row]) * inv_tau;
+        const acc_t positive_scale = math::nce_positive_weight(loss) * inv_tau;
+        combine_rows(dqp + row * channels, accp + r * channels, weight_scale, kp + row * channels, positive_scale,
+                     channels);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> nce_forward(const Tensor& q, const Tensor& k, double tau) {
+  check_slabs(q, k);
+  const int64_t rows = q.size(0) * q.size(1);
+  Tensor loss = at::empty({rows}, q.options());
+  Tensor lse = at::empty({rows}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pdml_nce_forward", [&] {
+    nce_sweep<scalar_t>(q, k, tau, loss.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), nullptr);
   });
   return {loss, lse};
 }
 
+std::tuple<Tensor, Tensor, Tensor> nce_forward_with_grad(const Tensor& q, const Tensor& k, double tau) {
+  check_slabs(q, k);
+  const int64_t rows = q.size(0) * q.size(1);
+  Tensor loss = at::empty({rows}, q.options());
+  Tensor lse = at::empty({rows}, q.options());
+  Tensor dq = at::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pdml_nce_forward_with_grad", [&] {
+    nce_sweep<scalar_t>(q, k, tau, loss.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>());
+  });
+  return {loss, lse, dq};
+}
+
 Tensor nce_backward(const Tensor& q, const Tensor& k, const Tensor& loss, const Tensor& lse, double tau) {
   check_slabs(q, k);
-  const int64_t groups = q.size(0), n = q.size(1), channels = q.size(2), tiles = num_tiles(n);
-  Tensor dq = at::zeros_like(q);
+  const int64_t groups = q.size(0), n = q.size(1), tiles = num_tiles(n);
+  // Every row tile's first column tile writes its rows with mm_out (β = 0): no zero fill.
+  Tensor dq = at::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pdml_nce_backward", [&] {
     using acc_t = scalar_t;
     const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
-    const acc_t* kp = k.const_data_ptr<acc_t>();
     const acc_t* lse_p = lse.const_data_ptr<acc_t>();
     const acc_t* loss_p = loss.const_data_ptr<acc_t>();
-    acc_t* dqp = dq.data_ptr<acc_t>();
     at::parallel_for(0, groups * tiles, 1, [&](int64_t t0, int64_t t1) {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: plain ATen
       Tensor scratch = at::empty({kTile * kTile}, q.options());
@@ -302,22 +387,27 @@ Tensor nce_backward(const Tensor& q, const Tensor& k, const Tensor& loss, const 
         const Tensor q_rows = rows_of(q, g, rows);
         Tensor dq_rows = rows_of(dq, g, rows);
         const acc_t* row_lse = lse_p + g * n + rows.begin;
+        const acc_t* row_loss = loss_p + g * n + rows.begin;
         for (int64_t j = 0; j < tiles; ++j) {
           const TileSpan cols = tile_span(j, n);
           const Tensor k_cols = rows_of(k, g, cols);
+          // W = (1/τ)·[p_ij] with the positive's p_0 − 1 on the diagonal (the filled entry
+          // is a constant): then dq̂_I = Σ_J W_IJ K_J is nce_grad_finish's sum as one GEMM.
           Tensor w = scratch_matrix(scratch, rows.size, cols.size);
           at::mm_out(w, q_rows, k_cols.t());
           acc_t* wp = w.data_ptr<acc_t>();
-          for (int64_t r = 0; r < rows.size; ++r) exp_shifted(wp + r * cols.size, cols.size, inv_tau, row_lse[r]);
-          if (j == t % tiles) {  // j = i is the positive: nce_grad_finish adds it exactly
-            for (int64_t r = 0; r < rows.size; ++r) wp[r * cols.size + r] = 0;
+          for (int64_t r = 0; r < rows.size; ++r) {
+            exp_shifted_scaled(wp + r * cols.size, cols.size, inv_tau, row_lse[r], inv_tau);
           }
-          dq_rows.addmm_(w, k_cols);
-        }
-        for (int64_t r = 0; r < rows.size; ++r) {
-          const int64_t row = g * n + rows.begin + r, o = row * channels;
-          for (int64_t c = 0; c < channels; ++c) {
-            dqp[o + c] = math::nce_grad_finish(dqp[o + c], kp[o + c], loss_p[row], inv_tau);
+          if (j == t % tiles) {
+            for (int64_t r = 0; r < rows.size; ++r) {
+              wp[r * cols.size + r] = math::nce_positive_weight(row_loss[r]) * inv_tau;
+            }
+          }
+          if (j == 0) {
+            at::mm_out(dq_rows, w, k_cols);
+          } else {
+            dq_rows.addmm_(w, k_cols);
           }
         }
       }
