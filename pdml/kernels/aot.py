@@ -93,10 +93,10 @@ def jobs_for(shapes: dict = SHAPES, kernels=KERNELS, dtypes=DTYPES) -> dict[Job,
         for dtype in dtypes:
             for name, sizes in shapes.items():
                 for rows, channels in sizes:
-                    for tiles in launch.launch_configs(torch_dtype[dtype], rows, channels, kernel):
-                        if kernel in WITHOUT_DOTS:  # no column tiles (see launch._normaliser_backward)
-                            tiles = tiles._replace(block_n=16)
-                        for gather in forms:
+                    for gather in forms:
+                        for tiles in launch.launch_configs(torch_dtype[dtype], rows, channels, kernel, gather):
+                            if kernel in WITHOUT_DOTS:  # no column tiles (see launch._normaliser_backward)
+                                tiles = tiles._replace(block_n=16)
                             job = Job(kernel, dtype, gather, *tiles)
                             jobs.setdefault(job, []).append(f"{name}:{rows}:{channels}")
     return jobs
