@@ -19,6 +19,10 @@ import torch  # noqa: E402
 
 from pdml.kernels import aot, launch  # noqa: E402
 
+pytestmark = pytest.mark.skipif(
+    not aot.library_compiles(),
+    reason="triton was imported with TRITON_INTERPRET=1: its library is interpreter-only in this process")
+
 _RECORDS: dict = {}
 
 
