@@ -48,16 +48,16 @@ class Tiles(NamedTuple):
 
 
 CHUNK_CHANNELS = {
-    "nce_forward_kernel": (32, 16, 16),
-    "nce_backward_kernel": (32, 32, 32),
-    "metric_forward_kernel": (16, 16, 32),
-    "metric_backward_kernel": (32, 32, 32),
-    "similarity_forward_kernel": (32, 32, 32),
-    "similarity_backward_kernel": (32, 16, 16),
-    "normaliser_backward_kernel": (32, 16, 16),
+    "nce_forward_kernel": (32, 16, 16, 16),
+    "nce_backward_kernel": (32, 32, 32, 16),
+    "metric_forward_kernel": (16, 16, 32, 16),
+    "metric_backward_kernel": (32, 32, 32, 16),
+    "similarity_forward_kernel": (32, 32, 32, 16),
+    "similarity_backward_kernel": (32, 16, 16, 32),
+    "normaliser_backward_kernel": (32, 16, 16, 16),
 }
-"""Channels per chunk of each kernel's 32-row tiles on the GPU: ``(fp32, fp16/bf16 map
-form, fp16/bf16 rows form)``."""
+"""Channels per chunk of each kernel on the GPU: ``(fp32, fp16/bf16 map form, fp16/bf16
+rows form, fp16/bf16 64-row tiles)``."""
 
 
 def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: bool, kernel: str,
@@ -65,13 +65,13 @@ def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: boo
     """The tiles of kernel ``kernel`` (a name in :mod:`pdml.kernels.patch_loss`) for groups
     of ``group_rows`` rows of ``channels`` channels, of the map form (``gather``) or not.
 
-    GPU: 8 warps without pipelining, 32×32 tiles with the chunks of :data:`CHUNK_CHANNELS`;
-    fp16/bf16 groups of at least :data:`LARGE_GROUP` rows get 64×64 tiles (wgmma) of
-    16-channel chunks. Measured with ``python -m pdml.kernels.aot`` (sm_90 and sm_80,
-    triton 3.6 and 3.8): no register spills in any kernel. 4 warps or 2 stages spill in
-    the backward kernels, and a kernel's other chunk width may spill a few bytes on one
-    architecture or with one triton version (ptxas 12.8 / 12.9); the old fp32 backward kernels at
-    32×256 whole rows spilled 10-21 KB. At most 16 KB of shared memory. The interpreter
+    GPU: 8 warps without pipelining, 32×32 tiles, and 64×64 tiles (wgmma) for fp16/bf16
+    groups of at least :data:`LARGE_GROUP` rows; channel chunks of :data:`CHUNK_CHANNELS`.
+    Measured with ``python -m pdml.kernels.aot`` (sm_90 and sm_80, triton 3.6 and 3.8):
+    no register spills in any kernel. 4 warps or 2 stages spill in the backward kernels,
+    and a kernel's other chunk width may spill a few bytes on one architecture or with one
+    triton version (ptxas 12.8 / 12.9); the old fp32 backward kernels at 32×256 whole
+    rows spilled 10-21 KB. At most 16 KB of shared memory. The interpreter
     prefers big tiles (its cost is per operation, not per element). Every block is >= 16
     (the smallest dot a GPU accepts).
     """
@@ -81,7 +81,7 @@ def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: boo
     half = dtype != torch.float32
     large = half and group_rows >= LARGE_GROUP
     block = min(64 if large else 32, max(16, triton.next_power_of_2(group_rows)))
-    block_c = 16 if large else CHUNK_CHANNELS[kernel][0 if not half else 1 if gather else 2]
+    block_c = CHUNK_CHANNELS[kernel][0 if not half else 3 if large else 1 if gather else 2]
     return Tiles(block, block, block_c, 8, 1)
 
 
