@@ -19,13 +19,17 @@ import torch  # noqa: E402
 
 from pdml.kernels import aot, launch  # noqa: E402
 
+pytestmark = pytest.mark.skipif(
+    not aot.library_compiles(),
+    reason="triton was imported with TRITON_INTERPRET=1: its library is interpreter-only in this process")
+
 _RECORDS: dict = {}
 
 
 def _compile(kernel, dtype, rows, channels, arch, gather=True):
     """Record of the launcher's first choice for groups of ``rows`` rows of ``channels``."""
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    tiles = launch.tiles_for(torch_dtype, rows, channels, interpret=False, kernel=kernel)
+    tiles = launch.tiles_for(torch_dtype, rows, channels, interpret=False, kernel=kernel, gather=gather)
     if kernel in aot.WITHOUT_DOTS:
         tiles = tiles._replace(block_n=16)
     job = aot.Job(kernel, dtype, gather, *tiles)

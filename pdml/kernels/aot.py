@@ -81,6 +81,15 @@ class Record(NamedTuple):
     error: Optional[str] = None
 
 
+def library_compiles() -> bool:
+    """Whether triton.language was imported for compilation: with ``TRITON_INTERPRET=1`` at
+    import, its own @jit functions (tl.sum's combine function, ...) exist only for the
+    interpreter, and no kernel that uses them compiles in this process."""
+    import triton.language as tl
+    from triton.runtime import JITFunction
+    return isinstance(tl.sum, JITFunction)
+
+
 def jobs_for(shapes: dict = SHAPES, kernels=KERNELS, dtypes=DTYPES) -> dict[Job, list[str]]:
     """Every distinct compilation the launcher can need for ``shapes`` -> the shape names
     (``name:n:C``) that need it."""
@@ -93,10 +102,10 @@ def jobs_for(shapes: dict = SHAPES, kernels=KERNELS, dtypes=DTYPES) -> dict[Job,
         for dtype in dtypes:
             for name, sizes in shapes.items():
                 for rows, channels in sizes:
-                    for tiles in launch.launch_configs(torch_dtype[dtype], rows, channels, kernel):
-                        if kernel in WITHOUT_DOTS:  # no column tiles (see launch._normaliser_backward)
-                            tiles = tiles._replace(block_n=16)
-                        for gather in forms:
+                    for gather in forms:
+                        for tiles in launch.launch_configs(torch_dtype[dtype], rows, channels, kernel, gather):
+                            if kernel in WITHOUT_DOTS:  # no column tiles (see launch._normaliser_backward)
+                                tiles = tiles._replace(block_n=16)
                             job = Job(kernel, dtype, gather, *tiles)
                             jobs.setdefault(job, []).append(f"{name}:{rows}:{channels}")
     return jobs
@@ -208,6 +217,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", action="append", choices=KERNELS, help="only these kernels")
     parser.add_argument("--dtype", action="append", choices=DTYPES, help="only these dtypes")
     args = parser.parse_args(argv)
+    if not library_compiles():
+        print("triton was imported with TRITON_INTERPRET=1: unset it to compile", file=sys.stderr)
+        return 2
     jobs = jobs_for(kernels=args.kernel or KERNELS, dtypes=args.dtype or DTYPES)
     start = time.perf_counter()
     records = compile_all(args.arch, jobs, args.jobs)

@@ -47,23 +47,33 @@ class Tiles(NamedTuple):
                     num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-WIDE_CHUNK_KERNELS = ("nce_backward_kernel", "metric_backward_kernel")
-"""Kernels whose fp16/bf16 32-row tiles take 32-channel chunks (the others take 16)."""
+CHUNK_CHANNELS = {
+    "nce_forward_kernel": (32, 16, 16, 16),
+    "nce_backward_kernel": (32, 32, 32, 16),
+    "metric_forward_kernel": (16, 16, 32, 16),
+    "metric_backward_kernel": (32, 32, 32, 16),
+    "similarity_forward_kernel": (32, 32, 32, 16),
+    "similarity_backward_kernel": (32, 16, 16, 32),
+    "normaliser_backward_kernel": (32, 16, 16, 16),
+}
+"""Channels per chunk of each kernel on the GPU: ``(fp32, fp16/bf16 map form, fp16/bf16
+rows form, fp16/bf16 64-row tiles)``."""
 
 
-def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: bool, kernel: str) -> Tiles:
+def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: bool, kernel: str,
+              gather: bool = True) -> Tiles:
     """The tiles of kernel ``kernel`` (a name in :mod:`pdml.kernels.patch_loss`) for groups
-    of ``group_rows`` rows of ``channels`` channels.
+    of ``group_rows`` rows of ``channels`` channels, of the map form (``gather``) or not.
 
-    GPU: 8 warps without pipelining and 32×32 tiles; chunks of 32 channels for fp32, of 16
-    for fp16/bf16 except the nce/metric backward (32); fp16/bf16 groups of at least
-    :data:`LARGE_GROUP` rows get 64×64 tiles (wgmma) of 16-channel chunks. Measured with
-    ``python -m pdml.kernels.aot`` (sm_90 and sm_80, triton 3.6 and 3.8): no register
-    spills in any kernel, where 4 warps or 2 stages spill in the backward kernels, and
-    the other chunk width in some kernel with one of the two triton versions (a few
-    bytes each; the old fp32 backward kernels at 32×256 whole rows spilled 10-21 KB).
-    At most 16 KB of shared memory. The interpreter prefers big tiles (its cost is per
-    operation, not per element). Every block is >= 16 (the smallest dot a GPU accepts).
+    GPU: 8 warps without pipelining, 32×32 tiles, and 64×64 tiles (wgmma) for fp16/bf16
+    groups of at least :data:`LARGE_GROUP` rows; channel chunks of :data:`CHUNK_CHANNELS`.
+    Measured with ``python -m pdml.kernels.aot`` (sm_90 and sm_80, triton 3.6 and 3.8):
+    no register spills in any kernel. 4 warps or 2 stages spill in the backward kernels,
+    and a kernel's other chunk width may spill a few bytes on one architecture or with one
+    triton version (ptxas 12.8 / 12.9); the old fp32 backward kernels at 32×256 whole
+    rows spilled 10-21 KB. At most 16 KB of shared memory. The interpreter
+    prefers big tiles (its cost is per operation, not per element). Every block is >= 16
+    (the smallest dot a GPU accepts).
     """
     if interpret:
         block = min(128, max(16, triton.next_power_of_2(group_rows)))
@@ -71,14 +81,14 @@ def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: boo
     half = dtype != torch.float32
     large = half and group_rows >= LARGE_GROUP
     block = min(64 if large else 32, max(16, triton.next_power_of_2(group_rows)))
-    block_c = 32 if not half or (not large and kernel in WIDE_CHUNK_KERNELS) else 16
+    block_c = CHUNK_CHANNELS[kernel][0 if not half else 3 if large else 1 if gather else 2]
     return Tiles(block, block, block_c, 8, 1)
 
 
-def launch_configs(dtype: torch.dtype, group_rows: int, channels: int, kernel: str) -> list[Tiles]:
+def launch_configs(dtype: torch.dtype, group_rows: int, channels: int, kernel: str, gather: bool) -> list[Tiles]:
     """Every configuration a GPU launch for this shape can use (there is no fallback: the
     tiles need at most 16 KB of shared memory, which every CUDA GPU has)."""
-    return [tiles_for(dtype, group_rows, channels, interpret=False, kernel=kernel)]
+    return [tiles_for(dtype, group_rows, channels, interpret=False, kernel=kernel, gather=gather)]
 
 
 def _kernels(t: torch.Tensor):
@@ -172,7 +182,7 @@ def _loss_setup(q: torch.Tensor, ids: Optional[torch.Tensor], groups: int, kerne
     rows, n_img, width, channels, q_strides = _geometry(q, ids)
     group_rows = rows // groups
     interpret = q.device.type != "cuda" or interpret_everywhere()
-    tiles = tiles_for(q.dtype, group_rows, channels, interpret, kernel)
+    tiles = tiles_for(q.dtype, group_rows, channels, interpret, kernel, ids is not None)
     meta = dict(GATHER=ids is not None, NORMALIZE=ids is not None, IEEE=q.dtype == torch.float32)
     ids_arg = ids if ids is not None else q  # never read when GATHER is off
     return _Setup(rows, group_rows, channels, (group_rows, n_img, width, channels), q_strides, tiles, meta, ids_arg)
