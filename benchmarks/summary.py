@@ -65,7 +65,32 @@ def summarise(records: list[dict]) -> dict:
                 row["fraction_of_copy"] = info["min_bytes"] / median / rates["copy_bytes"]
             rows.append(row)
     rows.sort(key=lambda r: (r["op"], r["mode"], r["shape"], r["dtype"], r["backend"]))
-    return {"environment": env, "rows": rows}
+    return {"environment": env, "rows": rows, "train_breakdown": _train_breakdown(records),
+            "rows_vs_eager": _rows_vs_eager(records)}
+
+
+def _train_breakdown(records: list[dict]) -> list[dict]:
+    """Per train-step case: × the baseline step, the share of each profiler range, the
+    patch part's (heads + loss, fwd+bwd) share and, on a GPU, its kernel launches."""
+    train = [(rec["stats"]["median"], rec["extra_info"]) for rec in records
+             if rec.get("extra_info", {}).get("kind") == "train"]
+    base = next((m for m, info in train if info["backend"] == info.get("baseline")), None)
+    out = []
+    for median, info in train:
+        out.append({"case": info["backend"], "median_s": median,
+                    "speedup_vs_baseline": base / median if base else None,
+                    "range_share": info.get("range_share"), "patch_share": info.get("patch_share"),
+                    "patch_part_s": info.get("patch_part_s"), "patch_launches": info.get("patch_launches")})
+    out.sort(key=lambda r: r["median_s"], reverse=True)
+    return out
+
+
+def _rows_vs_eager(records: list[dict]) -> list[dict]:
+    """The fused rows-form loss against eager, timed interleaved (bench_rows_cpu.py)."""
+    out = [{k: rec["extra_info"].get(k) for k in ("op", "shape", "groups", "threads", "eager_median_s",
+                                                  "fused_median_s", "speedup", "target")}
+           for rec in records if rec.get("extra_info", {}).get("kind") == "rows-vs-eager"]
+    return sorted(out, key=lambda r: (r["op"], r["threads"]))
 
 
 def to_markdown(summary: dict) -> str:
@@ -91,6 +116,33 @@ def to_markdown(summary: dict) -> str:
             cells += [ratio(r.get("tflops")), ratio(r.get("fraction_of_matmul"), 3),
                       ratio(r.get("fraction_of_copy"), 3)]
         lines.append("| " + " | ".join(cells) + " |")
+    breakdown = summary.get("train_breakdown") or []
+    if breakdown:
+        names = list(next((r["range_share"] for r in breakdown if r["range_share"]), {}) or {})
+        head = ["train step case", "median", "× baseline", *[f"{n} %" for n in names],
+                "patch part fwd+bwd", "patch part %", "patch launches"]
+        lines += ["", "Train step breakdown (ranges: share of a profiled step; the heads' and the "
+                  "loss's backward run inside G backward; patch part = heads + loss, fwd+bwd, "
+                  "timed alone on maps of the step's shape):", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in breakdown:
+            shares = r["range_share"] or {}
+            lines.append("| " + " | ".join([
+                r["case"], f"{r['median_s'] * 1e3:.0f} ms", ratio(r["speedup_vs_baseline"]),
+                *[ratio(100 * shares[n], 1) if n in shares else "-" for n in names],
+                "-" if r["patch_part_s"] is None else f"{r['patch_part_s'] * 1e3:.1f} ms",
+                ratio(None if r["patch_share"] is None else 100 * r["patch_share"], 1),
+                "-" if r["patch_launches"] is None else str(r["patch_launches"])]) + " |")
+    vs_eager = summary.get("rows_vs_eager") or []
+    if vs_eager:
+        head = ["op", "shape", "groups", "threads", "eager", "fused", "× eager", "target"]
+        lines += ["", "Fused rows-form loss (all layers in one call) vs eager, fwd+bwd, interleaved medians:",
+                  "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in vs_eager:
+            lines.append("| " + " | ".join([
+                str(r["op"]), str(r["shape"]), str(r["groups"]), str(r["threads"]),
+                f"{r['eager_median_s'] * 1e3:.2f} ms", f"{r['fused_median_s'] * 1e3:.2f} ms",
+                ratio(r["speedup"]), f"≥ {r['target']:g}"]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -177,6 +177,15 @@ std::tuple<Tensor, Tensor> patch_nce_rows(const Tensor& feat_q, const Tensor& fe
   return PDML_ON_DEVICE(feat_q, nce_forward, as_groups(feat_q, groups), as_groups(feat_k, groups), tau);
 }
 
+// CPU: patch_nce_rows plus ∂loss_i/∂feat_q_i for a unit upstream gradient, [R, C] acc,
+// from the same sweep (cpu::nce_forward_with_grad); the backward scales row i by grad_i.
+std::tuple<Tensor, Tensor, Tensor> patch_nce_rows_with_grad(const Tensor& feat_q, const Tensor& feat_k,
+                                                            double tau, int64_t groups) {
+  check_rows(feat_q, feat_k, groups);
+  auto [loss, lse, dq] = cpu::nce_forward_with_grad(as_groups(feat_q, groups), as_groups(feat_k, groups), tau);
+  return {loss, lse, dq.view({-1, feat_q.size(1)})};
+}
+
 Tensor patch_nce_rows_backward(const Tensor& grad_loss, const Tensor& feat_q, const Tensor& feat_k,
                                const Tensor& loss, const Tensor& lse, double tau, int64_t groups) {
   check_rows(feat_q, feat_k, groups);
@@ -215,7 +224,10 @@ void register_impls(torch::Library& m) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pdml, CPU, m) { register_impls(m); }
+TORCH_LIBRARY_IMPL(pdml, CPU, m) {
+  register_impls(m);
+  m.impl("patch_nce_rows_with_grad", &patch_nce_rows_with_grad);
+}
 
 #ifdef PDML_WITH_CUDA
 TORCH_LIBRARY_IMPL(pdml, CUDA, m) { register_impls(m); }

@@ -50,6 +50,9 @@ TORCH_LIBRARY(pdml, m) {
   m.def("patch_similarity(Tensor fq, Tensor fk, Tensor ids) -> Tensor");
   m.def("patch_similarity_backward(Tensor grad, Tensor fq, Tensor fk, Tensor ids) -> (Tensor, Tensor)");
   m.def("patch_nce_rows(Tensor feat_q, Tensor feat_k, float tau, int groups) -> (Tensor, Tensor)");
+  // CPU only: the forward that also returns ∂loss_i/∂feat_q_i (unit upstream gradient per
+  // row, [R, C] acc) from the same sweep; its backward is a row scale.
+  m.def("patch_nce_rows_with_grad(Tensor feat_q, Tensor feat_k, float tau, int groups) -> (Tensor, Tensor, Tensor)");
   m.def("patch_nce_rows_backward(Tensor grad_loss, Tensor feat_q, Tensor feat_k, Tensor loss, Tensor lse, "
         "float tau, int groups) -> Tensor");
   m.def("patch_metric_rows(Tensor feat_q, Tensor feat_k, float tau, int groups, bool compute_grad) "

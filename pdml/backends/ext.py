@@ -136,6 +136,13 @@ def _register_fakes_and_autograd() -> None:
         acc = _acc_dtype(feat_q.dtype)
         return feat_q.new_empty(feat_q.shape[0], dtype=acc), feat_q.new_empty(feat_q.shape[0], dtype=acc)
 
+    @torch.library.register_fake("pdml::patch_nce_rows_with_grad")
+    def _(feat_q, feat_k, tau, groups):
+        acc = _acc_dtype(feat_q.dtype)
+        rows = feat_q.shape[0]
+        return (feat_q.new_empty(rows, dtype=acc), feat_q.new_empty(rows, dtype=acc),
+                feat_q.new_empty(feat_q.shape, dtype=acc))
+
     @torch.library.register_fake("pdml::patch_nce_rows_backward")
     def _(grad_loss, feat_q, feat_k, loss, lse, tau, groups):
         return feat_q.new_empty(feat_q.shape)
@@ -209,6 +216,19 @@ def _register_fakes_and_autograd() -> None:
 
     torch.library.register_autograd("pdml::patch_nce_rows", nce_rows_backward, setup_context=nce_rows_setup)
 
+    def nce_rows_with_grad_setup(ctx, inputs, output):
+        feat_q = inputs[0]
+        ctx.save_for_backward(output[2])
+        ctx.dtype = feat_q.dtype
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def nce_rows_with_grad_backward(ctx, grad_loss, _grad_lse, _grad_d_q):
+        d_q, = ctx.saved_tensors
+        return (d_q * grad_loss.to(d_q.dtype).unsqueeze(1)).to(ctx.dtype), None, None, None
+
+    torch.library.register_autograd("pdml::patch_nce_rows_with_grad", nce_rows_with_grad_backward,
+                                    setup_context=nce_rows_with_grad_setup)
+
     def metric_rows_setup(ctx, inputs, output):
         feat_q, feat_k, tau, groups, compute_grad = inputs
         ctx.save_for_backward(output[1], output[2])
@@ -280,6 +300,8 @@ def _patch_similarity(fq, fk, ids):
 
 
 def _patch_nce_rows(feat_q, feat_k, tau, groups):
+    if feat_q.device.type == "cpu" and _needs_grad(feat_q):
+        return torch.ops.pdml.patch_nce_rows_with_grad(feat_q, feat_k, tau, groups)[0]
     return torch.ops.pdml.patch_nce_rows(feat_q, feat_k, tau, groups)[0]
 
 
