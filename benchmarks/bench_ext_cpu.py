@@ -8,7 +8,6 @@ after ext's so that a load change on the machine affects both). Peak extra memor
 resident set over one call). Prints both ratios; the issue's targets are a time ratio
 (reference / ext) of at least 2 and a memory ratio (ext / reference) of at most 1/10.
 """
-import time
 
 import pytest
 import torch
@@ -20,11 +19,6 @@ SPEC = dict(op="patch_metric", mode="fwd+bwd", shape="large-cpu", dtype="fp32", 
 MIN_SPEEDUP, MAX_MEMORY_RATIO = 2.0, 0.1
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
 
 @pytest.mark.skipif(ops.available_backends(torch.zeros(1))["ext"] is not None,
                     reason="the ext backend is not built")
@@ -33,10 +27,10 @@ def test_ext_vs_reference_patch_metric_fwd_bwd_cpu(benchmark):
     run_ext, run_ref = cases.build_case(ext_spec, pool=1), cases.build_case(ref_spec, pool=1)
     run_ext(), run_ref()  # warm-up: thread pools, first touch of the inputs
 
-    ref_times = [_seconds(run_ref)]
+    ref_times = [harness.seconds(run_ref)]
     benchmark.group = "patch_metric fwd+bwd B=2 N=4096 C=128 cpu: ext vs reference"
     benchmark.pedantic(run_ext, rounds=3, warmup_rounds=0, iterations=1)
-    ref_times.append(_seconds(run_ref))
+    ref_times.append(harness.seconds(run_ref))
     ext_s, ref_s = benchmark.stats.stats.min, min(ref_times)
 
     ext_bytes, ref_bytes = harness.cpu_peak_extra_memory(ext_spec), harness.cpu_peak_extra_memory(ref_spec)

@@ -13,7 +13,6 @@ the target of at least 1.5 for both losses (recorded, not asserted: a benchmark 
 shared machine measures, it does not pass or fail).
 """
 import statistics
-import time
 
 import pytest
 import torch
@@ -43,11 +42,6 @@ def _fwd_bwd(loss_fn, op: str, feat_q: torch.Tensor, feat_k: torch.Tensor):
     return run
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
 
 @pytest.mark.skipif(ops.available_backends(torch.zeros(1))["ext"] is not None,
                     reason="the ext backend is not built")
@@ -66,8 +60,8 @@ def test_ext_rows_vs_eager_paper_shape_cpu(benchmark, op, threads):
             run_eager(), run_fused()
         eager_times, fused_times = [], []
         for _ in range(ROUNDS):
-            eager_times.append(_seconds(run_eager))
-            fused_times.append(_seconds(run_fused))
+            eager_times.append(harness.seconds(run_eager))
+            fused_times.append(harness.seconds(run_fused))
         benchmark.group = f"{op} fwd+bwd rows [{ROWS}, {DIMS}] groups={GROUPS} cpu: ext vs eager"
         benchmark.pedantic(run_fused, rounds=10, warmup_rounds=0, iterations=1)
     finally:

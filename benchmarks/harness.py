@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -61,6 +62,13 @@ def environment(device: str) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
     }
+
+
+def seconds(fn) -> float:
+    """Wall-clock seconds of one call ``fn()``."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def nvml_telemetry() -> dict:

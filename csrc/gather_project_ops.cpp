@@ -7,6 +7,7 @@
 #include <optional>
 #include <vector>
 
+#include "op_checks.h"
 #include "gather_project.h"
 
 namespace pdml {
@@ -27,26 +28,6 @@ void check_fmap(const Tensor& fmap) {
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               "fmap must be float32, float64, float16 or bfloat16, got ", dt);
   TORCH_CHECK(fmap.is_cpu() || fmap.is_cuda(), "fmap must be a CPU or CUDA tensor");
-}
-
-// On CPU the ids' range and distinctness are checked here, so no caller can make the
-// kernels index out of bounds; on CUDA that check would synchronise with the host, so the
-// kernels bound-check each id with a device assert instead and skip a bad one.
-void check_ids(const Tensor& ids, const Tensor& fmap) {
-  TORCH_CHECK(ids.dim() == 1 && ids.numel() > 0, "ids must have shape [N], N >= 1, got ", ids.sizes());
-  TORCH_CHECK(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
-  TORCH_CHECK(ids.device() == fmap.device(), "ids must be on fmap's device");
-  if (!ids.is_cpu()) return;
-  const int64_t hw = fmap.size(2) * fmap.size(3);
-  TORCH_CHECK(ids.numel() <= hw, "ids has more entries (", ids.numel(), ") than H*W = ", hw);
-  const Tensor c = ids.contiguous();
-  const int64_t* p = c.data_ptr<int64_t>();
-  std::vector<bool> seen(hw, false);
-  for (int64_t i = 0; i < c.numel(); ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < hw, "ids must lie in [0, H*W) = [0, ", hw, "), got ", p[i]);
-    TORCH_CHECK(!seen[p[i]], "ids must be distinct, got ", p[i], " twice");
-    seen[p[i]] = true;
-  }
 }
 
 void check_operand(const char* name, const Tensor& t, const Tensor& fmap) {

@@ -1,4 +1,4 @@
-// Per-element math of the pdml ops (DESIGN.md §1), shared by the CPU kernels (cpu/) and
+// Per-element math of the pdml ops (docs/ops.md), shared by the CPU kernels (cpu/) and
 // the CUDA kernels (cuda/), so that the CPU tests exercise the same arithmetic the GPU
 // runs. Everything here is scalar, branch-light and templated on the accumulation type
 // `acc_t` (float everywhere; double in the CPU float64 path used by gradcheck).

@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "op_checks.h"
 #include "patch_kernels.h"
 
 namespace pdml {
@@ -38,27 +39,6 @@ void check_pair(const Tensor& a, const Tensor& b) {
               " and ", b.sizes());
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "features must have the same dtype");
   TORCH_CHECK(a.device() == b.device(), "features must be on the same device");
-}
-
-// The ids guard every gather and scatter. On CPU the range and distinctness are checked
-// here (so even a compiled graph that skipped pdml.ops' Python checks cannot index out of
-// bounds); on CUDA that check would synchronise with the host, so the kernels instead
-// bound-check each id with a device assert and never touch memory for a bad one.
-void check_ids(const Tensor& ids, const Tensor& fmap) {
-  TORCH_CHECK(ids.dim() == 1 && ids.numel() > 0, "ids must have shape [N], N >= 1");
-  TORCH_CHECK(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
-  TORCH_CHECK(ids.device() == fmap.device(), "ids must be on the features' device");
-  if (!ids.is_cpu()) return;
-  const int64_t hw = fmap.size(2) * fmap.size(3);
-  TORCH_CHECK(ids.numel() <= hw, "ids has more entries (", ids.numel(), ") than H*W = ", hw);
-  const Tensor c = ids.contiguous();
-  const int64_t* p = c.data_ptr<int64_t>();
-  std::vector<bool> seen(hw, false);
-  for (int64_t i = 0; i < c.numel(); ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < hw, "ids must lie in [0, H*W) = [0, ", hw, "), got ", p[i]);
-    TORCH_CHECK(!seen[p[i]], "ids must be distinct, got ", p[i], " twice");
-    seen[p[i]] = true;
-  }
 }
 
 void check_map(const Tensor& fq, const Tensor& fk, const Tensor& ids) {

@@ -14,7 +14,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, UID, generate_ui
 
 from pdml.data import DicomReadError, NoCTImagesError, load_ct, save_ct
 
-# DESIGN.md §5: every real CT slice that installs offline
+# docs/data.md: every real CT slice that installs offline
 REAL_CT = ["CT_small.dcm", "J2K_pixelrep_mismatch.dcm", "693_UNCR.dcm", "explicit_VR-UN.dcm",
            "bad_sequence.dcm", "eCT_Supplemental.dcm"]
 

@@ -1,5 +1,5 @@
 """Low-dose simulation: the torch projector/FBP against scikit-image, the noise levels of
-DESIGN.md §5, determinism."""
+docs/data.md, determinism."""
 import numpy as np
 import pytest
 import torch
@@ -107,7 +107,7 @@ def test_simulate_determinism_batching_and_types():
 
 
 def test_noise_levels_on_the_512_head_slice():
-    """DESIGN.md §5: 720 views on the 512² head slice: I0 1e5 -> 48 HU, 2.5e4 -> 96 HU
+    """docs/data.md: 720 views on the 512² head slice: I0 1e5 -> 48 HU, 2.5e4 -> 96 HU
     (±25 %). One projection, two dose levels: the FBP is linear, so the noise image is the
     FBP of (noisy − clean) line integrals, exactly what simulate_low_dose's output minus
     its clean output is (checked above)."""

@@ -1,7 +1,7 @@
 """The built-in dataset: real CT slices that install with pdml's dependencies, augmented,
 with simulated low dose and an acquisition shift between the domains.
 
-Sources (DESIGN.md §5; reached with ``pydicom.data.get_testdata_file``, no network):
+Sources (docs/data.md; reached with ``pydicom.data.get_testdata_file``, no network):
 
 ================================  ==============  =============================================
 file                              anatomy         used for
