@@ -421,75 +421,38 @@ def test_torch_compile_fullgraph_through_ops(backend, monkeypatch):
 
 # --------------------------------------------------------------------------- Triton compilation
 
-COMPILE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-PAPER_ROWS, PAPER_F, PAPER_D = 8 * 128, 32, 128
-"""The paper's first head layer: B=8 images × 128 patches, 32 → 128 channels."""
+def _paper_compile_jobs():
+    """The compilations (:mod:`pdml.kernels.aot`) the launcher needs for the paper's head:
+    B=8 images × 128 patches, 32 → 128 channels; every kernel × dtype × bias or not."""
+    if gather_project_launch is None:
+        return []
+    from pdml.kernels import aot
+    return [job for job, shapes in aot.gather_project_jobs().items()
+            if any(shape.startswith("paper:") for shape in shapes)]
 
 
-def _compile(kernel_name, dtype, arch):
-    """Compile one kernel as the launch helpers launch it at the paper's shape; return
-    ``(compiled, ptxas -v log)`` (the log tells register spills without a GPU)."""
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from pdml.kernels import kernel_module
-
-    fn = getattr(kernel_module(False, "gather_project"), kernel_name)
-    sizes = gather_project_launch.block_sizes
-    if kernel_name == "gather_project_forward_kernel":
-        block_r, block_d, block_f, warps = sizes(PAPER_ROWS, PAPER_D, PAPER_F, dtype, interpret=False)
-    elif kernel_name == "gather_project_grad_fmap_kernel":
-        block_r, block_f, block_d, warps = sizes(PAPER_ROWS, PAPER_F, PAPER_D, dtype, interpret=False)
-    else:
-        block_d, block_f, block_r, warps = sizes(PAPER_D, PAPER_F, PAPER_ROWS, dtype, interpret=False)
-    constexprs = {"HAS_BIAS": True, "IEEE": dtype == torch.float32,
-                  "BLOCK_R": block_r, "BLOCK_D": block_d, "BLOCK_F": block_f}
-    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    signature = {name: ("constexpr" if name in constexprs else "*i64" if name == "ids_ptr"
-                        else "*" + COMPILE_DTYPES[dtype] if name.endswith("_ptr") else "i32")
-                 for name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": warps})
-    ptx = compiled.asm["ptx"]
-    target = next(line.split()[1] for line in ptx.splitlines() if line.startswith(".target"))
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        log = subprocess.run([knobs.nvidia.ptxas.path, "-v", f"--gpu-name={target}", str(src),
-                              "-o", str(Path(tmp) / "k.o")], capture_output=True, text=True, check=True).stderr
-    return compiled, log
-
-
-def _interpreter_only_triton():
-    import triton.language as tl
-    from triton.runtime.jit import JITFunction
-    return not isinstance(tl.standard._sum_combine, JITFunction)
+@needs_triton
+def test_aot_enumerates_every_kernel_dtype_and_bias_form():
+    from pdml.kernels import aot
+    jobs = aot.jobs_for()
+    for kernel in gather_project_launch.KERNELS:
+        for dtype in aot.DTYPES:
+            biases = {job.has_bias for job in jobs if job.kernel == kernel and job.dtype == dtype}
+            assert biases == ({False} if kernel == "gather_project_grad_fmap_kernel" else {False, True})
 
 
 @needs_triton
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype", list(COMPILE_DTYPES), ids=list(COMPILE_DTYPES.values()))
-@pytest.mark.parametrize("kernel_name", ["gather_project_forward_kernel", "gather_project_grad_fmap_kernel",
-                                         "gather_project_grad_weight_kernel"])
-def test_triton_kernel_compiles_without_spills(kernel_name, dtype, arch):
-    if _interpreter_only_triton():
+@pytest.mark.parametrize("job", _paper_compile_jobs(), ids=lambda job: f"{job.kernel}-{job.dtype}-{job.config}")
+def test_triton_kernel_compiles_without_spills(job, arch):
+    """No compile error, register spill or shared memory over the limit; fp32 dots exact
+    (input_precision='ieee', no mma), fp16/bf16 dots on tensor cores (mma.sync / wgmma)."""
+    from pdml.kernels import aot
+    if not aot.library_compiles():
         pytest.skip("triton was imported with TRITON_INTERPRET=1: it cannot compile in this process")
-    compiled, log = _compile(kernel_name, dtype, arch)
-    assert len(compiled.asm["cubin"]) > 0
-    assert "0 bytes spill stores, 0 bytes spill loads" in log, log
-    assert compiled.metadata.shared <= 232_448
-    ptx = compiled.asm["ptx"]
-    uses_tensor_cores = "mma.sync" in ptx or "wgmma" in ptx
-    if dtype == torch.float32:
-        assert not uses_tensor_cores, "fp32 dots must be exact (input_precision='ieee'), not tf32 mma"
-    else:
-        assert uses_tensor_cores, f"{kernel_name} {COMPILE_DTYPES[dtype]} sm_{arch}: no mma/wgmma"
+    record = aot.compile_job(job, arch)
+    assert record.error is None, record.error
+    assert aot.problems(record, arch) == [], aot.format_table([record], arch)
 
 
 @pytest.mark.cuda

@@ -32,7 +32,7 @@ def _compile(kernel, dtype, rows, channels, arch, gather=True):
     tiles = launch.tiles_for(torch_dtype, rows, channels, interpret=False, kernel=kernel, gather=gather)
     if kernel in aot.WITHOUT_DOTS:
         tiles = tiles._replace(block_n=16)
-    job = aot.Job(kernel, dtype, gather, *tiles)
+    job = aot.LossJob(kernel, dtype, gather, *tiles)
     if (job, arch) not in _RECORDS:
         _RECORDS[job, arch] = aot.compile_job(job, arch)
     return _RECORDS[job, arch]
@@ -45,8 +45,8 @@ def _assert_clean(record, arch):
 
 def test_every_launch_configuration_is_enumerated():
     """aot covers each kernel × dtype × form × tiles the launcher can pick."""
-    jobs = aot.jobs_for()
-    for kernel in aot.KERNELS:
+    jobs = aot.loss_jobs()
+    for kernel in aot.LOSS_KERNELS:
         for dtype in aot.DTYPES:
             blocks = {job.block_m for job in jobs if job.kernel == kernel and job.dtype == dtype}
             assert 32 in blocks  # the paper's choice
@@ -55,7 +55,7 @@ def test_every_launch_configuration_is_enumerated():
 
 
 @pytest.mark.parametrize("dtype", aot.DTYPES)
-@pytest.mark.parametrize("kernel", aot.KERNELS)
+@pytest.mark.parametrize("kernel", aot.LOSS_KERNELS)
 def test_paper_configuration_compiles_for_sm90(kernel, dtype):
     record = _compile(kernel, dtype, 128, 256, 90)
     _assert_clean(record, 90)

@@ -1,8 +1,12 @@
 """Ahead-of-time check of the Triton kernels for a GPU architecture, without a GPU.
 
-Every kernel × dtype (fp32, fp16, bf16) × feature form (map: gathered and normalised in
-the kernel; rows) × every launch configuration :mod:`pdml.kernels.launch` can pick for the
-shapes in :data:`SHAPES` is compiled with
+Every kernel × dtype (fp32, fp16, bf16) × every launch configuration its launcher can pick
+is compiled: the patch-loss kernels (:mod:`pdml.kernels.patch_loss`) × feature form (map:
+gathered and normalised in the kernel; rows) × the tiles :mod:`pdml.kernels.launch` picks
+for the shapes in :data:`SHAPES`, and the gather + projection kernels
+(:mod:`pdml.kernels.gather_project`) × bias or not × the blocks
+:mod:`pdml.kernels.gather_project_launch` picks for :data:`GATHER_PROJECT_SHAPES`. Each is
+compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and described by a
 :class:`Record`: register spills, shared memory, whether the dots use tensor cores.
 
@@ -27,11 +31,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
-KERNELS = ("nce_forward_kernel", "nce_backward_kernel", "metric_forward_kernel",
+from pdml.kernels import gather_project_launch, kernel_module
+
+LOSS_KERNELS = ("nce_forward_kernel", "nce_backward_kernel", "metric_forward_kernel",
            "metric_backward_kernel", "similarity_forward_kernel", "similarity_backward_kernel",
            "normaliser_backward_kernel")
+KERNELS = LOSS_KERNELS + gather_project_launch.KERNELS
 WITHOUT_DOTS = ("normaliser_backward_kernel",)
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -40,7 +47,14 @@ SHAPES = {
     "cut": [(256, 256)],
     "large": [(4096, 128), (4096, 256), (4096, 1000)],
 }
-"""Named shapes ``(rows per group, channels)`` the configurations are taken from."""
+"""Named shapes ``(rows per group, channels)`` the patch-loss configurations are taken from."""
+
+GATHER_PROJECT_SHAPES = {
+    "paper": [(8 * 128, 32, 128)],  # B = 8 images × N = 128 patches, F = 32 -> D = 128
+    "cut": [(256, channels, 256) for channels in (1, 3, 128, 256)],  # CUT's netF: N = 256, F of layers 0-16 -> 256
+}
+"""Named shapes ``(rows = B·N, feature channels F, hidden D)`` the gather_project
+configurations are taken from."""
 
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 """Largest shared memory per block (bytes, opt-in) of each architecture."""
@@ -50,8 +64,8 @@ _NORMALISED_GRAD_POINTERS = ("dqhat_ptr", "dkhat_ptr")  # fp32 scratch (map form
 _FLOAT_SCALARS = ("inv_tau", "pos_scale", "pair_scale")
 
 
-class Job(NamedTuple):
-    """One compilation: a kernel specialised for one dtype, form and launch configuration."""
+class LossJob(NamedTuple):
+    """One compilation of a patch-loss kernel for one dtype, form and launch configuration."""
     kernel: str
     dtype: str
     gather: bool
@@ -61,10 +75,71 @@ class Job(NamedTuple):
     num_warps: int
     num_stages: int
 
+    module = "patch_loss"  # the kernel module (a class attribute, not a field)
+
     @property
     def config(self) -> str:
         form = "map" if self.gather else "rows"
         return (f"{form} {self.block_m}x{self.block_n}x{self.block_c} w{self.num_warps} s{self.num_stages}")
+
+    @property
+    def options(self) -> dict:
+        """Compile options, as the launcher passes them."""
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def constexprs(self) -> dict:
+        """Every constexpr the launcher may pass (each kernel takes a subset)."""
+        return {"GATHER": self.gather, "NORMALIZE": self.gather, "IEEE": self.dtype == "fp32",
+                "BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_C": self.block_c}
+
+    def argument_type(self, name: str) -> str:
+        """Triton type of the non-constexpr argument ``name``, as the launch helpers pass it."""
+        if name in _FEATURE_POINTERS or (name in _NORMALISED_GRAD_POINTERS and not self.gather):
+            return "*" + self.dtype
+        if name == "ids_ptr":
+            return "*i64" if self.gather else "*" + self.dtype
+        if name.endswith("_ptr"):  # losses, logsumexp, similarity, upstream gradients
+            return "*fp32"
+        return "fp32" if name in _FLOAT_SCALARS else "i32"
+
+
+class GatherProjectJob(NamedTuple):
+    """One compilation of a gather_project kernel for one dtype, bias or not and blocks
+    (the launcher's default ``num_stages``)."""
+    kernel: str
+    dtype: str
+    has_bias: bool
+    block_r: int
+    block_d: int
+    block_f: int
+    num_warps: int
+
+    module = "gather_project"  # the kernel module (a class attribute, not a field)
+
+    @property
+    def config(self) -> str:
+        bias = " bias" if self.has_bias else ""
+        return f"R{self.block_r} D{self.block_d} F{self.block_f} w{self.num_warps}{bias}"
+
+    @property
+    def options(self) -> dict:
+        """Compile options, as the launcher passes them."""
+        return {"num_warps": self.num_warps}
+
+    def constexprs(self) -> dict:
+        """Every constexpr the launcher may pass (each kernel takes a subset)."""
+        return {"HAS_BIAS": self.has_bias, "IEEE": self.dtype == "fp32",
+                "BLOCK_R": self.block_r, "BLOCK_D": self.block_d, "BLOCK_F": self.block_f}
+
+    def argument_type(self, name: str) -> str:
+        """Triton type of the non-constexpr argument ``name``: every tensor but the pixel ids
+        is in the map's dtype (weight, bias and gradients are validated to match it)."""
+        if name == "ids_ptr":
+            return "*i64"
+        return "*" + self.dtype if name.endswith("_ptr") else "i32"
+
+
+Job = Union[LossJob, GatherProjectJob]
 
 
 class Record(NamedTuple):
@@ -90,49 +165,66 @@ def library_compiles() -> bool:
     return isinstance(tl.sum, JITFunction)
 
 
-def jobs_for(shapes: dict = SHAPES, kernels=KERNELS, dtypes=DTYPES) -> dict[Job, list[str]]:
-    """Every distinct compilation the launcher can need for ``shapes`` -> the shape names
-    (``name:n:C``) that need it."""
+_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _torch_dtype(dtype: str):
     import torch
+    return getattr(torch, _TORCH_DTYPES[dtype])
+
+
+def loss_jobs(shapes: dict = SHAPES, kernels=LOSS_KERNELS, dtypes=DTYPES) -> dict[LossJob, list[str]]:
+    """Every distinct patch-loss compilation the launcher can need for ``shapes`` -> the
+    shape names (``name:n:C``) that need it."""
     from pdml.kernels import launch
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    jobs: dict[Job, list[str]] = {}
+    jobs: dict[LossJob, list[str]] = {}
     for kernel in kernels:
         forms = (True,) if kernel.startswith(("similarity", "normaliser")) else (True, False)
         for dtype in dtypes:
             for name, sizes in shapes.items():
                 for rows, channels in sizes:
                     for gather in forms:
-                        for tiles in launch.launch_configs(torch_dtype[dtype], rows, channels, kernel, gather):
+                        for tiles in launch.launch_configs(_torch_dtype(dtype), rows, channels, kernel, gather):
                             if kernel in WITHOUT_DOTS:  # no column tiles (see launch._normaliser_backward)
                                 tiles = tiles._replace(block_n=16)
-                            job = Job(kernel, dtype, gather, *tiles)
+                            job = LossJob(kernel, dtype, gather, *tiles)
                             jobs.setdefault(job, []).append(f"{name}:{rows}:{channels}")
     return jobs
+
+
+def gather_project_jobs(shapes: dict = GATHER_PROJECT_SHAPES, kernels=gather_project_launch.KERNELS,
+                        dtypes=DTYPES) -> dict[GatherProjectJob, list[str]]:
+    """Every distinct gather_project compilation the launcher can need for ``shapes`` (with
+    and without bias where the kernel takes one) -> the shape names (``name:R:F:D``)."""
+    jobs: dict[GatherProjectJob, list[str]] = {}
+    for kernel in kernels:
+        takes_bias = "HAS_BIAS" in getattr(kernel_module(False, "gather_project"), kernel).arg_names
+        for dtype in dtypes:
+            for name, sizes in shapes.items():
+                for rows, channels, out_dim in sizes:
+                    meta = gather_project_launch.kernel_blocks(kernel, rows, channels, out_dim,
+                                                               _torch_dtype(dtype), interpret=False)
+                    for has_bias in ((False, True) if takes_bias else (False,)):
+                        job = GatherProjectJob(kernel, dtype, has_bias, meta["BLOCK_R"], meta["BLOCK_D"],
+                                               meta["BLOCK_F"], meta["num_warps"])
+                        jobs.setdefault(job, []).append(f"{name}:{rows}:{channels}:{out_dim}")
+    return jobs
+
+
+def jobs_for(kernels=KERNELS, dtypes=DTYPES) -> dict[Job, list[str]]:
+    """Every job of :func:`loss_jobs` and :func:`gather_project_jobs` for ``kernels`` and
+    ``dtypes`` -> the shape names that need it."""
+    return {**loss_jobs(kernels=[k for k in kernels if k in LOSS_KERNELS], dtypes=dtypes),
+            **gather_project_jobs(kernels=[k for k in kernels if k in gather_project_launch.KERNELS],
+                                  dtypes=dtypes)}
 
 
 def _source(job: Job):
     """ASTSource of ``job.kernel`` with the argument types the launch helpers pass."""
     from triton.compiler import ASTSource
-    from pdml.kernels import kernel_module
-    fn = getattr(kernel_module(False), job.kernel)
-    constexprs = {"GATHER": job.gather, "NORMALIZE": job.gather, "IEEE": job.dtype == "fp32",
-                  "BLOCK_M": job.block_m, "BLOCK_N": job.block_n, "BLOCK_C": job.block_c}
-    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in _FEATURE_POINTERS or (name in _NORMALISED_GRAD_POINTERS and not job.gather):
-            signature[name] = "*" + job.dtype
-        elif name == "ids_ptr":
-            signature[name] = "*i64" if job.gather else "*" + job.dtype
-        elif name.endswith("_ptr"):  # losses, logsumexp, similarity, upstream gradients
-            signature[name] = "*fp32"
-        elif name in _FLOAT_SCALARS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
+    fn = getattr(kernel_module(False, job.module), job.kernel)
+    constexprs = {name: value for name, value in job.constexprs().items() if name in fn.arg_names}
+    signature = {name: "constexpr" if name in constexprs else job.argument_type(name) for name in fn.arg_names}
     return ASTSource(fn, signature, constexprs)
 
 
@@ -154,8 +246,7 @@ def compile_job(job: Job, arch: int, shapes: str = "") -> Record:
     from triton.backends.compiler import GPUTarget
     start = time.perf_counter()
     try:
-        compiled = triton.compile(_source(job), target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+        compiled = triton.compile(_source(job), target=GPUTarget("cuda", arch, 32), options=job.options)
         registers, local_bytes = _resources(compiled.asm["cubin"])
     except Exception as exc:  # reported per job; --strict turns it into exit status 1
         return Record(job.kernel, job.dtype, job.config, shapes, 0, 0, 0, "none",
@@ -200,10 +291,10 @@ def problems(record: Record, arch: int) -> list[str]:
 
 
 def format_table(records: list[Record], arch: int) -> str:
-    lines = [f"{'kernel':28} {'dtype':5} {'config':22} {'spills':>6} {'regs':>4} {'smem B':>7} "
+    lines = [f"{'kernel':33} {'dtype':5} {'config':22} {'spills':>6} {'regs':>4} {'smem B':>7} "
              f"{'mma':8} {'s':>6}  problems"]
     for r in records:
-        lines.append(f"{r.kernel:28} {r.dtype:5} {r.config:22} {r.n_spills:6d} {r.registers:4d} "
+        lines.append(f"{r.kernel:33} {r.dtype:5} {r.config:22} {r.n_spills:6d} {r.registers:4d} "
                      f"{r.shared:7d} {r.mma:8} {r.seconds:6.1f}  {'; '.join(problems(r, arch))}")
     return "\n".join(lines)
 

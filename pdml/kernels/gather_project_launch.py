@@ -43,7 +43,7 @@ def block_sizes(rows: int, out_cols: int, inner: int, dtype: torch.dtype,
     summed over ``inner``, for operands of ``dtype``.
 
     On the GPU the tiles are the largest that compile without register spills on sm_80 and
-    sm_90 for all three kernels (tests/test_gather_project.py checks ptxas' report):
+    sm_90 for all three kernels (``python -m pdml.kernels.aot`` checks every configuration):
     fp32 "ieee" dots unroll into FMAs over register-resident operands, so fp32 gets 32×32
     tiles with 16-wide inner chunks; fp16/bf16 (tensor cores) 64×32 with 32-wide chunks.
     The interpreter's cost is per operation, not per element: big tiles.
@@ -53,6 +53,27 @@ def block_sizes(rows: int, out_cols: int, inner: int, dtype: torch.dtype,
     if dtype == torch.float32:
         return _block(rows, 32), _block(out_cols, 32), _block(inner, 16), 4
     return _block(rows, 64), _block(out_cols, 32), _block(inner, 32), 4
+
+
+KERNELS = ("gather_project_forward_kernel", "gather_project_grad_fmap_kernel", "gather_project_grad_weight_kernel")
+"""The kernels of :mod:`pdml.kernels.gather_project`, in the order forward, backward."""
+
+
+def kernel_blocks(kernel: str, rows: int, channels: int, out_dim: int, dtype: torch.dtype,
+                  interpret: bool) -> dict:
+    """Launch meta-parameters ``{BLOCK_R, BLOCK_D, BLOCK_F, num_warps}`` of ``kernel`` (one of
+    :data:`KERNELS`) for ``rows`` gathered rows of ``channels`` channels projected to
+    ``out_dim``, operands of ``dtype``: each kernel's output tile and summed axis through
+    :func:`block_sizes`."""
+    if kernel == "gather_project_forward_kernel":  # [R, D] summed over F
+        block_r, block_d, block_f, num_warps = block_sizes(rows, out_dim, channels, dtype, interpret)
+    elif kernel == "gather_project_grad_fmap_kernel":  # [R, F] summed over D
+        block_r, block_f, block_d, num_warps = block_sizes(rows, channels, out_dim, dtype, interpret)
+    elif kernel == "gather_project_grad_weight_kernel":  # [D, F] summed over R
+        block_d, block_f, block_r, num_warps = block_sizes(out_dim, channels, rows, dtype, interpret)
+    else:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return dict(BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_F=block_f, num_warps=num_warps)
 
 
 def _map_geometry(fmap: torch.Tensor, ids: torch.Tensor) -> tuple[int, int, int, int]:
@@ -67,15 +88,14 @@ def gather_project_forward(fmap: torch.Tensor, ids: torch.Tensor, weight: torch.
     rows, n_img, width, channels = _map_geometry(fmap, ids)
     out_dim = weight.shape[0]
     out = torch.empty(rows, out_dim, dtype=fmap.dtype, device=fmap.device)
-    block_r, block_d, block_f, num_warps = block_sizes(rows, out_dim, channels, fmap.dtype, _interpret(fmap))
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(out_dim, block_d))
+    meta = kernel_blocks(KERNELS[0], rows, channels, out_dim, fmap.dtype, _interpret(fmap))
+    grid = (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(out_dim, meta["BLOCK_D"]))
     with _device_guard(fmap):
         _kernel(fmap, "gather_project_forward_kernel")[grid](
             fmap, ids, weight, bias if bias is not None else weight, out,
             rows, n_img, width, channels, out_dim,
             *fmap.stride(), *weight.stride(), out.stride(0),
-            HAS_BIAS=bias is not None, IEEE=fmap.dtype == torch.float32,
-            BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_F=block_f, num_warps=num_warps)
+            HAS_BIAS=bias is not None, IEEE=fmap.dtype == torch.float32, **meta)
     return out
 
 
@@ -94,20 +114,18 @@ def gather_project_backward(grad: torch.Tensor, fmap: torch.Tensor, ids: torch.T
     grad_weight = torch.empty(out_dim, channels, dtype=weight.dtype, device=weight.device)
     grad_bias = torch.empty(out_dim, dtype=weight.dtype, device=weight.device) if bias_grad else None
     with _device_guard(fmap):
-        block_r, block_f, block_d, num_warps = block_sizes(rows, channels, out_dim, fmap.dtype, interpret)
-        grid = (triton.cdiv(rows, block_r), triton.cdiv(channels, block_f))
+        meta = kernel_blocks(KERNELS[1], rows, channels, out_dim, fmap.dtype, interpret)
+        grid = (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(channels, meta["BLOCK_F"]))
         _kernel(fmap, "gather_project_grad_fmap_kernel")[grid](
             grad, weight, ids, grad_fmap,
             rows, n_img, width, channels, out_dim,
             *grad.stride(), *weight.stride(), *grad_fmap.stride(),
-            IEEE=fmap.dtype == torch.float32,
-            BLOCK_R=block_r, BLOCK_F=block_f, BLOCK_D=block_d, num_warps=num_warps)
-        block_d, block_f, block_r, num_warps = block_sizes(out_dim, channels, rows, fmap.dtype, interpret)
-        grid = (triton.cdiv(out_dim, block_d), triton.cdiv(channels, block_f))
+            IEEE=fmap.dtype == torch.float32, **meta)
+        meta = kernel_blocks(KERNELS[2], rows, channels, out_dim, fmap.dtype, interpret)
+        grid = (triton.cdiv(out_dim, meta["BLOCK_D"]), triton.cdiv(channels, meta["BLOCK_F"]))
         _kernel(fmap, "gather_project_grad_weight_kernel")[grid](
             grad, fmap, ids, grad_weight, grad_bias if bias_grad else grad_weight,
             rows, n_img, width, channels, out_dim,
             *grad.stride(), *fmap.stride(),
-            HAS_BIAS=bias_grad, IEEE=fmap.dtype == torch.float32,
-            BLOCK_D=block_d, BLOCK_F=block_f, BLOCK_R=block_r, num_warps=num_warps)
+            HAS_BIAS=bias_grad, IEEE=fmap.dtype == torch.float32, **meta)
     return grad_fmap, grad_weight, grad_bias
