@@ -270,8 +270,9 @@ def test_layers_entry_is_one_launch_and_matches_per_layer(op, form, interpreter,
 # --------------------------------------------------------------------------- launch helpers
 
 def test_launch_runs_under_the_tensors_device_guard(interpreter, monkeypatch):
-    """Every launch enters ``_device_guard`` of its tensors; for a tensor on cuda:1 that is
-    ``torch.cuda.device(cuda:1)`` (mocked: no GPU needed), for CPU tensors nothing."""
+    """Every launch enters ``launch_guard`` of its tensors; for a compiled launch on cuda:1
+    that is ``torch.cuda.device(cuda:1)`` (mocked: no GPU needed), for CPU tensors nothing."""
+    from pdml import kernels
     from pdml.kernels import launch
 
     entered = []
@@ -291,27 +292,42 @@ def test_launch_runs_under_the_tensors_device_guard(interpreter, monkeypatch):
     class OnSecondGpu:
         device = torch.device("cuda", 1)
 
-    with launch._device_guard(OnSecondGpu()):
+    with kernels.launch_guard(OnSecondGpu(), interpret=False):
         pass
     assert entered == [torch.device("cuda", 1)]
-    with launch._device_guard(torch.zeros(1)):
+    with kernels.launch_guard(torch.zeros(1), interpret=False):
         pass
     assert entered == [torch.device("cuda", 1)]  # CPU: no CUDA guard
 
     guarded = []
-    real_guard = launch._device_guard
+    real_guard = kernels.launch_guard
 
-    def spy(t):
+    def spy(t, interpret):
         guarded.append(t.device)
-        return real_guard(t)
+        return real_guard(t, interpret)
 
-    monkeypatch.setattr(launch, "_device_guard", spy)
+    monkeypatch.setattr(launch, "launch_guard", spy)
     fq, fk, ids = _make_inputs("map", 1, 16, 16, torch.float32, seed=3, strided=False)
     q, k = _leaf(fq), _leaf(fk)
     (ops.patch_metric(q, k, ids, backend="triton") + ops.patch_nce(q, k, ids, backend="triton").sum()
      + ops.patch_similarity(q, k, ids, backend="triton").sum()).backward()
     # 3 forward launches; backward: nce 1 + metric 1 + similarity 1, and 5 normaliser launches (dq; dq, dk; dq, dk)
     assert len(guarded) == 11 and all(d == fq.device for d in guarded)
+
+
+def test_interpreted_launches_leave_triton_language_as_they_found_it(interpreter):
+    """Triton's interpreter patches ``triton.language`` for a jitted helper called from a
+    kernel and does not restore it; the launch guard does, so kernels still compile in the
+    same process afterwards (the compile tests run after the interpreter tests)."""
+    import triton.language as tl
+
+    before = {name: value for name, value in vars(tl.core).items()}
+    fq, fk, ids = _make_inputs("map", 1, 16, 16, torch.float32, seed=4, strided=False)
+    q, k = _leaf(fq), _leaf(fk)
+    ops.patch_metric(q, k, ids, backend="triton").backward()
+    after = vars(tl.core)
+    changed = [name for name, value in before.items() if after.get(name) is not value]
+    assert changed == []
 
 
 def test_grid_folds_groups_and_checks_cuda_limits():

@@ -72,3 +72,44 @@ def kernel_module(interpret: bool, name: str = "patch_loss") -> types.ModuleType
             spec.loader.exec_module(module)
         _MODULES[(name, interpret)] = module
     return module
+
+
+def _language_objects() -> tuple:
+    """The objects of ``triton.language`` whose attributes Triton's interpreter replaces."""
+    import triton.language as tl
+    return (tl, tl.core, tl.math, tl.standard, tl.core.tensor, tl.core.dtype)
+
+
+@contextlib.contextmanager
+def _language_restored():
+    """Undo what an interpreted launch leaves patched in ``triton.language``.
+
+    Why: the interpreter restores the builtins it patches for a kernel, but a call of a
+    ``@triton.jit`` helper from inside the kernel patches them again (for the helper's
+    module globals) and never restores them (triton 3.8's ``InterpretedFunction.__call__``).
+    Left so, ``tl.arange`` and friends stay interpreter lambdas, and every later compilation
+    of a kernel in the same process fails ("Unsupported function referenced: <lambda>").
+    """
+    objects = _language_objects()
+    saved = [dict(vars(obj)) for obj in objects]
+    try:
+        yield
+    finally:
+        # Only replaced values are put back: names the interpreter adds (e.g. its
+        # ``interpreter_semantic`` global, which its cached rewritten helpers read) stay.
+        for obj, before in zip(objects, saved):
+            for name, value in before.items():
+                if vars(obj).get(name, value) is not value:
+                    setattr(obj, name, value)
+
+
+def launch_guard(t, interpret: bool):
+    """The context every launch runs in: ``torch.cuda.device(t.device)`` for a compiled
+    launch on a CUDA tensor (a launch goes to the current device, not the tensors'), the
+    undoing of the interpreter's leftovers for an interpreted one."""
+    if interpret:
+        return _language_restored()
+    if t.device.type == "cuda":
+        import torch
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

@@ -11,13 +11,12 @@ run the Triton interpreter.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import triton
 
-from pdml.kernels import interpret_everywhere, kernel_module
+from pdml.kernels import interpret_everywhere, kernel_module, launch_guard
 
 
 def _interpret(t: torch.Tensor) -> bool:
@@ -26,10 +25,6 @@ def _interpret(t: torch.Tensor) -> bool:
 
 def _kernel(t: torch.Tensor, name: str):
     return getattr(kernel_module(_interpret(t), "gather_project"), name)
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _block(size: int, cap: int) -> int:
@@ -90,7 +85,7 @@ def gather_project_forward(fmap: torch.Tensor, ids: torch.Tensor, weight: torch.
     out = torch.empty(rows, out_dim, dtype=fmap.dtype, device=fmap.device)
     meta = kernel_blocks(KERNELS[0], rows, channels, out_dim, fmap.dtype, _interpret(fmap))
     grid = (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(out_dim, meta["BLOCK_D"]))
-    with _device_guard(fmap):
+    with launch_guard(fmap, _interpret(fmap)):
         _kernel(fmap, "gather_project_forward_kernel")[grid](
             fmap, ids, weight, bias if bias is not None else weight, out,
             rows, n_img, width, channels, out_dim,
@@ -113,7 +108,7 @@ def gather_project_backward(grad: torch.Tensor, fmap: torch.Tensor, ids: torch.T
     grad_fmap = torch.zeros_like(fmap)
     grad_weight = torch.empty(out_dim, channels, dtype=weight.dtype, device=weight.device)
     grad_bias = torch.empty(out_dim, dtype=weight.dtype, device=weight.device) if bias_grad else None
-    with _device_guard(fmap):
+    with launch_guard(fmap, _interpret(fmap)):
         meta = kernel_blocks(KERNELS[1], rows, channels, out_dim, fmap.dtype, interpret)
         grid = (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(channels, meta["BLOCK_F"]))
         _kernel(fmap, "gather_project_grad_fmap_kernel")[grid](

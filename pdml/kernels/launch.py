@@ -14,13 +14,12 @@ tensors run the Triton interpreter.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 
-from pdml.kernels import interpret_everywhere, kernel_module
+from pdml.kernels import interpret_everywhere, kernel_module, launch_guard
 
 MAX_CHANNELS = 1024
 """Largest feature dimension C the launch configurations are checked for
@@ -95,14 +94,6 @@ def _kernels(t: torch.Tensor):
     return kernel_module(t.device.type != "cuda" or interpret_everywhere())
 
 
-def _device_guard(t: torch.Tensor):
-    """``torch.cuda.device(t.device)`` for CUDA tensors (a launch goes to the current
-    device, not the tensors'), nothing for CPU tensors."""
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def check_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
     """``grid`` if CUDA can launch it, else ValueError (before anything runs)."""
     if grid[0] > MAX_GRID_X or any(axis > 65535 for axis in grid[1:]):
@@ -121,10 +112,10 @@ def loss_grid(groups: int, group_rows: int, channels: int, tiles: Tiles, backwar
 
 def _launch(t: torch.Tensor, name: str, grid_of, args: tuple, tiles: Tiles, meta: dict) -> None:
     """Launch kernel ``name`` of ``t``'s mode with ``tiles`` on ``grid_of(tiles)``, under
-    ``t``'s device guard."""
+    :func:`pdml.kernels.launch_guard`."""
     kernel = getattr(_kernels(t), name)
     grid = grid_of(tiles)
-    with _device_guard(t):
+    with launch_guard(t, t.device.type != "cuda" or interpret_everywhere()):
         kernel[grid](*args, **meta, **tiles.meta())
 
 
