@@ -79,14 +79,16 @@ def test_reference_half_inputs_accumulate_in_float32(dtype):
     assert ((got.double() - truth).abs() <= 2 * (same - truth).abs() + tol).all()
 
 
-def test_gradcheck_float64():
-    fmap, ids, weight, bias = make(b=2, f=3, h=3, w=4, n=5, d=2, seed=4)
+@pytest.mark.parametrize("backend,noncontiguous", [
+    ("reference", False), pytest.param("ext", True, marks=needs_ext)])
+def test_gradcheck_float64(backend, noncontiguous):
+    fmap, ids, weight, bias = make(b=2, f=5, h=3, w=4, n=5, d=3, seed=6, noncontiguous=noncontiguous)
     for t in (fmap, weight, bias):
         t.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda x, wt, bs: ops.gather_project(x, ids, wt, bs, backend="reference"), (fmap, weight, bias))
+        lambda x, wt, bs: ops.gather_project(x, ids, wt, bs, backend=backend), (fmap, weight, bias))
     assert torch.autograd.gradcheck(
-        lambda x, wt: ops.gather_project(x, ids, wt, None, backend="reference"), (fmap, weight))
+        lambda x, wt: ops.gather_project(x, ids, wt, None, backend=backend), (fmap, weight))
 
 
 def test_fmap_gradient_is_zero_off_the_sampled_pixels():
@@ -345,17 +347,6 @@ def test_auto_resolves_to_the_fused_backend_of_the_device(monkeypatch):
     if gather_project_launch is not None:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert ops.resolve_backend("triton", fmap, "gather_project").name == "triton"
-
-
-@needs_ext
-def test_ext_gradcheck_float64():
-    fmap, ids, weight, bias = make(b=2, f=5, h=3, w=4, n=5, d=3, seed=6, noncontiguous=True)
-    for t in (fmap, weight, bias):
-        t.requires_grad_(True)
-    assert torch.autograd.gradcheck(
-        lambda x, wt, bs: ops.gather_project(x, ids, wt, bs, backend="ext"), (fmap, weight, bias))
-    assert torch.autograd.gradcheck(
-        lambda x, wt: ops.gather_project(x, ids, wt, None, backend="ext"), (fmap, weight))
 
 
 def opcheck_samples(dtype, device="cpu"):
