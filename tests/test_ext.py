@@ -263,6 +263,8 @@ def opcheck_samples(device="cpu", dtype=torch.float32):
             ("patch_metric_rows", (q_g, k_g, 0.15, groups, True)),
             ("patch_metric_rows", (q, k, 0.15, groups, False)),
         ]
+        if device == "cpu":  # the one-sweep forward + gradient has CPU kernels only
+            samples.append(("patch_nce_rows_with_grad", (q_g, k_g, 0.07, groups)))
     n = ids.numel()
     samples += [
         ("patch_similarity", (fq.clone().requires_grad_(True), fk.clone().requires_grad_(True), ids)),
@@ -272,7 +274,8 @@ def opcheck_samples(device="cpu", dtype=torch.float32):
 
 
 OP_NAMES = ("patch_nce", "patch_nce_backward", "patch_metric", "patch_metric_backward", "patch_similarity",
-            "patch_similarity_backward", "patch_nce_rows", "patch_nce_rows_backward", "patch_metric_rows")
+            "patch_similarity_backward", "patch_nce_rows", "patch_nce_rows_backward", "patch_metric_rows",
+            "patch_nce_rows_with_grad")
 
 
 def test_opcheck_covers_every_op():
