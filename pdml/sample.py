@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
-from pdml import ops, reference
+from pdml import reference
+from pdml.models.heads import ProjectionHead
 
 INIT_TYPES = ("normal", "xavier", "kaiming", "orthogonal")
 
@@ -103,10 +104,10 @@ class PatchSampleF(nn.Module):
         self.gpu_ids = list(gpu_ids)
         self.backend = backend
 
-    def _new_mlp(self, input_nc: int, device) -> nn.Sequential:
-        """CUT's head of one layer: ``Linear(input_nc, nc) → ReLU → Linear(nc, nc)``."""
-        mlp = nn.Sequential(nn.Linear(input_nc, self.nc), nn.ReLU(), nn.Linear(self.nc, self.nc))
-        return mlp.to(device)
+    def _new_mlp(self, input_nc: int, device) -> ProjectionHead:
+        """CUT's head of one layer: ``Linear(input_nc, nc) → ReLU → Linear(nc, nc)`` (the
+        trainer's :class:`~pdml.models.heads.ProjectionHead`: same layers, same keys)."""
+        return ProjectionHead(input_nc, self.nc, self.nc).to(device)
 
     def create_mlp(self, feats: Sequence[Tensor]) -> None:
         """One MLP per feature map (``mlp_<l>``) on the maps' devices, initialised as CUT's
@@ -130,15 +131,6 @@ class PatchSampleF(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    def _project(self, mlp: nn.Sequential, feat: Tensor, ids: Tensor) -> Tensor:
-        """``mlp`` applied to the sampled rows, its first Linear fused with the gather."""
-        first = mlp[0]
-        weight, bias = first.weight, first.bias
-        if weight.dtype != feat.dtype:  # e.g. half features from an autocast region
-            weight, bias = weight.to(feat.dtype), (bias.to(feat.dtype) if bias is not None else None)
-        hidden = ops.gather_project(feat, ids, weight, bias, backend=self.backend)
-        return mlp[1:](hidden)
-
     def forward(self, feats: Sequence[Tensor], num_patches: int = 64,
                 patch_ids: Optional[Sequence] = None) -> tuple[list[Tensor], list]:
         return_feats, return_ids = [], []
@@ -157,7 +149,7 @@ class PatchSampleF(nn.Module):
                     patch_id = patch_id[:int(min(num_patches, patch_id.shape[0]))]
                 ids = torch.as_tensor(patch_id, dtype=torch.long, device=feat.device)
                 if mlp is not None:
-                    rows = self._project(mlp, feat, ids)
+                    rows = mlp.forward_sampled(feat, ids, backend=self.backend)
                 else:
                     rows = reference.gather_rows(feat, ids).flatten(0, 1)
                 x_sample = _normalize(rows, dim=1)
