@@ -42,8 +42,7 @@ def project_full_maps(heads, q_maps, k_maps, ids, backend="auto"):
     def rows(maps):
         projected = heads(maps)  # [B, D, H, W] per layer
         gathered = [reference.gather_rows(p, i).flatten(0, 1) for p, i in zip(projected, ids)]
-        wide = torch.cat(gathered).float()
-        return reference.normalize_rows(wide).to(gathered[0].dtype)
+        return train_step.normalise_patch_rows(torch.cat(gathered))
 
     return rows(q_maps), rows(k_maps)
 

@@ -37,6 +37,13 @@ def sample_patch_ids(hw: int, num_patches: int, layers: int, device: torch.devic
     return [torch.randperm(hw)[:min(num_patches, hw)].to(device) for _ in range(layers)]
 
 
+def normalise_patch_rows(rows: torch.Tensor) -> torch.Tensor:
+    """CUT's Normalize of projected rows ``[R, D]``, ``row / (‖row‖₂ + 1e-7)``, computed in
+    float32 at least (half rows from autocast) and returned in the rows' dtype."""
+    wide = rows if rows.dtype == torch.float64 else rows.float()
+    return normalize_rows(wide).to(rows.dtype)
+
+
 def project_patches(heads: ProjectionHeads, q_maps: Sequence[torch.Tensor],
                     k_maps: Sequence[torch.Tensor], ids: Sequence[torch.Tensor],
                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,9 +62,7 @@ def project_patches(heads: ProjectionHeads, q_maps: Sequence[torch.Tensor],
         backend = "auto"
 
     def rows(maps):
-        projected = torch.cat(heads.forward_sampled(maps, ids, backend=backend), dim=0)
-        wide = projected if projected.dtype == torch.float64 else projected.float()
-        return normalize_rows(wide).to(projected.dtype)
+        return normalise_patch_rows(torch.cat(heads.forward_sampled(maps, ids, backend=backend), dim=0))
 
     return rows(q_maps), rows(k_maps)
 
