@@ -38,6 +38,12 @@ def interpret_everywhere() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def interprets(t) -> bool:
+    """Whether a launch on tensor ``t`` runs in Triton's interpreter: CPU tensors always,
+    CUDA tensors only when the process asked for interpretation everywhere."""
+    return t.device.type != "cuda" or interpret_everywhere()
+
+
 @contextlib.contextmanager
 def _interpret_mode(interpret: bool):
     if _knobs is not None:

@@ -16,15 +16,11 @@ from typing import Optional
 import torch
 import triton
 
-from pdml.kernels import interpret_everywhere, kernel_module, launch_guard
-
-
-def _interpret(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda" or interpret_everywhere()
+from pdml.kernels import interprets, kernel_module, launch_guard
 
 
 def _kernel(t: torch.Tensor, name: str):
-    return getattr(kernel_module(_interpret(t), "gather_project"), name)
+    return getattr(kernel_module(interprets(t), "gather_project"), name)
 
 
 def _block(size: int, cap: int) -> int:
@@ -83,9 +79,9 @@ def gather_project_forward(fmap: torch.Tensor, ids: torch.Tensor, weight: torch.
     rows, n_img, width, channels = _map_geometry(fmap, ids)
     out_dim = weight.shape[0]
     out = torch.empty(rows, out_dim, dtype=fmap.dtype, device=fmap.device)
-    meta = kernel_blocks(KERNELS[0], rows, channels, out_dim, fmap.dtype, _interpret(fmap))
+    meta = kernel_blocks(KERNELS[0], rows, channels, out_dim, fmap.dtype, interprets(fmap))
     grid = (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(out_dim, meta["BLOCK_D"]))
-    with launch_guard(fmap, _interpret(fmap)):
+    with launch_guard(fmap, interprets(fmap)):
         _kernel(fmap, "gather_project_forward_kernel")[grid](
             fmap, ids, weight, bias if bias is not None else weight, out,
             rows, n_img, width, channels, out_dim,
@@ -104,11 +100,11 @@ def gather_project_backward(grad: torch.Tensor, fmap: torch.Tensor, ids: torch.T
     """
     rows, n_img, width, channels = _map_geometry(fmap, ids)
     out_dim = weight.shape[0]
-    interpret = _interpret(fmap)
+    interpret = interprets(fmap)
     grad_fmap = torch.zeros_like(fmap)
     grad_weight = torch.empty(out_dim, channels, dtype=weight.dtype, device=weight.device)
     grad_bias = torch.empty(out_dim, dtype=weight.dtype, device=weight.device) if bias_grad else None
-    with launch_guard(fmap, _interpret(fmap)):
+    with launch_guard(fmap, interprets(fmap)):
         meta = kernel_blocks(KERNELS[1], rows, channels, out_dim, fmap.dtype, interpret)
         grid = (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(channels, meta["BLOCK_F"]))
         _kernel(fmap, "gather_project_grad_fmap_kernel")[grid](

@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from pdml.kernels import interpret_everywhere, kernel_module, launch_guard
+from pdml.kernels import interprets, kernel_module, launch_guard
 
 MAX_CHANNELS = 1024
 """Largest feature dimension C the launch configurations are checked for
@@ -91,7 +91,7 @@ def launch_configs(dtype: torch.dtype, group_rows: int, channels: int, kernel: s
 
 
 def _kernels(t: torch.Tensor):
-    return kernel_module(t.device.type != "cuda" or interpret_everywhere())
+    return kernel_module(interprets(t))
 
 
 def check_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
@@ -115,7 +115,7 @@ def _launch(t: torch.Tensor, name: str, grid_of, args: tuple, tiles: Tiles, meta
     :func:`pdml.kernels.launch_guard`."""
     kernel = getattr(_kernels(t), name)
     grid = grid_of(tiles)
-    with launch_guard(t, t.device.type != "cuda" or interpret_everywhere()):
+    with launch_guard(t, interprets(t)):
         kernel[grid](*args, **meta, **tiles.meta())
 
 
@@ -150,7 +150,7 @@ def _normaliser_backward(x: torch.Tensor, ids: Optional[torch.Tensor], dxhat: to
         return dxhat
     rows, n_img, width, channels, x_strides = _geometry(x, ids)
     dx = _grad_buffer(x)
-    interpret = x.device.type != "cuda" or interpret_everywhere()
+    interpret = interprets(x)
     tiles = tiles_for(x.dtype, rows, channels, interpret, "normaliser_backward_kernel")._replace(block_n=16)
     _launch(x, "normaliser_backward_kernel", lambda t: check_grid((triton.cdiv(rows, t.block_m),)), (
         x, ids, dxhat, dx, rows, n_img, width, channels, *x_strides, *_geometry(dx, ids)[4]),
@@ -172,7 +172,7 @@ class _Setup(NamedTuple):
 def _loss_setup(q: torch.Tensor, ids: Optional[torch.Tensor], groups: int, kernel: str) -> _Setup:
     rows, n_img, width, channels, q_strides = _geometry(q, ids)
     group_rows = rows // groups
-    interpret = q.device.type != "cuda" or interpret_everywhere()
+    interpret = interprets(q)
     tiles = tiles_for(q.dtype, group_rows, channels, interpret, kernel, ids is not None)
     meta = dict(GATHER=ids is not None, NORMALIZE=ids is not None, IEEE=q.dtype == torch.float32)
     ids_arg = ids if ids is not None else q  # never read when GATHER is off
@@ -247,7 +247,7 @@ def similarity_grid(batch: int, n_img: int, channels: int, tiles: Tiles, backwar
 
 
 def _similarity_tiles(q: torch.Tensor, ids: torch.Tensor, kernel: str) -> Tiles:
-    interpret = q.device.type != "cuda" or interpret_everywhere()
+    interpret = interprets(q)
     return tiles_for(q.dtype, ids.numel(), q.shape[1], interpret, kernel)
 
 
