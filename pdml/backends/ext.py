@@ -301,13 +301,10 @@ def _patch_similarity(fq, fk, ids):
 
 def _patch_nce_rows(feat_q, feat_k, tau, groups):
     if feat_q.device.type == "cpu" and _needs_grad(feat_q) and not torch.compiler.is_compiling():
-        # One CPU sweep gives the loss and d loss_i / d feat_q_i (rows, acc dtype). The
-        # gradient is attached with built-in ops, loss + ((q − q.detach()) · d_q).sum(1):
-        # the value is the loss exactly and autograd's own mul/sum give g_i · d_q_i, which
-        # costs a fraction of a Python backward of the custom op at the paper's shape.
-        loss, _, d_q = torch.ops.pdml.patch_nce_rows_with_grad(feat_q.detach(), feat_k.detach(),
-                                                                tau, groups)
-        return loss + ((feat_q - feat_q.detach()) * d_q).sum(1)
+        # One CPU sweep gives the loss and d loss_i / d feat_q_i (rows, acc dtype); the
+        # backward only scales row i by g_i (nce_rows_with_grad_backward), instead of a
+        # second sweep that recomputes the similarities.
+        return torch.ops.pdml.patch_nce_rows_with_grad(feat_q, feat_k.detach(), tau, groups)[0]
     return torch.ops.pdml.patch_nce_rows(feat_q, feat_k, tau, groups)[0]
 
 
