@@ -14,7 +14,7 @@ from pathlib import Path
 from pdml import ops
 
 def _train_parser() -> argparse.ArgumentParser:
-    from pdml.training.config import LOSSES, PRECISIONS, PRESETS
+    from pdml.training.config import D_INPUTS, LOSSES, PRECISIONS, PRESETS
 
     p = argparse.ArgumentParser(
         prog="pdml-train",
@@ -58,6 +58,9 @@ def _train_parser() -> argparse.ArgumentParser:
     loss.add_argument("--lambda-metric", type=float, help="weight of the patch loss")
     loss.add_argument("--no-wavelet", action="store_true",
                       help="feed whole images instead of the wavelet high-frequency part")
+    loss.add_argument("--d-input", choices=D_INPUTS,
+                      help="what the discriminator judges: the image (the paper) or its 3x3 "
+                      "high-pass, where noise stands out (demo preset)")
     ex = p.add_argument_group("execution")
     ex.add_argument("--precision", choices=PRECISIONS, help="autocast precision (fp16 uses a GradScaler)")
     ex.add_argument("--loss-backend", choices=ops.BACKEND_NAMES,
@@ -72,7 +75,7 @@ def _train_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = ("ldct", "ndct", "val_ldct", "val_ndct", "out", "steps", "decay_steps", "batch_size",
                "crop", "lr", "seed", "log_every", "eval_every", "ckpt_every", "max_minutes",
                "val_slices", "loss", "tau", "num_patches", "lambda_gan", "lambda_identity",
-               "lambda_metric", "precision", "loss_backend", "compile", "device", "threads")
+               "lambda_metric", "d_input", "precision", "loss_backend", "compile", "device", "threads")
 
 
 def train_main(argv=None) -> int:

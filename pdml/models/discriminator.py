@@ -4,19 +4,49 @@
 one per receptive-field patch. Layout for ``layers = 3`` and ``ndf = 32``:
 conv s2 1→32, then s2 32→64, s2 64→128, then s1 128→256, then s1 256→1;
 LeakyReLU(0.2) between, no normalisation layers (spectral norm bounds each layer).
+
+With ``highpass_gain`` the discriminator judges the image's finest texture instead of the
+image: its first layer sees ``gain · (x − mean₃ₓ₃(x))`` (:class:`HighPass`). Noise is
+what differs most between LD and ND at that scale, while the anatomy's edges, hundreds of
+HU strong, dominate the image itself; docs/training.md has the measurement.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 
+class HighPass(nn.Module):
+    """``gain · (x − mean₃ₓ₃(x))`` per channel, borders replicated; ``[B, C, H, W]`` -> same.
+
+    No parameters and no buffers: it adds nothing to a state_dict.
+    """
+
+    def __init__(self, gain: float):
+        super().__init__()
+        if not gain > 0:
+            raise ValueError(f"gain must be > 0, got {gain}")
+        self.gain = float(gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local_mean = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        return self.gain * (x - local_mean)
+
+    def extra_repr(self) -> str:
+        return f"gain={self.gain}"
+
+
 class PatchDiscriminator(nn.Module):
-    def __init__(self, channels: int = 1, ndf: int = 32, layers: int = 3):
+    def __init__(self, channels: int = 1, ndf: int = 32, layers: int = 3,
+                 highpass_gain: Optional[float] = None):
         super().__init__()
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
+        self.input_filter = nn.Identity() if highpass_gain is None else HighPass(highpass_gain)
         widths = [ndf * min(2 ** i, 8) for i in range(layers + 1)]
         mods: list[nn.Module] = []
         in_ch = channels
@@ -32,4 +62,4 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x must have shape [B, {self.channels}, H, W], got {tuple(x.shape)}")
-        return self.net(x)
+        return self.net(self.input_filter(x))

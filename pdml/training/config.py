@@ -17,6 +17,10 @@ from pdml.models import FEATURE_LAYERS
 
 LOSSES = ("dml", "patchnce", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
+D_INPUTS = ("image", "highpass")
+D_HIGHPASS_HU = 20.0
+"""HU per unit of the discriminator's input with ``d_input="highpass"`` (LD noise of ~25 HU
+is then about one unit, whatever the networks' scale)."""
 DEFAULT_TAU = {"dml": 0.15, "patchnce": 0.07, "none": 0.15}
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,6 +58,10 @@ class TrainConfig:
     input_residual: bool = True
     ndf: int = 32
     d_layers: int = 3
+    # What the discriminator judges: "image" (the paper), or "highpass": the image's 3×3
+    # high-pass, one unit = D_HIGHPASS_HU HU, where LD noise stands out against the
+    # anatomy (docs/training.md). Runs stored without it trained with "image".
+    d_input: str = "image"
     head_dim: int = 128
     # losses
     loss: str = "dml"
@@ -118,6 +126,8 @@ class TrainConfig:
             raise TrainError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if self.loss not in LOSSES:
             raise TrainError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.d_input not in D_INPUTS:
+            raise TrainError(f"--d-input must be one of {D_INPUTS}, got {self.d_input!r}")
         if self.precision not in PRECISIONS:
             raise TrainError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.loss_backend not in ops.BACKEND_NAMES:
@@ -158,7 +168,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The built-in slices at 128² build in seconds (256²: minutes on a busy 2-core CPU).
     "demo": dict(steps=400, decay_steps=200, batch_size=4, crop=64, log_every=10,
                  eval_every=100, ckpt_every=50, max_minutes=8.0, val_slices=4,
-                 builtin_size=128, crop_margin=8),
+                 builtin_size=128, crop_margin=8, d_input="highpass"),
     # The paper's settings, for a GPU: the full model, larger crops, a long schedule.
     "paper": dict(steps=100_000, decay_steps=50_000, batch_size=8, crop=128, log_every=50,
                   eval_every=2_000, ckpt_every=1_000, max_minutes=None, val_slices=16),

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+from pdml.data import HU_WINDOW
 from pdml.models import PatchDiscriminator, ProjectionHeads, RRDNGenerator
-from pdml.training.config import TrainConfig
+from pdml.training.config import D_HIGHPASS_HU, TrainConfig
 
 
 def build_generator(cfg: TrainConfig) -> RRDNGenerator:
@@ -12,9 +13,19 @@ def build_generator(cfg: TrainConfig) -> RRDNGenerator:
                          block_layers=cfg.block_layers, input_residual=cfg.input_residual)
 
 
+def discriminator_highpass_gain(cfg: TrainConfig) -> Optional[float]:
+    """The gain of the discriminator's high-pass input (None: it sees the image): the
+    networks see ``unit window · net_scale``, the discriminator ``HU / D_HIGHPASS_HU``."""
+    if cfg.d_input != "highpass":
+        return None
+    window_hu = HU_WINDOW[1] - HU_WINDOW[0]
+    return window_hu / D_HIGHPASS_HU / cfg.resolved_net_scale
+
+
 def build_networks(cfg: TrainConfig) -> tuple[RRDNGenerator, PatchDiscriminator, Optional[ProjectionHeads]]:
     generator = build_generator(cfg)
-    discriminator = PatchDiscriminator(channels=1, ndf=cfg.ndf, layers=cfg.d_layers)
+    discriminator = PatchDiscriminator(channels=1, ndf=cfg.ndf, layers=cfg.d_layers,
+                                       highpass_gain=discriminator_highpass_gain(cfg))
     heads = None
     if cfg.loss != "none":
         heads = ProjectionHeads(cfg.loss_layers, in_channels=cfg.features,

@@ -26,14 +26,28 @@ def _write_figure(fig, path: Path) -> None:
 
 
 def save_eval_figure(val_item, denoised: np.ndarray, path: Path, step: int) -> None:
-    """PNG of one held-out slice: LD | denoised | ND (when known) | denoised − LD (HU)."""
+    """PNG of one held-out slice: LD | denoised | ND (when known) | denoised − LD (HU).
+
+    With a reference, the LD and denoised panels are titled with their noise std and HU
+    shift against it (:mod:`pdml.metrics`, homogeneous ROIs), the run's own numbers.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    from pdml import metrics
+
     ld, nd = val_item.ld, val_item.nd
-    panels = [("LD input", ld), (f"denoised (step {step})", denoised)]
+
+    def scored(title, img):
+        if nd is None:
+            return title
+        noise = float(np.mean(metrics.noise_std(img, nd)))
+        shift = float(np.mean(metrics.hu_shift(img, nd)))
+        return f"{title}\nnoise {noise:.1f} HU, shift {shift:+.1f} HU"
+
+    panels = [(scored("LD input", ld), ld), (scored(f"denoised (step {step})", denoised), denoised)]
     if nd is not None:
         panels.append(("ND reference", nd))
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
