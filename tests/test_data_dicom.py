@@ -259,3 +259,60 @@ def test_empty_or_ct_free_folder(tmp_path):
             load_ct(tmp_path)
     assert [str(w.message).split(":")[1].strip().split(" ")[0] for w in caught] == \
         ["skipping", "skipped"]
+
+
+def _replace_value(path, old: bytes, new: bytes):
+    """Overwrite one header value in the file's bytes (same length): pydicom refuses to
+    write a malformed value, a careless scanner export does not."""
+    data = path.read_bytes()
+    assert data.count(old) == 1 and len(old) == len(new)
+    path.write_bytes(data.replace(old, new))
+
+
+# the bytes write_slice stores: tag, VR, length, value (explicit VR little endian)
+SLOPE_1 = b"\x28\x00\x53\x10DS\x04\x001.0 "
+INTERCEPT_M1024 = b"\x28\x00\x52\x10DS\x08\x00-1024.0 "
+
+
+@pytest.mark.parametrize("old,new,words", [
+    (SLOPE_1, SLOPE_1[:-4] + b"ab  ", "RescaleSlope"),
+    (SLOPE_1, SLOPE_1[:-4] + b"0   ", "RescaleSlope is 0"),
+    (INTERCEPT_M1024, INTERCEPT_M1024[:-8] + b"1e999   ", "RescaleIntercept"),
+    (INTERCEPT_M1024, INTERCEPT_M1024[:-8] + b"nan     ", "RescaleIntercept"),
+    (INTERCEPT_M1024, INTERCEPT_M1024[:-8] + b"1\\2     ", "RescaleIntercept"),
+    (SLOPE_1, SLOPE_1[:-4] + b"9e  ", "RescaleSlope"),
+], ids=["slope-ab", "slope-zero", "intercept-overflow", "intercept-nan", "intercept-two-values",
+        "slope-9e"])
+def test_one_malformed_slice_is_skipped_in_a_folder_and_named_alone(tmp_path, old, new, words):
+    uid = generate_uid()
+    for k in range(4):
+        write_slice(tmp_path / f"s{k}.dcm", np.full((8, 8), 10 * k), uid, position=float(k),
+                    instance=k + 1)
+    bad = tmp_path / "s2.dcm"
+    _replace_value(bad, old, new)
+    before = {p.name: sha256(p) for p in tmp_path.iterdir()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        series = load_ct(tmp_path)
+    assert len(series) == 1 and np.array_equal(series[0].hu[:, 0, 0], [0, 10, 30])
+    assert [p for p, _ in series.skipped] == [bad] and words in series.skipped[0][1]
+    per_file = [str(w.message) for w in caught if "skipping" in str(w.message)]
+    assert len(per_file) == 1 and str(bad) in per_file[0] and words in per_file[0]
+    with pytest.raises(DicomReadError, match=words) as info:  # the file alone: a clear error
+        load_ct(bad)
+    assert str(bad) in str(info.value)
+    assert {p.name: sha256(p) for p in tmp_path.iterdir()} == before
+
+
+def test_missing_rescale_intercept_warns_naming_the_file(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    intercept = float(ds.RescaleIntercept)
+    del ds.RescaleIntercept
+    ds.save_as(tmp_path / "no_intercept.dcm")
+    with pytest.warns(UserWarning, match="without RescaleIntercept") as caught:
+        series = load_ct(tmp_path / "no_intercept.dcm")
+    ours = [w for w in caught if "RescaleIntercept" in str(w.message)]
+    assert len(ours) == 1 and str(tmp_path / "no_intercept.dcm") in str(ours[0].message)
+    assert ours[0].category.__name__ == "DicomHeaderWarning"
+    expected = pydicom_hu(pydicom.dcmread(get_testdata_file("CT_small.dcm")))[0] - intercept
+    assert np.array_equal(series[0].hu[0], expected)

@@ -9,8 +9,8 @@ Each module's docstring gives its details: ``dicom`` (reading, writing), ``hu``,
 """
 from pdml.data.builtin import BuiltinDataset, BuiltinRecipe, builtin_dataset, cache_dir, phantom
 from pdml.data.datasets import PairedCTDataset, UnpairedCTDataset, random_crop_flip, read_slices
-from pdml.data.dicom import (CTSeries, CTSeriesList, CTSlice, DicomReadError, NoCTImagesError,
-                             load_ct, save_ct)
+from pdml.data.dicom import (CTSeries, CTSeriesList, CTSlice, DicomHeaderWarning, DicomReadError,
+                             NoCTImagesError, load_ct, save_ct)
 from pdml.data.hu import HU_WINDOW, hu_to_unit, unit_to_hu
 from pdml.data.shift import (BUILTIN_ND_SHIFT, KVP_120_TO_80, KVP_120_TO_100,
                              AcquisitionShift)
@@ -20,7 +20,7 @@ from pdml.data.wavelet import wavelet_split
 
 __all__ = [
     "load_ct", "save_ct", "CTSeries", "CTSeriesList", "CTSlice", "DicomReadError",
-    "NoCTImagesError",
+    "NoCTImagesError", "DicomHeaderWarning",
     "HU_WINDOW", "hu_to_unit", "unit_to_hu",
     "simulate_low_dose", "radon", "fbp", "projection_angles", "MU_WATER_PER_MM",
     "AcquisitionShift", "BUILTIN_ND_SHIFT", "KVP_120_TO_100", "KVP_120_TO_80",

@@ -12,10 +12,13 @@ preamble (a bare little-endian dataset starting with group 0008) are read too. I
 files are opened read-only and never modified.
 
 Folder mode skips what is not a CT image (not DICOM, other modality, no pixel data,
-corrupt or truncated) with one warning line per file and a final count; the skipped files
-and their reasons are in ``result.skipped``. A single file that cannot be used raises
-:class:`DicomReadError` (a ``ValueError``) naming the file. A folder without any CT
-image raises :class:`NoCTImagesError` (a ``FileNotFoundError``).
+corrupt or truncated, a malformed header value such as ``RescaleSlope = "ab"``) with one
+warning line per file and a final count; the skipped files and their reasons are in
+``result.skipped``. A single file that cannot be used raises :class:`DicomReadError` (a
+``ValueError``) naming the file. A folder without any CT image raises
+:class:`NoCTImagesError` (a ``FileNotFoundError``). A CT image without RescaleIntercept
+is read with intercept 0 and a :class:`DicomHeaderWarning` naming the file (HU of such a
+file are likely off by the usual -1024).
 
 Writing (:func:`save_ct`): one new single-frame CT image per slice, derived from its
 source slice (same patient, study, frame of reference and geometry; new series and SOP
@@ -30,6 +33,7 @@ read from is refused. Both are allowed only when asked (``overwrite=True``,
 from __future__ import annotations
 
 import copy
+import math
 import os
 import tempfile
 import warnings
@@ -40,6 +44,7 @@ from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import pydicom
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.valuerep import DS
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
@@ -59,6 +64,11 @@ class DicomReadError(ValueError):
 
 class NoCTImagesError(FileNotFoundError):
     """A folder (or empty file list) held no readable CT image."""
+
+
+class DicomHeaderWarning(UserWarning):
+    """A CT image was read, but its header lacks a value the HU depend on (a default was
+    used). The message names the file."""
 
 
 @dataclass
@@ -124,9 +134,9 @@ def _floats(value, count: int) -> Optional[Tuple[float, ...]]:
         return None
     try:
         out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return out if len(out) == count else None
+    return out if len(out) == count and all(map(math.isfinite, out)) else None
 
 
 def _first_item(ds, sequence: str):
@@ -134,13 +144,48 @@ def _first_item(ds, sequence: str):
     return seq[0] if seq else None
 
 
-def _frame_attr(ds: Dataset, frame_group, shared_group, sequence: str, keyword: str):
+def _get(path: Path, ds, keyword: str, default=None):
+    """``ds.get(keyword, default)``, a malformed value (pydicom converts values on first
+    access: a DS of "ab", an IS of "x") as DicomReadError naming the file and attribute."""
+    try:
+        return ds.get(keyword, default)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise DicomReadError(f"{path}: malformed {keyword} ({exc})") from None
+
+
+def _number(path: Path, keyword: str, value, default=None, *, integer: bool = False):
+    """A header ``value`` as a finite float (an int with ``integer``); ``default`` when it
+    is absent or empty; DicomReadError naming the file and attribute when malformed."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    try:
+        number = int(value) if integer else float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise DicomReadError(f"{path}: {keyword} {str(value)[:40]!r} is not a number") from None
+    if not math.isfinite(number):
+        raise DicomReadError(f"{path}: {keyword} {str(value)[:40]!r} is not a finite number")
+    return number
+
+
+def _frame_attr(path: Path, ds: Dataset, frame_group, shared_group, sequence: str,
+                keyword: str):
     """Enhanced-IOD lookup: per-frame functional group first, then shared."""
     for group in (frame_group, shared_group):
         item = _first_item(group, sequence)
         if item is not None and keyword in item:
-            return item.get(keyword)
+            return _get(path, item, keyword)
     return None
+
+
+def _check_header_values(path: Path, ds: Dataset) -> None:
+    """Convert every top-level value once, so a malformed one (a DS of "ab") is a
+    DicomReadError naming the file here, not a ValueError wherever it is first read."""
+    for tag in list(ds.keys()):
+        try:
+            ds[tag]
+        except (ValueError, TypeError, OverflowError) as exc:
+            name = keyword_for_tag(tag) or str(tag)
+            raise DicomReadError(f"{path}: malformed {name} ({exc})") from None
 
 
 def _read_file(path: Path) -> Tuple[Dataset, np.ndarray]:
@@ -160,6 +205,7 @@ def _read_file(path: Path) -> Tuple[Dataset, np.ndarray]:
         raise DicomReadError(f"{path}: corrupt or truncated DICOM file "
                              f"({type(exc).__name__}: {exc})") from exc
     _check_complete(path, ds, caught)
+    _check_header_values(path, ds)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         # no file meta (bare dataset): the syntax is the encoding pydicom detected
         implicit, little = ds.original_encoding
@@ -180,9 +226,9 @@ def _read_file(path: Path) -> Tuple[Dataset, np.ndarray]:
     except Exception as exc:
         raise DicomReadError(f"{path}: cannot decode pixel data, corrupt or truncated "
                              f"({type(exc).__name__}: {exc})") from exc
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    expected = (frames, int(ds.Rows), int(ds.Columns)) if frames > 1 else (
-        int(ds.Rows), int(ds.Columns))
+    frames = _number(path, "NumberOfFrames", ds.get("NumberOfFrames"), 1, integer=True) or 1
+    rows, columns = (_number(path, k, ds.get(k), integer=True) for k in ("Rows", "Columns"))
+    expected = (frames, rows, columns) if frames > 1 else (rows, columns)
     if pixels.shape != expected:
         raise DicomReadError(f"{path}: pixel data has shape {pixels.shape}, header says "
                              f"{expected} (colour or truncated?)")
@@ -221,48 +267,56 @@ def _header_copy(ds: Dataset) -> Dataset:
     return header
 
 
-def _slices_of(path: Path, ds: Dataset, pixels: np.ndarray):
-    """Yield (CTSlice, hu [H, W] float32) for every frame of a decoded file."""
+def _slices_of(path: Path, ds: Dataset, pixels: np.ndarray) -> List[Tuple[CTSlice, np.ndarray]]:
+    """``(CTSlice, hu [H, W] float32)`` for every frame of a decoded file.
+
+    DicomReadError naming the file for a malformed number (rescale, instance number,
+    slice thickness), a zero RescaleSlope or HU beyond float32; one DicomHeaderWarning
+    naming the file when RescaleIntercept is missing (read as 0).
+    """
     header = _header_copy(ds)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        thickness = ds.get("SliceThickness")
-        yield CTSlice(
-            path=path, frame=None, header=header,
-            position=_floats(ds.get("ImagePositionPatient"), 3),
-            orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-            pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
-            slice_thickness=float(thickness) if thickness not in (None, "") else None,
-            instance_number=int(ds.InstanceNumber) if ds.get("InstanceNumber") not in
-            (None, "") else None,
-            slope=slope, intercept=intercept), _to_hu(pixels, slope, intercept)
-        return
+    frames = _number(path, "NumberOfFrames", ds.get("NumberOfFrames"), 1, integer=True) or 1
+    top_slope = _number(path, "RescaleSlope", ds.get("RescaleSlope"))
+    top_intercept = _number(path, "RescaleIntercept", ds.get("RescaleIntercept"))
+    instance = _number(path, "InstanceNumber", ds.get("InstanceNumber"), integer=True)
+    single = frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds
     stack = pixels if pixels.ndim == 3 else pixels[None]
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or [None] * frames
-    instance = ds.get("InstanceNumber")
+    per_frame = ([] if single else _get(path, ds, "PerFrameFunctionalGroupsSequence")) or []
+    out, intercept_missing = [], False
     for f in range(frames):
         group = per_frame[f] if f < len(per_frame) else None
 
         def attr(seq, kw, _g=group):
-            return _frame_attr(ds, _g, shared, seq, kw)
+            # single-frame: the top level; enhanced: the frame's functional groups
+            return ds.get(kw) if single else _frame_attr(path, ds, _g, shared, seq, kw)
 
-        slope = attr("PixelValueTransformationSequence", "RescaleSlope")
-        intercept = attr("PixelValueTransformationSequence", "RescaleIntercept")
-        slope = float(slope if slope not in (None, "") else ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(intercept if intercept not in (None, "")
-                          else ds.get("RescaleIntercept", 0.0) or 0.0)
-        thickness = attr("PixelMeasuresSequence", "SliceThickness")
-        yield CTSlice(
-            path=path, frame=f, header=header,
+        slope = _number(path, "RescaleSlope", attr("PixelValueTransformationSequence",
+                                                   "RescaleSlope"), top_slope)
+        intercept = _number(path, "RescaleIntercept", attr("PixelValueTransformationSequence",
+                                                           "RescaleIntercept"), top_intercept)
+        slope = 1.0 if slope is None else slope
+        if slope == 0:
+            raise DicomReadError(f"{path}: RescaleSlope is 0 (every HU would be the intercept)")
+        if intercept is None:
+            intercept, intercept_missing = 0.0, True
+        hu = _to_hu(stack[f], slope, intercept)
+        if not np.isfinite(hu).all():
+            raise DicomReadError(f"{path}: RescaleSlope {slope:g} and RescaleIntercept "
+                                 f"{intercept:g} give HU beyond the float32 range")
+        out.append((CTSlice(
+            path=path, frame=None if single else f, header=header,
             position=_floats(attr("PlanePositionSequence", "ImagePositionPatient"), 3),
             orientation=_floats(attr("PlaneOrientationSequence", "ImageOrientationPatient"), 6),
             pixel_spacing=_floats(attr("PixelMeasuresSequence", "PixelSpacing"), 2),
-            slice_thickness=float(thickness) if thickness not in (None, "") else None,
-            instance_number=int(instance) if instance not in (None, "") else None,
-            slope=slope, intercept=intercept), _to_hu(stack[f], slope, intercept)
+            slice_thickness=_number(path, "SliceThickness",
+                                    attr("PixelMeasuresSequence", "SliceThickness")),
+            instance_number=instance, slope=slope, intercept=intercept), hu))
+    if intercept_missing:
+        warnings.warn(f"{path}: CT image without RescaleIntercept; its HU are read with "
+                      "intercept 0 (for the usual unsigned CT storage they are then 1024 "
+                      "too high)", DicomHeaderWarning, stacklevel=3)
+    return out
 
 
 def _to_hu(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
@@ -316,7 +370,7 @@ def load_ct(path: PathLike) -> CTSeriesList:
     root = Path(path)
     if root.is_file():
         ds, pixels = _read_file(root)
-        return CTSeriesList(_group(list(_slices_of(root, ds, pixels)), root.parent),
+        return CTSeriesList(_group(_slices_of(root, ds, pixels), root.parent),
                             files_seen=1)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such file or folder")
@@ -509,17 +563,25 @@ def save_ct(series: CTSeries, hu, out_dir: PathLike, *,
     written paths. Raises ``FileExistsError`` (before writing anything) when a target
     exists and ``overwrite`` is False, and ``ValueError`` when ``out_dir`` is the folder
     the series was read from (or inside it, or holds one of its files) unless
-    ``allow_input_dir``.
+    ``allow_input_dir``, or when ``hu`` has another shape or holds NaN/inf; ``TypeError``
+    naming the argument when ``hu`` is not a NumPy array or torch tensor of real numbers
+    (a list, complex, bool) or ``series`` is not a :class:`CTSeries`. A failure while
+    writing removes the files this call created (no partial series is left behind).
     """
-    if not isinstance(hu, np.ndarray):
-        hu = hu.detach().cpu().numpy()
-    hu = np.asarray(hu, dtype=np.float64)
+    if not isinstance(series, CTSeries):
+        raise TypeError(f"series must be a CTSeries (an item of load_ct's result), got "
+                        f"{type(series).__name__}")
+    hu = _real_array("hu", hu)
     if hu.ndim == 2:
         hu = hu[None]
     if hu.shape != series.hu.shape:
         raise ValueError(f"hu has shape {hu.shape}, the series {series.hu.shape}")
     if not np.isfinite(hu).all():
         raise ValueError("hu contains NaN or inf")
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path (str or os.PathLike), got {type(out_dir).__name__}")
+    if not isinstance(description, str):
+        raise TypeError(f"description must be a str, got {type(description).__name__}")
     out = Path(out_dir).resolve()
     if not allow_input_dir:
         inputs = {series.source_root.resolve()} | {s.path.resolve().parent
@@ -540,7 +602,32 @@ def save_ct(series: CTSeries, hu, out_dir: PathLike, *,
     out.mkdir(parents=True, exist_ok=True)
     stored = np.clip(np.rint(hu), _INT16_MIN, _INT16_MAX).astype(np.int16)
     series_uid = generate_uid()
-    for i, (sl, target) in enumerate(zip(series.slices, targets)):
-        _write_new(_derived_dataset(sl, stored[i], series_uid, i, description), target,
-                   overwrite)
+    created = []   # a failure half-way removes the files this call created: no partial series
+    try:
+        for i, (sl, target) in enumerate(zip(series.slices, targets)):
+            existed = target.exists()
+            _write_new(_derived_dataset(sl, stored[i], series_uid, i, description), target,
+                       overwrite)
+            if not existed:
+                created.append(target)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
     return targets
+
+
+def _real_array(name: str, value) -> np.ndarray:
+    """``value`` (a NumPy array or torch tensor of real numbers) as float64 NumPy;
+    TypeError naming the argument for anything else (lists, complex, bool, objects)."""
+    if hasattr(value, "detach") and hasattr(value, "is_floating_point"):   # a torch tensor
+        value = value.detach().cpu()
+        value = (value.double() if value.is_floating_point() else value).numpy()  # bf16 too
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array or a torch tensor, got "
+                        f"{type(value).__name__}")
+    if value.dtype == np.bool_ or not (np.issubdtype(value.dtype, np.integer)
+                                       or np.issubdtype(value.dtype, np.floating)):
+        raise TypeError(f"{name} must hold real numbers (integer or floating), got dtype "
+                        f"{value.dtype}")
+    return value.astype(np.float64, copy=False)
