@@ -1,8 +1,18 @@
 """Console scripts ``pdml-train`` and ``pdml-denoise``.
 
-Both return a process exit code: 0 on success, 2 on a user error (bad arguments, missing
-or unusable data, a checkpoint of another model), printed as one ``error:`` line without
-a traceback.
+Both return a process exit code, with one ``error:`` line on stderr and no traceback for
+anything but success:
+
+- 0: success;
+- 2: a user error: bad arguments or settings, missing or unusable data, an output folder
+  that cannot be written or is in use by another trainer, a checkpoint of another model or
+  with NaN weights; for ``pdml-denoise`` also series that could not be denoised or written
+  (one line each; the other series are still written);
+- 1: ``pdml-train`` stopped because its losses stayed non-finite (the line names the steps
+  and the loss terms; the last good checkpoint stays).
+
+Only the project's user-error types are caught (:class:`~pdml.training.config.TrainError`
+and the DICOM reader's errors); anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -13,10 +23,24 @@ from pathlib import Path
 
 from pdml import ops
 
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its error as one line (argparse prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _fail(prog: str, error, code: int = 2) -> int:
+    """Print ``error`` (an exception or a message) as one line on stderr; -> ``code``."""
+    print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return code
+
+
 def _train_parser() -> argparse.ArgumentParser:
     from pdml.training.config import D_INPUTS, LOSSES, PRECISIONS, PRESETS
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="pdml-train",
         description="Train the paper's unsupervised LDCT denoiser (RRDN generator, PatchGAN, "
                     "LSGAN + identity + patch-wise metric loss). Without data arguments it "
@@ -81,6 +105,7 @@ _TRAIN_KEYS = ("ldct", "ndct", "val_ldct", "val_ndct", "out", "steps", "decay_st
 def train_main(argv=None) -> int:
     """``pdml-train``: parse the arguments, train (or resume), print the summary table."""
     from pdml.training import TrainError, make_config, train
+    from pdml.training.config import NonFiniteLossError
 
     args = _train_parser().parse_args(argv)
     try:
@@ -101,15 +126,16 @@ def train_main(argv=None) -> int:
             cfg.max_minutes = None
         train(cfg)
         return 0
+    except NonFiniteLossError as e:
+        return _fail("pdml-train", e, code=1)
     except TrainError as e:
-        print(f"pdml-train: error: {e}", file=sys.stderr)
-        return 2
+        return _fail("pdml-train", e)
 
 
 def _denoise_parser() -> argparse.ArgumentParser:
     from pdml.training.config import PRECISIONS
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="pdml-denoise",
         description="Denoise CT series with a pdml-train checkpoint and write them as new "
                     "DICOM series (never into the input folder).",
@@ -133,24 +159,21 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def denoise_main(argv=None) -> int:
     """``pdml-denoise``: every CT series under ``--input`` -> a denoised series in ``--output``."""
-    import torch
     from tqdm.auto import tqdm
 
-    from pdml.data import DicomReadError, NoCTImagesError, load_ct, save_ct
+    from pdml.data import (DicomHeaderWarning, DicomReadError, NoCTImagesError, load_ct,
+                           save_ct)
     from pdml.inference import denoise_hu, generator_from_checkpoint
     from pdml.training.checkpoint import load_checkpoint
     from pdml.training.config import TrainError
+    from pdml.training.distributed import resolve_device
+    from pdml.training.rundir import check_writable_folder
 
     args = _denoise_parser().parse_args(argv)
     try:
         if args.batch_size < 1:
             raise TrainError(f"--batch-size must be >= 1, got {args.batch_size}")
-        device_name = args.device
-        if device_name == "auto":
-            device_name = "cuda" if torch.cuda.is_available() else "cpu"
-        if device_name.startswith("cuda") and not torch.cuda.is_available():
-            raise TrainError("--device cuda was asked for but no CUDA GPU is visible")
-        device = torch.device(device_name)
+        device = resolve_device(args.device)
         inp, out = Path(args.input).resolve(), Path(args.output).resolve()
         if not inp.exists():
             raise TrainError(f"--input {args.input}: no such file or folder")
@@ -158,34 +181,48 @@ def denoise_main(argv=None) -> int:
         if _inside(out, in_root):
             raise TrainError(f"--output {args.output} is inside the input folder {in_root}; "
                              "pdml-denoise never writes into its input")
+        check_writable_folder(out, "--output")
         ckpt = load_checkpoint(args.checkpoint)
         generator, cfg = generator_from_checkpoint(ckpt, device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # load_ct's per-file skip warnings: counted below
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # load_ct's per-file warnings: summarised below
             series_list = load_ct(inp)
         if series_list.skipped:
             print(f"pdml-denoise: skipped {len(series_list.skipped)} file(s) that are not "
                   f"usable CT images (first: {series_list.skipped[0][1]})", file=sys.stderr)
-        total = sum(len(s) for s in series_list)
-        bar = tqdm(total=total, desc="pdml-denoise", unit="slice", disable=args.no_progress,
-                   file=sys.stderr)
-        written = []
-        for k, series in enumerate(series_list):
-            target = out if len(series_list) == 1 else out / f"series_{k:03d}"
-            done = [0]
+        header = [str(w.message) for w in caught if issubclass(w.category, DicomHeaderWarning)]
+        if header:
+            print(f"pdml-denoise: warning: {len(header)} file(s) with an incomplete header "
+                  f"(first: {header[0]})", file=sys.stderr)
+    except (TrainError, DicomReadError, NoCTImagesError, FileNotFoundError, FileExistsError) as e:
+        return _fail("pdml-denoise", e)
 
-            def advance(n, _done=done):
-                bar.update(n - _done[0])
-                _done[0] = n
+    total = sum(len(s) for s in series_list)
+    bar = tqdm(total=total, desc="pdml-denoise", unit="slice", disable=args.no_progress,
+               file=sys.stderr)
+    written, failed = [], []
+    for k, series in enumerate(series_list):
+        # one bad series (unwritable target, files in the way, NaN output) is reported and
+        # the others are still written
+        target = out if len(series_list) == 1 else out / f"series_{k:03d}"
+        done = [0]
 
+        def advance(n, _done=done):
+            bar.update(n - _done[0])
+            _done[0] = n
+
+        try:
             hu = denoise_hu(generator, series.hu, cfg, device, precision=args.precision,
                             batch_size=args.batch_size, progress=advance)
             written += save_ct(series, hu, target, overwrite=args.overwrite,
                                description=f"pdml denoised ({cfg.loss}, step {ckpt['step']})")
-        bar.close()
-        print(f"pdml-denoise: wrote {len(written)} slice(s) of {len(series_list)} series "
-              f"to {out}")
-        return 0
-    except (TrainError, DicomReadError, NoCTImagesError, FileNotFoundError, FileExistsError) as e:
-        print(f"pdml-denoise: error: {e}", file=sys.stderr)
-        return 2
+        except (TrainError, ValueError, OSError) as e:
+            bar.update(len(series) - done[0])
+            failed.append((k, series, e))
+    bar.close()
+    print(f"pdml-denoise: wrote {len(written)} slice(s) of {len(series_list) - len(failed)} "
+          f"series to {out}")
+    for k, series, e in failed:
+        _fail("pdml-denoise", f"series {k} ({series.slices[0].path}, {len(series)} slice(s)) "
+                              f"not written: {e}")
+    return 2 if failed else 0

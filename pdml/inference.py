@@ -8,18 +8,20 @@ import numpy as np
 import torch
 
 from pdml.models import RRDNGenerator
+from pdml.training.checkpoint import checkpoint_config
 from pdml.training.config import TrainConfig, TrainError, autocast
 from pdml.training.networks import build_generator
 
 
 def generator_from_checkpoint(ckpt: dict, device: torch.device, which: str = "generator"
                               ) -> tuple[RRDNGenerator, TrainConfig]:
-    """Rebuild the trained generator (eval mode) and the run's config from a checkpoint."""
+    """Rebuild the trained generator (eval mode) and the run's validated config from a
+    checkpoint (:func:`pdml.training.load_checkpoint`); TrainError when they do not fit."""
+    cfg = checkpoint_config(ckpt, "checkpoint")
     try:
-        cfg = TrainConfig.from_dict(dict(ckpt["config"]))
         state = ckpt["model"][which]
-    except (KeyError, TypeError, TrainError) as e:
-        raise TrainError(f"checkpoint lacks a usable config or generator weights ({e})") from None
+    except (KeyError, TypeError) as e:
+        raise TrainError(f"checkpoint lacks the {which} weights ({type(e).__name__}: {e})") from None
     generator = build_generator(cfg)
     try:
         generator.load_state_dict(state, strict=True)

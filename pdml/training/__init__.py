@@ -7,7 +7,9 @@ One job per module: :mod:`~pdml.training.config` (settings, presets, schedule),
 :mod:`~pdml.training.step` (the G+D step), :mod:`~pdml.training.data` (crops, held-out
 slices, sample order), :mod:`~pdml.training.evaluate` (held-out metrics),
 :mod:`~pdml.training.report` (figures, summary table), :mod:`~pdml.training.telemetry`
-(GPU counters) and :mod:`~pdml.training.run` (the run: loop, resume).
+(GPU counters), :mod:`~pdml.training.guard` (stop on non-finite losses),
+:mod:`~pdml.training.rundir` (output folders: writable check, the run folder's lock, a
+killed run's temporary files) and :mod:`~pdml.training.run` (the run: loop, resume).
 
 ``from pdml.training import train, make_config`` is the entry point::
 
@@ -22,8 +24,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "config": ("TrainConfig", "TrainError", "make_config", "PRESETS", "LOSSES", "PRECISIONS",
-               "DEFAULT_TAU", "lr_factor"),
+    "config": ("TrainConfig", "TrainError", "NonFiniteLossError", "make_config", "PRESETS",
+               "LOSSES", "PRECISIONS", "DEFAULT_TAU", "lr_factor"),
     "checkpoint": ("CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "atomic_write_bytes",
                    "save_checkpoint", "load_checkpoint"),
     "rng": ("capture_rng_state", "restore_rng_state"),

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from pdml.models.heads import linear_weight_from_conv
-from pdml.training.config import TrainError
+from pdml.training.config import TrainConfig, TrainError
 
 CHECKPOINT_FORMAT = "pdml-train-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -22,16 +23,26 @@ CHECKPOINT_VERSION = 2
 (:func:`migrate_checkpoint`)."""
 
 
+TEMP_NAME = re.compile(r"\..+\.tmp-[0-9]+")
+"""The temporary names of :func:`atomic_write_bytes`: ``.NAME.tmp-PID`` (a killed writer's
+leftovers are removed by :func:`pdml.training.rundir.remove_stale_temp_files`)."""
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader (or a crash) sees the old or the new file,
-    never a partial one: tmp file in the same folder, fsync, ``os.replace``, fsync folder."""
+    never a partial one: tmp file in the same folder, fsync, ``os.replace``, fsync folder.
+    A failed write removes its tmp file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     try:
         fd = os.open(path.parent, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
@@ -50,7 +61,8 @@ def save_checkpoint(obj: dict, path: Path) -> None:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a pdml-train checkpoint with ``weights_only=True``; TrainError if it is not one."""
+    """Read a pdml-train checkpoint with ``weights_only=True``; TrainError if it is not one
+    or its weights (``model``) hold NaN or inf."""
     path = Path(path)
     if path.is_dir():
         for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
@@ -72,10 +84,41 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise TrainError(f"{path} has checkpoint version {ckpt.get('version')}, "
                          f"this pdml reads versions 1 to {CHECKPOINT_VERSION}")
     try:
-        return migrate_checkpoint(ckpt)
+        ckpt = migrate_checkpoint(ckpt)
     except (KeyError, TypeError, ValueError) as e:
         raise TrainError(f"{path}: cannot migrate checkpoint version {ckpt.get('version')} "
                          f"to {CHECKPOINT_VERSION}: {type(e).__name__}: {e}") from None
+    bad = first_non_finite(ckpt.get("model"))
+    if bad is not None:
+        raise TrainError(f"{path}: weight {bad} holds NaN or inf (a diverged run?); "
+                         "use an earlier checkpoint")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict, where: str) -> TrainConfig:
+    """The validated :class:`TrainConfig` a checkpoint stores; TrainError naming ``where``
+    when it is missing or not usable (unknown keys, wrong types, NaN, out of range)."""
+    try:
+        cfg = TrainConfig.from_dict(ckpt.get("config") if isinstance(ckpt, dict) else None)
+        cfg.validate()
+    except TrainError as e:
+        raise TrainError(f"{where}: the run's stored config is not usable: {e}") from None
+    return cfg
+
+
+def first_non_finite(tree, prefix: str = "") -> str | None:
+    """The dotted key of the first floating-point tensor in a nested dict of tensors that
+    holds NaN or inf, else None (anything that is not a dict or tensor is passed over)."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
+            return prefix or "(tensor)"
+        return None
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            bad = first_non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+            if bad is not None:
+                return bad
+    return None
 
 
 def migrate_checkpoint(ckpt: dict) -> dict:

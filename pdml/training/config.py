@@ -1,11 +1,15 @@
 """A run's settings: :class:`TrainConfig`, the presets, the LR schedule, autocast.
 
 ``TrainError`` is the user-facing error of the trainer (bad arguments or data): the CLI
-prints it without a traceback.
+prints it without a traceback. :meth:`TrainConfig.validate` is the one place a setting is
+checked (type, finiteness, range), for a new run, a resumed run's stored config and a
+checkpoint's config alike.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -27,6 +31,36 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class TrainError(Exception):
     """A user-facing error (bad arguments or data): the CLI prints it without a traceback."""
+
+
+class NonFiniteLossError(TrainError):
+    """The training losses stayed non-finite (NaN/inf) for several consecutive steps: the
+    run stopped without writing a checkpoint of those steps (the last good one stays)."""
+
+
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device_name(device) -> None:
+    """TrainError unless ``device`` is "auto", "cpu", "cuda" or "cuda:N" (whether that
+    device exists is checked where it is made: :func:`pdml.training.distributed.resolve_device`)."""
+    if not isinstance(device, str) or not _DEVICE_NAME.fullmatch(device):
+        raise TrainError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_KIND_CHECKS = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+              and math.isfinite(v), "a finite number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "tuple": (lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v),
+              "a list of names"),
+}
 
 
 @dataclass
@@ -111,17 +145,35 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """The config of a dict (``config.json``, a checkpoint's ``config``); TrainError for
+        anything but a dict of known keys. Values are checked by :meth:`validate`."""
+        if not isinstance(d, dict):
+            raise TrainError(f"a config must be a dict of settings, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(map(str, d)) - names)
         if unknown:
             raise TrainError(f"unknown config keys {unknown}")
         kwargs = dict(d)
-        if "loss_layers" in kwargs:
+        if isinstance(kwargs.get("loss_layers"), list):
             kwargs["loss_layers"] = tuple(kwargs["loss_layers"])
         return cls(**kwargs)
 
+    def _check_types(self) -> None:
+        """Each value has its field's type (``Optional[...]`` allows None); numbers are
+        finite: NaN or inf in any setting is refused here."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            optional = kind.startswith("Optional[")
+            base = kind[len("Optional["):-1] if optional else kind
+            if value is None and optional:
+                continue
+            check, what = _KIND_CHECKS[base]
+            if not check(value):
+                raise TrainError(f"{_flag(f.name)} must be {what}, got {value!r}")
+
     def validate(self) -> None:
         """Raise TrainError naming the first bad setting."""
+        self._check_types()
         if self.preset not in PRESETS:
             raise TrainError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if self.loss not in LOSSES:
@@ -133,26 +185,37 @@ class TrainConfig:
         if self.loss_backend not in ops.BACKEND_NAMES:
             raise TrainError(f"--loss-backend must be one of {ops.BACKEND_NAMES}, "
                              f"got {self.loss_backend!r}")
+        check_device_name(self.device)
         if (self.ldct is None) != (self.ndct is None):
             raise TrainError("--ldct and --ndct go together (unpaired LD and ND folders); "
                              "give both, or neither for the built-in dataset")
         if (self.val_ldct is None) != (self.val_ndct is None):
             raise TrainError("--val-ldct and --val-ndct go together (a paired validation set)")
         for name in ("steps", "batch_size", "crop", "num_patches", "log_every", "eval_every",
-                     "ckpt_every", "features", "growth", "ndf", "head_dim", "val_slices",
-                     "builtin_size"):
+                     "ckpt_every", "features", "growth", "block_layers", "ndf", "d_layers",
+                     "head_dim", "val_slices", "builtin_size", "wavelet_level"):
             if getattr(self, name) < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise TrainError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.decay_steps <= self.steps:
             raise TrainError(f"--decay-steps must be in [0, steps={self.steps}], got {self.decay_steps}")
         if self.crop < 8:
             raise TrainError(f"--crop must be >= 8 (the discriminator downsamples 8x), got {self.crop}")
         if self.crop_margin < 0:
             raise TrainError(f"crop_margin must be >= 0, got {self.crop_margin}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise TrainError(f"--seed must be in [0, 2**32), got {self.seed}")
         unknown = [n for n in self.loss_layers if n not in FEATURE_LAYERS]
-        if unknown or not self.loss_layers:
-            raise TrainError(f"loss layers must be a non-empty subset of {FEATURE_LAYERS}, "
-                             f"got {list(self.loss_layers)}")
+        if unknown or not self.loss_layers or len(set(self.loss_layers)) != len(self.loss_layers):
+            raise TrainError(f"loss layers must be a non-empty subset of {FEATURE_LAYERS} "
+                             f"without repeats, got {list(self.loss_layers)}")
+        if self.lr <= 0:
+            raise TrainError(f"--lr must be > 0, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise TrainError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("lambda_gan", "lambda_identity", "lambda_metric"):
+            if getattr(self, name) < 0:
+                raise TrainError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if not self.resolved_net_scale > 0:
             raise TrainError(f"net_scale must be > 0, got {self.net_scale}")
         if self.resolved_tau <= 0:
@@ -161,6 +224,12 @@ class TrainConfig:
             raise TrainError(f"--threads must be >= 1, got {self.threads}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise TrainError(f"--max-minutes must be > 0, got {self.max_minutes}")
+        if self.wavelet:
+            import pywt
+
+            if self.wavelet_name not in pywt.wavelist(kind="discrete"):
+                raise TrainError(f"wavelet_name must be a discrete wavelet of PyWavelets "
+                                 f"(db3, ...), got {self.wavelet_name!r}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -68,20 +68,27 @@ class HighFrequencyCrops:
 
 
 def _read_folder(flag: str, folder: Optional[str]) -> np.ndarray:
-    """All CT slices of a DICOM (or .npy) folder as float32 [S, H, W] HU; TrainError if unusable."""
-    from pdml.data import read_slices
+    """All CT slices of a DICOM (or .npy) folder as float32 [S, H, W] HU; TrainError if
+    unusable. Files skipped by the reader are passed over quietly; header warnings
+    (a missing RescaleIntercept) are summarised in one warning per folder."""
+    from pdml.data import DicomHeaderWarning, read_slices
 
     path = Path(folder)
     if not path.exists():
         raise TrainError(f"{flag} {folder}: no such folder")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # per-file skip warnings of load_ct
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # load_ct's per-file warnings: summarised below
         try:
-            return read_slices(path)
+            slices = read_slices(path)
         except FileNotFoundError as e:  # NoCTImagesError: a folder without CT images
             raise TrainError(f"{flag} {folder}: {e}") from None
         except ValueError as e:
             raise TrainError(f"{flag} {folder}: {e}") from None
+    header = [str(w.message) for w in caught if issubclass(w.category, DicomHeaderWarning)]
+    if header:
+        warnings.warn(f"{flag} {folder}: {len(header)} file(s) with an incomplete header "
+                      f"(first: {header[0]})", DicomHeaderWarning, stacklevel=2)
+    return slices
 
 
 def _spread(count: int, total: int) -> list[int]:

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from pdml.training.config import TrainError
+from pdml.training.config import TrainError, check_device_name
 
 
 @dataclass
@@ -27,23 +27,37 @@ class DistInfo:
         return self.world > 1
 
 
+def resolve_device(request: str, local_rank: int = 0) -> torch.device:
+    """The device of a ``--device`` request: "auto" (CUDA when visible, else CPU), "cpu",
+    "cuda" (GPU ``local_rank``) or "cuda:N"; TrainError for another name or a GPU that is
+    not there. The one place a device request becomes a device (trainer and pdml-denoise)."""
+    check_device_name(request)
+    if request == "auto":
+        request = "cuda" if torch.cuda.is_available() else "cpu"
+    if request == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise TrainError(f"--device {request} was asked for but no CUDA GPU is visible")
+    index = local_rank if request == "cuda" else int(request.split(":")[1])
+    if index >= torch.cuda.device_count():
+        raise TrainError(f"--device {request}: GPU {index} does not exist "
+                         f"({torch.cuda.device_count()} visible)")
+    return torch.device("cuda", index)
+
+
+def launch_rank() -> int:
+    """This process's rank in the torchrun job (0 without torchrun), known before joining."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(device_request: str) -> tuple[DistInfo, torch.device]:
     """Join the torchrun job if there is one (gloo on CPU, NCCL on CUDA); pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launch_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_request == "auto":
-        device_request = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_request.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainError("--device cuda was asked for but no CUDA GPU is visible")
-        device = torch.device("cuda", local_rank if device_request == "cuda" else
-                              torch.device(device_request).index)
+    device = resolve_device(device_request, local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif device_request == "cpu":
-        device = torch.device("cpu")
-    else:
-        raise TrainError(f"--device must be auto, cpu or cuda[:i], got {device_request!r}")
     info = DistInfo(rank, world, local_rank)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

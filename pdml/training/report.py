@@ -1,4 +1,5 @@
-"""What a run shows a person: the evaluation and loss figures, the terminal summary table."""
+"""What a run shows a person: the metrics records, the evaluation and loss figures, the
+terminal summary table."""
 from __future__ import annotations
 
 import io
@@ -64,6 +65,31 @@ def save_eval_figure(val_item, denoised: np.ndarray, path: Path, step: int) -> N
     _write_figure(fig, path)
 
 
+def append_metrics(path: Path, record: dict) -> None:
+    """Append ``record`` (keys starting with "_" left out) as one line of ``metrics.jsonl``;
+    a non-finite number is written as null, so every line stays valid JSON."""
+    record = {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+              for k, v in record.items() if not k.startswith("_")}
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the records of ``metrics.jsonl`` past ``step`` (a killed run logged beyond its
+    checkpoint) and any torn line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
 def save_loss_figure(metrics_path: Path, path: Path) -> None:
     """PNG of the training losses over steps, from ``metrics.jsonl`` (resumed runs included)."""
     import matplotlib
@@ -84,7 +110,8 @@ def save_loss_figure(metrics_path: Path, path: Path) -> None:
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for key in ("loss_G", "loss_D", "loss_gan", "loss_idt", "loss_patch"):
-        ax.plot(steps, [r[key] for r in records], label=key)
+        # a non-finite loss is logged as null: a gap in the line
+        ax.plot(steps, [np.nan if r.get(key) is None else r[key] for r in records], label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("symlog", linthresh=1e-3)

@@ -2,7 +2,9 @@
 
 Everything a run writes goes to its run folder (rank 0 only): ``config.json``,
 ``metrics.jsonl``, ``checkpoints/last.pt`` and ``checkpoints/best.pt`` (atomic: tmp file,
-fsync, ``os.replace``), ``figures/*.png`` and ``summary.json``.
+fsync, ``os.replace``), ``figures/*.png`` and ``summary.json``. Rank 0 locks the folder
+while the run lives (:mod:`pdml.training.rundir`). Losses that stay non-finite stop the run
+(:mod:`pdml.training.guard`); only finite networks after a finite step are saved.
 """
 from __future__ import annotations
 
@@ -20,15 +22,18 @@ import torch.distributed as dist
 from torch import nn
 
 from pdml.training.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_write_bytes,
-                                      load_checkpoint, save_checkpoint)
-from pdml.training.config import TrainConfig, TrainError, autocast, lr_factor
+                                      checkpoint_config, load_checkpoint, save_checkpoint)
+from pdml.training.config import NonFiniteLossError, TrainConfig, TrainError, autocast, lr_factor
 from pdml.training.data import IndexStream, build_data
-from pdml.training.distributed import barrier, cpu_threads, init_distributed
+from pdml.training.distributed import barrier, cpu_threads, init_distributed, launch_rank
 from pdml.training.evaluate import denoise_slices, evaluate_slices
+from pdml.training.guard import NonFiniteGuard
 from pdml.training.networks import build_networks
-from pdml.training.report import format_summary, save_eval_figure, save_loss_figure
+from pdml.training.report import (append_metrics, format_summary, save_eval_figure,
+                                  save_loss_figure, trim_metrics)
 from pdml.training.rng import capture_rng_state, restore_rng_state
-from pdml.training.step import GanStep, GeneratorPass
+from pdml.training.rundir import RunLock, check_writable_folder, remove_stale_temp_files
+from pdml.training.step import GanStep, GeneratorPass, check_loss_backend
 from pdml.training.telemetry import GpuTelemetry
 
 
@@ -42,24 +47,35 @@ class TrainingRun:
     def __init__(self, cfg: Optional[TrainConfig], resume: Optional[str] = None,
                  stream=None):
         self.stream = stream if stream is not None else sys.stdout
-        ckpt = None
+        self.lock: Optional[RunLock] = None
+        self.info = None
         if resume is not None:
-            ckpt = load_checkpoint(Path(resume) / "checkpoints" / "last.pt"
-                                   if Path(resume).is_dir() else resume)
-            cfg = TrainConfig.from_dict(dict(ckpt["config"]))
+            flag = "--resume"
             run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent.parent
+            if not Path(resume).exists():
+                raise TrainError(f"--resume {resume}: no such run folder or checkpoint")
         else:
             if cfg is None:
                 raise TrainError("a config or --resume RUN_DIR is needed")
             cfg.validate()
+            flag = "--out"
             run_dir = Path(cfg.out) if cfg.out else Path("runs") / (
                 time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.loss}")
-        self.cfg, self.run_dir = cfg, run_dir
-        self.info, self.device = init_distributed(cfg.device)
+        self.run_dir = run_dir
         try:
+            if launch_rank() == 0:  # rank 0 alone writes the run folder, so it alone locks it
+                check_writable_folder(run_dir, flag)
+                self.lock = RunLock.acquire(run_dir, flag)
+            ckpt = None
+            if resume is not None:  # read under the lock: no other trainer writes it now
+                ckpt = load_checkpoint(Path(resume) / "checkpoints" / "last.pt"
+                                       if Path(resume).is_dir() else resume)
+                cfg = checkpoint_config(ckpt, f"--resume {resume}")
+            self.cfg = cfg
+            self.info, self.device = init_distributed(cfg.device)
             self._setup(ckpt)
         except BaseException:
-            self.close()
+            self.close(failed_setup=True)
             raise
 
     # ---------------------------------------------------------------- setup
@@ -68,8 +84,11 @@ class TrainingRun:
         if info.is_main and ckpt is None and (self.run_dir / "checkpoints" / "last.pt").exists():
             raise TrainError(f"{self.run_dir} already holds a run; continue it with "
                              f"--resume {self.run_dir} or choose another --out")
+        if info.is_main:
+            remove_stale_temp_files(self.run_dir)  # a killed run's leftovers (we hold the lock)
         if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise TrainError("--precision bf16 needs a GPU with bfloat16 support")
+        check_loss_backend(cfg, device)
         if device.type == "cpu":
             torch.set_num_threads(cpu_threads(cfg.threads))
         # identical initial weights on every rank (DDP also broadcasts rank 0's)
@@ -115,6 +134,7 @@ class TrainingRun:
                                 scaler=self.scaler, autocast=self.autocast, device=device)
 
         self.step = 0
+        self.saved_step: Optional[int] = None
         self.best = {"step": -1, "psnr": None}
         self.last_eval: Optional[dict] = None
         self.elapsed_before = 0.0
@@ -126,12 +146,14 @@ class TrainingRun:
             self._load_state(ckpt)
         self.samples = IndexStream(len(self.data.train), info, cfg.seed)
         self.telemetry = GpuTelemetry(device)
+        self.guard = NonFiniteGuard(("loss_G", "loss_D", "loss_gan", "loss_idt", "loss_patch"),
+                                    device, distributed=info.enabled)
         if info.is_main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "figures").mkdir(exist_ok=True)
             atomic_write_bytes(self.run_dir / "config.json",
                                (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
-            self._trim_metrics(self.step)
+            trim_metrics(self.run_dir / "metrics.jsonl", self.step)
 
     def _load_state(self, ckpt: dict) -> None:
         try:
@@ -147,6 +169,7 @@ class TrainingRun:
         except (KeyError, RuntimeError, ValueError) as e:
             raise TrainError(f"checkpoint does not match this run's networks: {e}") from None
         self.step = int(ckpt["step"])
+        self.saved_step = self.step
         self.best = dict(ckpt["best"])
         self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
         states = ckpt["rng"]
@@ -155,22 +178,6 @@ class TrainingRun:
         elif self.info.is_main:
             warnings.warn(f"the checkpoint was written by {len(states)} ranks, this run has "
                           f"{self.info.world}: random streams restart (not bit-exact)")
-
-    def _trim_metrics(self, step: int) -> None:
-        """Drop metric records past ``step`` (a killed run logged beyond its checkpoint)
-        and any torn last line."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("step", 0) <= step:
-                kept.append(line)
-        atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
     # ---------------------------------------------------------------- one step
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,15 +241,28 @@ class TrainingRun:
             save_checkpoint(obj, self.run_dir / "checkpoints" / "last.pt")
             if is_best:
                 save_checkpoint(obj, self.run_dir / "checkpoints" / "best.pt")
+        self.saved_step = step
         barrier(self.info)
+
+    def _state_is_finite(self) -> bool:
+        """Stop on non-finite weights or losses (a sync); False when the last step's losses
+        were not finite (that state is not saved: the next save follows a finite step)."""
+        self._stop_if_nonfinite(self.guard.state_problem(
+            [self.generator, self.discriminator, self.heads], self.step))
+        return self.guard.count == 0
+
+    def _stop_if_nonfinite(self, problem: Optional[str]) -> None:
+        if problem is None:
+            return
+        kept = (f"checkpoints/last.pt of step {self.saved_step} is kept"
+                if self.saved_step is not None else "no checkpoint was written")
+        self._log({"kind": "stopped", "step": self.step, "reason": problem})
+        raise NonFiniteLossError(f"stopped: {problem}; {kept} in {self.run_dir}")
 
     # ---------------------------------------------------------------- logging
     def _log(self, record: dict) -> None:
-        if not self.info.is_main:
-            return
-        record = {k: v for k, v in record.items() if not k.startswith("_")}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.info.is_main:
+            append_metrics(self.run_dir / "metrics.jsonl", record)
 
     def _ranks_in_sync(self) -> Optional[bool]:
         """True when every rank holds bit-identical networks (None without DDP)."""
@@ -285,6 +305,8 @@ class TrainingRun:
                 losses = self.train_step(x, y)
                 self.step += 1
                 window_steps += 1
+                self.guard.update(self.step, losses)
+                self._stop_if_nonfinite(self.guard.problem())
                 for k, v in losses.items():
                     sums[k] = sums[k] + v if k in sums else v
                 bar.update(1)
@@ -305,17 +327,21 @@ class TrainingRun:
                     window_start += time.time() - paused  # img/s counts training time only
             if stopped_early and self.step > start_step:
                 self._maybe_eval_and_checkpoint(started, force=True)
+            return self._summary(start_step, started, stopped_early)
         finally:
             bar.close()
-        summary = self._summary(start_step, started, stopped_early)
-        self.close()
-        return summary
+            self.close()
 
     def _maybe_eval_and_checkpoint(self, started: float, force: bool) -> bool:
         """Evaluate and/or checkpoint when due; -> whether anything ran."""
         cfg = self.cfg
         is_best, ran = False, False
-        if self.step % cfg.eval_every == 0 or force:
+        due_eval = self.step % cfg.eval_every == 0 or force
+        if not (due_eval or self.step % cfg.ckpt_every == 0):
+            return False
+        if not self._state_is_finite():  # never evaluate or save a step of non-finite losses
+            return False
+        if due_eval:
             rec = self.evaluate(self.step)
             if rec is not None and rec["psnr"] is not None and (
                     self.best["psnr"] is None or rec["psnr"] > self.best["psnr"]):
@@ -356,10 +382,15 @@ class TrainingRun:
             print(format_summary(summary, self.cfg), file=self.stream, flush=True)
         return summary
 
-    def close(self) -> None:
-        if self.info.initialized_here and dist.is_initialized():
+    def close(self, failed_setup: bool = False) -> None:
+        """Leave the torchrun job (when joined here) and release the run folder's lock;
+        ``failed_setup``: also remove the run folder if this run created it and it is empty."""
+        if self.info is not None and self.info.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
             self.info.initialized_here = False
+        if self.lock is not None:
+            self.lock.release(remove_empty_folder=failed_setup)
+            self.lock = None
 
 
 def train(cfg: Optional[TrainConfig] = None, resume: Optional[str] = None, stream=None) -> dict:

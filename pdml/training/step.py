@@ -26,7 +26,7 @@ from torch.profiler import record_function
 from pdml import ops
 from pdml.models import ProjectionHeads, RRDNGenerator
 from pdml.reference import normalize_rows
-from pdml.training.config import TrainConfig
+from pdml.training.config import AUTOCAST_DTYPES, TrainConfig, TrainError
 
 
 def sample_patch_ids(hw: int, num_patches: int, layers: int, device: torch.device
@@ -114,6 +114,19 @@ def patch_loss(cfg: TrainConfig, q: torch.Tensor, k: torch.Tensor, batch_size: i
     return ops.patch_nce_rows_layers(q, k, layers=layers, tau=cfg.resolved_tau,
                                      batch_size=batch_size, negatives="image",
                                      backend=cfg.loss_backend).mean()
+
+
+def check_loss_backend(cfg: TrainConfig, device: torch.device) -> None:
+    """TrainError when ``cfg.loss_backend`` (asked for by name) cannot run the run's patch
+    loss on ``device`` in its precision (Triton on a CPU, an extension not built, ...)."""
+    if cfg.loss == "none" or cfg.loss_backend == "auto":
+        return
+    op = "patch_metric_rows" if cfg.loss == "dml" else "patch_nce_rows"
+    rows = torch.empty(0, device=device, dtype=AUTOCAST_DTYPES.get(cfg.precision, torch.float32))
+    why = ops.available_backends(rows, op)[cfg.loss_backend]
+    if why is not None:
+        raise TrainError(f"--loss-backend {cfg.loss_backend} cannot run the {cfg.loss} loss "
+                         f"on {device} ({cfg.precision}): {why}")
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
