@@ -364,7 +364,8 @@ def test_non_finite_loss_for_a_few_steps_stops_the_run(world, tmp_path, capfd, m
     out = tmp_path / "run"
     rc = train_main(["--preset", "tiny", "--ldct", str(world.ct), "--ndct", str(world.ct),
                      "--steps", "20", "--decay-steps", "0", "--ckpt-every", "2",
-                     "--eval-every", "100", "--out", str(out), "--no-progress"])
+                     "--eval-every", "100", "--device", "cpu", "--out", str(out),
+                     "--no-progress"])
     _, err = capfd.readouterr()
     last_bad = 3 + NONFINITE_PATIENCE - 1
     _assert_one_line_error(rc, err, f"steps 3-{last_bad}", code=1)
@@ -373,6 +374,27 @@ def test_non_finite_loss_for_a_few_steps_stops_the_run(world, tmp_path, capfd, m
     records = _strict_json_lines(out / "metrics.jsonl")
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, last_bad))
     assert [r["loss_patch"] for r in records if r["kind"] == "train"][2:] == [None] * (last_bad - 3)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_guard_counts_consecutive_non_finite_steps(device):
+    """The CPU reads the step just done; a GPU reads CUDA_LAG steps behind without waiting
+    on the step itself, and flush() reads everything. A finite step resets the count."""
+    from pdml.training.guard import CUDA_LAG, NonFiniteGuard
+
+    lag = CUDA_LAG if device == "cuda" else 0
+    guard = NonFiniteGuard(("a", "b"), torch.device(device), patience=3)
+    seen = []
+    for step, bad in enumerate([0, 1, 1, 0, 1, 1, 1, 1, 1, 1], start=1):
+        value = torch.tensor(float("nan") if bad else 1.0, device=device)
+        guard.update(step, {"a": torch.tensor(2.0, device=device), "b": value})
+        seen.append((guard.count, guard.problem() is not None))
+    # step s reads the record of step s - lag: counts 0 1 2 0 1 2 3 4 5 6
+    truth = [0, 1, 2, 0, 1, 2, 3, 4, 5, 6]
+    assert seen == [((truth[s - lag] if s >= lag else 0), (s >= lag and truth[s - lag] >= 3))
+                    for s in range(10)]
+    guard.flush()
+    assert guard.count == 6 and "steps 5-10" in guard.problem() and "b=nan" in guard.problem()
 
 
 # ------------------------------------------------------------------ one run folder, one trainer
