@@ -38,7 +38,7 @@ def _fail(prog: str, error, code: int = 2) -> int:
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from pdml.training.config import D_INPUTS, LOSSES, PRECISIONS, PRESETS
+    from pdml.training.config import ARCHS, D_INPUTS, LOSSES, PRECISIONS, PRESETS
 
     p = _Parser(
         prog="pdml-train",
@@ -72,6 +72,9 @@ def _train_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-time-limit", action="store_true", help="ignore the preset's time limit")
     run.add_argument("--val-slices", type=int, help="held-out slices evaluated (built-in data)")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    run.add_argument("--arch", choices=ARCHS,
+                     help="networks: pdml's own, or the paper's reference code's (dmlct: shared "
+                          "dense block, attention in D, normal(0, 0.01) init; the paper preset's)")
     loss = p.add_argument_group("losses")
     loss.add_argument("--loss", choices=LOSSES, help="third loss term: the paper's patch-wise "
                       "metric loss (dml), CUT's PatchNCE, or none")
@@ -99,7 +102,8 @@ def _train_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = ("ldct", "ndct", "val_ldct", "val_ndct", "out", "steps", "decay_steps", "batch_size",
                "crop", "lr", "seed", "log_every", "eval_every", "ckpt_every", "max_minutes",
                "val_slices", "loss", "tau", "num_patches", "lambda_gan", "lambda_identity",
-               "lambda_metric", "d_input", "precision", "loss_backend", "compile", "device", "threads")
+               "lambda_metric", "d_input", "precision", "loss_backend", "compile", "device", "threads",
+               "arch")
 
 
 def train_main(argv=None) -> int:

@@ -7,16 +7,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pdml.models import RRDNGenerator
+from pdml.models import FeatureGenerator
 from pdml.training.checkpoint import checkpoint_config
 from pdml.training.config import TrainConfig, TrainError, autocast
 from pdml.training.networks import build_generator
 
 
 def generator_from_checkpoint(ckpt: dict, device: torch.device, which: str = "generator"
-                              ) -> tuple[RRDNGenerator, TrainConfig]:
+                              ) -> tuple[FeatureGenerator, TrainConfig]:
     """Rebuild the trained generator (eval mode) and the run's validated config from a
-    checkpoint (:func:`pdml.training.load_checkpoint`); TrainError when they do not fit."""
+    checkpoint (:func:`pdml.training.load_checkpoint`); TrainError when they do not fit.
+    The config's ``arch`` picks the network ("pdml" for checkpoints written before the
+    option existed)."""
     cfg = checkpoint_config(ckpt, "checkpoint")
     try:
         state = ckpt["model"][which]
@@ -27,13 +29,14 @@ def generator_from_checkpoint(ckpt: dict, device: torch.device, which: str = "ge
         generator.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise TrainError("checkpoint's generator weights do not fit the RRDN generator of its "
-                         f"config (another model?): {' '.join(first[:3])[:300]}") from None
+        raise TrainError(f"checkpoint's generator weights do not fit the {cfg.arch!r} "
+                         f"generator of its config (another model?): "
+                         f"{' '.join(first[:3])[:300]}") from None
     return generator.to(device).eval(), cfg
 
 
 @torch.no_grad()
-def denoise_hu(generator: RRDNGenerator, hu, cfg: TrainConfig, device: torch.device,
+def denoise_hu(generator: FeatureGenerator, hu, cfg: TrainConfig, device: torch.device,
                precision: str = "fp32", batch_size: int = 4, progress=None) -> np.ndarray:
     """Denoise CT slices: ``hu`` float ``[S, H, W]`` (or ``[H, W]``) in HU -> float32, same shape.
 

@@ -9,6 +9,10 @@ With ``highpass_gain`` the discriminator judges the image's finest texture inste
 image: its first layer sees ``gain · (x − mean₃ₓ₃(x))`` (:class:`HighPass`). Noise is
 what differs most between LD and ND at that scale, while the anatomy's edges, hundreds of
 HU strong, dominate the image itself; docs/training.md has the measurement.
+
+With ``attention_reduction`` (DML_CT's discriminator, :func:`pdml.models.dmlct.dml_ct_discriminator`)
+a squeeze-excitation block (plain 1×1 convs, C → C // reduction → C) follows the
+LeakyReLU of every conv but the first and the last.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
+
+from pdml.models.layers import SqueezeExcitation, sn_conv
 
 
 class HighPass(nn.Module):
@@ -41,21 +46,34 @@ class HighPass(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
+    """Args: ``channels`` in; ``ndf`` width of the first conv (doubling per layer, at most
+    8·ndf); ``layers`` stride-2 convs; ``highpass_gain``: judge the 3×3 high-pass (None: the
+    image); ``attention_reduction``: squeeze-excitation after each inner conv (None: none);
+    ``init_std``: normal(0, std) weights and zero biases
+    (:func:`pdml.models.layers.init_normal_`; None: PyTorch's default)."""
+
     def __init__(self, channels: int = 1, ndf: int = 32, layers: int = 3,
-                 highpass_gain: Optional[float] = None):
+                 highpass_gain: Optional[float] = None,
+                 attention_reduction: Optional[int] = None, init_std: Optional[float] = None):
         super().__init__()
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
+        if attention_reduction is not None and attention_reduction < 1:
+            raise ValueError(f"attention_reduction must be >= 1, got {attention_reduction}")
         self.input_filter = nn.Identity() if highpass_gain is None else HighPass(highpass_gain)
         widths = [ndf * min(2 ** i, 8) for i in range(layers + 1)]
         mods: list[nn.Module] = []
         in_ch = channels
         for i, width in enumerate(widths):
             stride = 2 if i < layers else 1
-            mods += [spectral_norm(nn.Conv2d(in_ch, width, 3, stride=stride, padding=1)),
+            mods += [sn_conv(in_ch, width, 3, stride=stride, init_std=init_std,
+                             padding_mode="zeros"),
                      nn.LeakyReLU(0.2)]
+            if attention_reduction is not None and i > 0:
+                mods.append(SqueezeExcitation(width, attention_reduction, spectral=False,
+                                              init_std=init_std))
             in_ch = width
-        mods.append(spectral_norm(nn.Conv2d(in_ch, 1, 3, stride=1, padding=1)))
+        mods.append(sn_conv(in_ch, 1, 3, init_std=init_std, padding_mode="zeros"))
         self.net = nn.Sequential(*mods)
         self.channels = channels
 

@@ -1,4 +1,6 @@
-"""The paper's generator: a residual-in-residual dense network (RRDN) for CT slices.
+"""pdml's generator (``--arch pdml``): a residual-in-residual dense network (RRDN) for CT
+slices. The network of the paper's reference code is :mod:`pdml.models.dmlct`
+(``--arch dmlct``); this one differs from it in the places listed there.
 
 Layout (every convolution spectral-normalised, 3×3 ones with replicate padding so the
 borders of a CT slice are not pulled towards zero):
@@ -14,47 +16,22 @@ Each residual dense block (RDB) has its own weights: 5 densely connected 3×3 co
 (the i-th sees F + i·G channels, G = growth 8; the first four add G channels each,
 the fifth maps back to F), squeeze-excitation channel attention on the fifth's output,
 and a scaled local residual. The spatial size never changes, so the feature maps of
-every named layer are ``[B, F, H, W]``: the metric loss samples its patches there
-(the paper uses ``trunk`` and ``fusion``).
+every named layer are ``[B, F, H, W]`` (:mod:`pdml.models.feature_generator`): the
+metric loss samples its patches there (the paper uses ``trunk`` and ``fusion``).
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
 
-FEATURE_LAYERS = ("head", "rdb1", "rdb2", "rdb3", "trunk", "fusion")
-"""Names of the layers whose ``[B, F, H, W]`` maps :meth:`RRDNGenerator.features` returns."""
+from pdml.models.feature_generator import DEFAULT_LOSS_LAYERS, FEATURE_LAYERS, FeatureGenerator
+from pdml.models.layers import SqueezeExcitation, sn_conv
 
-DEFAULT_LOSS_LAYERS = ("trunk", "fusion")
-"""The layers the paper's metric loss uses."""
+__all__ = ["RRDNGenerator", "ResidualDenseBlock", "RESIDUAL_SCALE", "FEATURE_LAYERS",
+           "DEFAULT_LOSS_LAYERS"]
 
 RESIDUAL_SCALE = 0.2
 """β of the dense blocks' and the group's residuals (keeps the deep stack near identity at init)."""
-
-
-def sn_conv(in_ch: int, out_ch: int, kernel: int, bias: bool = True) -> nn.Module:
-    """Spectral-normalised conv, stride 1, 'same' size; replicate padding for kernels > 1."""
-    conv = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=bias,
-                     padding_mode="replicate" if kernel > 1 else "zeros")
-    return spectral_norm(conv)
-
-
-class SqueezeExcitation(nn.Module):
-    """Channel attention: ``x * sigmoid(W₂ relu(W₁ mean_hw(x)))``; ``[B, C, H, W]`` -> same."""
-
-    def __init__(self, channels: int, reduction: int = 4):
-        super().__init__()
-        hidden = max(1, channels // reduction)
-        self.squeeze = sn_conv(channels, hidden, 1)
-        self.excite = sn_conv(hidden, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = x.mean(dim=(2, 3), keepdim=True)
-        w = torch.sigmoid(self.excite(torch.relu(self.squeeze(w))))
-        return x * w
 
 
 class ResidualDenseBlock(nn.Module):
@@ -78,8 +55,9 @@ class ResidualDenseBlock(nn.Module):
         return x + RESIDUAL_SCALE * out
 
 
-class RRDNGenerator(nn.Module):
-    """The paper's generator. ``forward(x [B, 1, H, W]) -> [B, 1, H, W]`` (input dtype / autocast).
+class RRDNGenerator(FeatureGenerator):
+    """pdml's RRDN. ``forward(x [B, 1, H, W]) -> [B, 1, H, W]`` (input dtype / autocast);
+    ``forward_with_features`` and ``features`` as in :class:`FeatureGenerator`.
 
     Args:
         channels: image channels in and out (1 for CT).
@@ -97,6 +75,7 @@ class RRDNGenerator(nn.Module):
             # FEATURE_LAYERS names rdb1..rdb3; other depths would need other names.
             raise ValueError(f"blocks must be 3 (the paper's RRDN), got {blocks}")
         self.channels, self.num_features = channels, features
+        self.trunk_scale = RESIDUAL_SCALE
         self.input_residual = input_residual
         self.head = sn_conv(channels, features, 3)
         self.rdbs = nn.ModuleList(
@@ -106,49 +85,9 @@ class RRDNGenerator(nn.Module):
         # offset of its output would shift the CT numbers, the very error the paper fights
         self.tail = sn_conv(features, channels, 3, bias=False)
 
-    def _run(self, x: torch.Tensor, layers: Sequence[str], stop_early: bool):
-        """Run the network, collecting the maps of ``layers``; returns (out or None, maps)."""
-        unknown = [name for name in layers if name not in FEATURE_LAYERS]
-        if unknown:
-            raise ValueError(f"unknown feature layer(s) {unknown}; choose from {FEATURE_LAYERS}")
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"x must have shape [B, {self.channels}, H, W], got {tuple(x.shape)}")
-        wanted = set(layers)
-        maps: dict[str, torch.Tensor] = {}
+    def blocks(self) -> nn.ModuleList:
+        return self.rdbs
 
-        def keep(name: str, t: torch.Tensor) -> bool:
-            if name in wanted:
-                maps[name] = t
-            return stop_early and len(maps) == len(wanted)
-
-        head = self.head(x)
-        if keep("head", head):
-            return None, [maps[n] for n in layers]
-        h = head
-        for i, rdb in enumerate(self.rdbs, start=1):
-            h = rdb(h)
-            if keep(f"rdb{i}", h):
-                return None, [maps[n] for n in layers]
-        trunk = head + RESIDUAL_SCALE * h
-        if keep("trunk", trunk):
-            return None, [maps[n] for n in layers]
-        fusion = self.fusion(trunk)
-        if keep("fusion", fusion):
-            return None, [maps[n] for n in layers]
+    def _output(self, x: torch.Tensor, head: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
         out = self.tail(head + fusion)
-        if self.input_residual:
-            out = x + out
-        return out, [maps[n] for n in layers]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, (), stop_early=False)[0]
-
-    def forward_with_features(self, x: torch.Tensor, layers: Sequence[str] = DEFAULT_LOSS_LAYERS):
-        """``-> (out [B, 1, H, W], [map [B, F, H, W] for each name in layers])`` in one pass."""
-        return self._run(x, tuple(layers), stop_early=False)
-
-    def features(self, x: torch.Tensor, layers: Sequence[str] = DEFAULT_LOSS_LAYERS) -> list[torch.Tensor]:
-        """The maps ``[B, F, H, W]`` of ``layers`` (in that order); stops after the deepest one."""
-        if not layers:
-            raise ValueError("layers must name at least one feature layer")
-        return self._run(x, tuple(layers), stop_early=True)[1]
+        return x + out if self.input_residual else out

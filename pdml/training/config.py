@@ -20,6 +20,9 @@ from pdml import ops
 from pdml.models import FEATURE_LAYERS
 
 LOSSES = ("dml", "patchnce", "none")
+ARCHS = ("pdml", "dmlct")
+"""Network sets: pdml's own (:class:`pdml.models.RRDNGenerator`), the paper's reference code's
+(:mod:`pdml.models.dmlct`). A config without ``arch`` (runs before it existed) is "pdml"."""
 PRECISIONS = ("fp32", "bf16", "fp16")
 D_INPUTS = ("image", "highpass")
 D_HIGHPASS_HU = 20.0
@@ -85,7 +88,8 @@ class TrainConfig:
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
-    # networks
+    # networks; input_residual applies to arch "pdml" only (dmlct has none, as DML_CT)
+    arch: str = "pdml"
     features: int = 32
     growth: int = 8
     block_layers: int = 5
@@ -176,6 +180,8 @@ class TrainConfig:
         self._check_types()
         if self.preset not in PRESETS:
             raise TrainError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.arch not in ARCHS:
+            raise TrainError(f"--arch must be one of {ARCHS}, got {self.arch!r}")
         if self.loss not in LOSSES:
             raise TrainError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
         if self.d_input not in D_INPUTS:
@@ -238,9 +244,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(steps=400, decay_steps=200, batch_size=4, crop=64, log_every=10,
                  eval_every=100, ckpt_every=50, max_minutes=8.0, val_slices=4,
                  builtin_size=128, crop_margin=8, d_input="highpass"),
-    # The paper's settings, for a GPU: the full model, larger crops, a long schedule.
+    # The paper's settings, for a GPU: the authors' networks, larger crops, a long schedule.
     "paper": dict(steps=100_000, decay_steps=50_000, batch_size=8, crop=128, log_every=50,
-                  eval_every=2_000, ckpt_every=1_000, max_minutes=None, val_slices=16),
+                  eval_every=2_000, ckpt_every=1_000, max_minutes=None, val_slices=16,
+                  arch="dmlct"),
     # For tests and smoke runs: a few seconds.
     "tiny": dict(steps=4, decay_steps=2, batch_size=2, crop=32, num_patches=32, log_every=1,
                  eval_every=2, ckpt_every=2, max_minutes=None, val_slices=1, builtin_size=64,

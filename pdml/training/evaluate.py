@@ -7,12 +7,12 @@ import numpy as np
 import torch
 
 from pdml.inference import denoise_hu
-from pdml.models import RRDNGenerator
+from pdml.models import FeatureGenerator
 from pdml.training.config import TrainConfig
 from pdml.training.data import ValItem
 
 
-def denoise_slices(generator: RRDNGenerator, val: Sequence[ValItem], cfg: TrainConfig,
+def denoise_slices(generator: FeatureGenerator, val: Sequence[ValItem], cfg: TrainConfig,
                    device: torch.device) -> list[np.ndarray]:
     """The denoised ``ld`` of every held-out slice: float32 ``[H, W]`` HU each, in order.
 

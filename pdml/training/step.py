@@ -24,7 +24,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from pdml import ops
-from pdml.models import ProjectionHeads, RRDNGenerator
+from pdml.models import FeatureGenerator, ProjectionHeads
 from pdml.reference import normalize_rows
 from pdml.training.config import AUTOCAST_DTYPES, TrainConfig, TrainError
 
@@ -77,7 +77,7 @@ class GeneratorPass(nn.Module):
     (:func:`project_patches`); ``None`` without heads.
     """
 
-    def __init__(self, generator: RRDNGenerator, heads: Optional[ProjectionHeads],
+    def __init__(self, generator: FeatureGenerator, heads: Optional[ProjectionHeads],
                  layers: Sequence[str], backend: str = "auto"):
         super().__init__()
         self.generator, self.heads, self.layers = generator, heads, tuple(layers)
