@@ -41,7 +41,7 @@ bench: install
 # CPython 3.12; no registry there; tools/gpu-image-requirements.txt) and which of pdml's
 # requirements it lacks.
 GPU_IMAGE_HAS := numpy torch triton scipy scikit-image matplotlib tqdm nvidia-ml-py pytest pytest-benchmark
-GPU_IMAGE_LACKS := pydicom pydicom-data pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg PyWavelets platformdirs
+GPU_IMAGE_LACKS := pydicom pydicom-data pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg PyWavelets platformdirs bm3d bm4d
 GPU_IMAGE_PY ?= 3.12
 WHEELS ?= .whl
 # manylinux tags pip must match exactly; the image's glibc is 2.39 (Ubuntu 24.04)

@@ -96,7 +96,8 @@ install_wheels() {
 import importlib
 import importlib.metadata as md
 for m in ('pydicom', 'data_store', 'pylibjpeg', 'openjpeg', 'libjpeg', 'pywt', 'platformdirs',
-          'skimage', 'scipy', 'tqdm', 'matplotlib', 'pynvml', 'numpy', 'torch', 'triton', 'pytest'):
+          'bm3d', 'bm4d', 'skimage', 'scipy', 'tqdm', 'matplotlib', 'pynvml', 'numpy', 'torch',
+          'triton', 'pytest'):
     mod = importlib.import_module(m)
     print(m, getattr(mod, '__version__', ''), mod.__file__)
 # pydicom finds pydicom-data's CT files through this entry point (pdml.data.builtin)

@@ -16,6 +16,9 @@ from pdml.experiments import hu_shift as H
 ROWS = {"ld": H.LD_NAME, "none": H.VARIANT_NAMES["none"],
         "patchnce": H.VARIANT_NAMES["patchnce"], "dml": H.VARIANT_NAMES["dml"]}
 HEADERS = ("PSNR (dB)", "SSIM", "RMSE (HU)", "noise std (HU)", "HU shift (HU)")
+# BM3D takes about a second per 64² slice here: the table's wiring is tested with the two
+# fast baselines (tests/test_classical.py tests BM3D itself)
+CLASSICAL = ("tv", "nlm")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
@@ -28,7 +31,7 @@ def ablation(tmp_path_factory):
     printed = io.StringIO()  # module-scoped: capsys is not available here
     with contextlib.redirect_stdout(printed):
         code = H.main(["--preset", "tiny", "--out", str(out), "--threads", "1",
-                       "--no-progress"])
+                       "--no-progress", "--classical", *CLASSICAL])
     assert code == 0, printed.getvalue()[-3000:]
     return out, printed.getvalue()
 
@@ -37,8 +40,8 @@ def test_ablation_writes_table_json_and_figure(ablation):
     out, printed = ablation
     result = json.loads((out / "ablation.json").read_text())
     assert result["format"] == H.FORMAT and result["settings"]["preset"] == "tiny"
-    assert [r["key"] for r in result["rows"]] == list(ROWS)
-    assert [r["name"] for r in result["rows"]] == list(ROWS.values())
+    assert [r["key"] for r in result["rows"]] == list(ROWS) + list(CLASSICAL)
+    assert [r["name"] for r in result["rows"]][:len(ROWS)] == list(ROWS.values())
     for row in result["rows"]:
         for key in ("psnr", "ssim", "rmse", "noise_std", "hu_shift", "abs_hu_shift"):
             assert math.isfinite(row[key]), (row["key"], key)
@@ -62,7 +65,7 @@ def test_ablation_writes_table_json_and_figure(ablation):
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert all(h in header for h in HEADERS)
     body = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
-    assert [cells[0] for cells in body] == list(ROWS.values())
+    assert [cells[0] for cells in body] == [r["name"] for r in result["rows"]]
     assert all(len(cells) == len(header) for cells in body)
     ld_cells = dict(zip(header, body[0]))
     assert float(ld_cells["PSNR (dB)"]) == pytest.approx(result["rows"][0]["psnr"], abs=0.006)
@@ -100,10 +103,32 @@ def test_ld_row_and_claim_follow_from_the_numbers(ablation):
     assert claim["statement"] in (out / "ablation.md").read_text()
 
 
+def test_classical_baselines_are_tuned_on_half_and_scored_like_the_networks(ablation):
+    from pdml.experiments.classical import GRIDS
+
+    out, _ = ablation
+    result = json.loads((out / "ablation.json").read_text())
+    rows = {r["key"]: r for r in result["rows"]}
+    assert result["settings"]["classical"] == list(CLASSICAL)
+    assert result["settings"]["classical_tuning_slices"] == [0, 2, 4, 6, 8]
+    for detail in result["classical"]:
+        method, row = detail["method"], rows[detail["method"]]
+        assert detail["strength"] == row["strength"] and detail["strength"] in GRIDS[method]
+        assert detail["tuning_psnr"][f"{detail['strength']:g}"] == max(
+            detail["tuning_psnr"].values())
+        assert len(detail["per_slice"]) == result["settings"]["held_out_slices"]
+        assert row["noise_std"] == pytest.approx(
+            np.mean([s["noise_std"] for s in detail["per_slice"]]), rel=1e-12)
+        # tuned for PSNR against the truth, every baseline removes noise on held-out data
+        assert row["noise_std"] < rows["ld"]["noise_std"] and row["psnr"] > rows["ld"]["psnr"]
+    assert "classical baselines (tv, nlm)" in (out / "ablation.md").read_text()
+
+
 def test_repeated_invocation_reuses_finished_runs(ablation):
     out, _ = ablation
     before = json.loads((out / "ablation.json").read_text())
-    result = H.run_ablation("tiny", out, seeds=[0], threads=1, progress=False)
+    result = H.run_ablation("tiny", out, seeds=[0], threads=1, progress=False,
+                            classical=CLASSICAL)
     assert [r["how"] for r in result["runs"]] == ["reused"] * 3
     for old, new in zip(before["rows"], result["rows"]):
         assert new["psnr"] == pytest.approx(old["psnr"], abs=1e-9)

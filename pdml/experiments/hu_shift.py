@@ -27,6 +27,11 @@ CT window and its HU difference to the truth), and ``runs/<loss>-seed<k>/``, the
 run folders. Runs already finished in the folder with the same settings are reused, a run
 killed midway is resumed exactly, so the command can be repeated after an interruption.
 
+Classical baselines (:mod:`pdml.experiments.classical`: TV, non-local means, BM3D) join
+the table: each strength tuned once on every second held-out slice (highest mean PSNR
+against the truth), then scored on every held-out slice exactly as the networks are
+(``--classical``, ``--no-classical``).
+
 The claim counts as reproduced when the metric-learning variant's mean absolute HU shift
 is smaller than the GAN-only variant's and its noise std is below the LD input's.
 """
@@ -44,6 +49,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+
+from pdml.experiments.classical import METHODS as CLASSICAL_METHODS
+from pdml.experiments.classical import SHORT_NAMES as CLASSICAL_SHORT_NAMES
+from pdml.experiments.classical import tuned_baselines
 
 FORMAT = "pdml-hu-shift-ablation"
 VERSION = 1
@@ -79,6 +88,8 @@ ABLATION_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 # config keys that may differ between an interrupted invocation and its repetition
 _EXECUTION_ONLY = ("progress", "threads")
+TUNE_EVERY = 2
+"""The classical baselines are tuned on held-out slices 0, TUNE_EVERY, 2·TUNE_EVERY, ..."""
 
 
 def ablation_config(preset: str, loss: str, seed: int, run_dir, time_limit: bool = True,
@@ -125,23 +136,56 @@ def evaluate_run(run_dir: Path, items: Sequence, device: torch.device) -> tuple[
     :func:`pdml.training.evaluate_slices` (the trainer's own evaluation), which gives
     per-slice values.
     """
-    from pdml import metrics
     from pdml.inference import generator_from_checkpoint
-    from pdml.training import denoise_slices, evaluate_slices, load_checkpoint
+    from pdml.training import denoise_slices, load_checkpoint
 
     generator, cfg = generator_from_checkpoint(load_checkpoint(run_dir), device)
     denoised, per_slice, ld_per_slice = [], [], []
     for index, item in enumerate(items):
         out = denoise_slices(generator, [item], cfg, device)[0]
-        ev = evaluate_slices([item], [out])
+        row, ld_row = slice_rows(index, item, out)
         denoised.append(out)
-        for prefix, image, rows in (("", out, per_slice), ("ld_", item.ld, ld_per_slice)):
-            row = {"index": index, "name": item.name}
-            row.update({k: ev[prefix + k] for k in ("psnr", "ssim", "noise_std", "hu_shift")})
-            row["rmse"] = float(metrics.rmse(image, item.nd)[0])
-            row["abs_hu_shift"] = abs(row["hu_shift"])
-            rows.append(row)
+        per_slice.append(row)
+        ld_per_slice.append(ld_row)
     return denoised, per_slice, ld_per_slice
+
+
+def slice_rows(index: int, item, image: np.ndarray) -> tuple[dict, dict]:
+    """The :data:`METRIC_KEYS` of one held-out slice ``item`` denoised to ``image`` (float32
+    ``[H, W]`` HU) and of its LD input, through :func:`pdml.training.evaluate_slices` (the
+    trainer's own evaluation) and :func:`pdml.metrics.rmse` -> ``(row, ld_row)``."""
+    from pdml import metrics
+    from pdml.training import evaluate_slices
+
+    ev = evaluate_slices([item], [image])
+    rows = []
+    for prefix, img in (("", image), ("ld_", item.ld)):
+        row = {"index": index, "name": item.name}
+        row.update({k: ev[prefix + k] for k in ("psnr", "ssim", "noise_std", "hu_shift")})
+        row["rmse"] = float(metrics.rmse(img, item.nd)[0])
+        row["abs_hu_shift"] = abs(row["hu_shift"])
+        rows.append(row)
+    return rows[0], rows[1]
+
+
+def classical_baselines(items: Sequence, methods: Sequence[str]) -> tuple[list, list, list]:
+    """Tune each classical method on every :data:`TUNE_EVERY`-th held-out slice, score it on
+    all of them (:func:`slice_rows`) -> ``(table rows, details for ablation.json, the
+    denoised slices [S, H, W] HU of each method)``."""
+    tune_items = items[::TUNE_EVERY]
+    baselines = tuned_baselines(np.stack([i.ld for i in items]),
+                                np.stack([i.ld for i in tune_items]),
+                                np.stack([i.nd for i in tune_items]), methods)
+    rows, details = [], []
+    for b in baselines:
+        per_slice = [slice_rows(k, item, b.denoised[k])[0] for k, item in enumerate(items)]
+        rows.append({"key": b.method, "name": b.name, **_mean_over(per_slice), "seeds": None,
+                     "strength": b.strength, "tune_s": b.seconds})
+        details.append({"method": b.method, "strength": b.strength,
+                        "tuning_psnr": {f"{s:g}": v for s, v in b.scores.items()},
+                        "tuning_slices": list(range(0, len(items), TUNE_EVERY)),
+                        "seconds": b.seconds, "per_slice": per_slice})
+    return rows, details, [b.denoised for b in baselines]
 
 
 def _mean_over(rows: Sequence[dict]) -> dict:
@@ -246,6 +290,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
         cells = [row["name"], *(_cell(row, k, spec) for k, _, spec in COLUMNS)]
         if row["key"] == "ld":
             cells += ["–", "–"]
+        elif "strength" in row:  # a classical baseline: no training, its tuning time
+            cells += ["–", _fmt_minutes(row["tune_s"]) + " tuning"]
         else:
             cells += ["/".join(str(s) for s in row["steps"]), _fmt_minutes(row["train_s"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -276,6 +322,10 @@ def markdown_report(result: dict) -> str:
         f"held-out paired slices of the built-in test split (simulated LD; truth = noiseless "
         f"reconstruction at the LD domain's CT numbers); noise std and HU shift in "
         f"homogeneous ROIs of the truth; abs HU shift = mean over slices of |HU shift|",
+        *([f"- classical baselines ({', '.join(s['classical'])}): strength tuned once on "
+           f"held-out slices {s['classical_tuning_slices']} (highest mean PSNR against the "
+           f"truth over the grid of pdml.experiments.classical), then scored on all held-out "
+           f"slices like the networks"] if s.get("classical") else []),
         f"- {s['device']}, {s['cpu_threads']} CPU thread(s), torch {s['torch']}, "
         f"commit {commit}, started {s['started_utc']}",
         f"- runtime: {_fmt_minutes(result['runtime_s']['total'])} in total",
@@ -310,7 +360,7 @@ def save_figure(path: Path, item, outputs: dict, slice_index: int) -> None:
     from pdml.training import DISPLAY_WINDOW
 
     truth = item.nd
-    images = [("LD input", item.ld)] + [(SHORT_NAMES[k], v) for k, v in outputs.items()]
+    images = [("LD input", item.ld)] + [(SHORT_NAMES.get(k, k), v) for k, v in outputs.items()]
     cols = 1 + len(images)
     fig, axes = plt.subplots(2, cols, figsize=(2.6 * cols, 5.6), layout="constrained")
     lo, hi = DISPLAY_WINDOW
@@ -374,13 +424,14 @@ def train_or_reuse(cfg, stream) -> tuple[dict, str]:
 def run_ablation(preset: str = "demo", out=None, seeds: Sequence[int] = (0,),
                  variants: Sequence[str] = VARIANTS, figure_slice: int = 0,
                  time_limit: bool = True, stream=None, command: Optional[str] = None,
-                 **overrides) -> dict:
+                 classical: Sequence[str] = CLASSICAL_METHODS, **overrides) -> dict:
     """Train every variant for every seed, evaluate, write ``ablation.{md,json,png}``.
 
     ``overrides``: :class:`pdml.training.TrainConfig` fields for every run (``steps``,
     ``max_minutes``, ``device``, ``threads``, ``loss_backend``, ``precision``,
     ``progress``...; ``None`` = the preset's); ``time_limit=False`` drops the per-run
-    time limit. -> the result dict written to ``ablation.json``.
+    time limit. ``classical``: the classical baselines in the table (:func:`classical_baselines`).
+    -> the result dict written to ``ablation.json``.
     """
     from pdml.training import TrainError
 
@@ -391,6 +442,9 @@ def run_ablation(preset: str = "demo", out=None, seeds: Sequence[int] = (0,),
         time.strftime("%Y%m%d-%H%M%S") + "-hu-shift")
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     variants = list(dict.fromkeys(variants))
+    classical = list(dict.fromkeys(classical))
+    if any(m not in CLASSICAL_METHODS for m in classical):
+        raise TrainError(f"classical must be a subset of {CLASSICAL_METHODS}, got {classical}")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants or not seeds:
         raise TrainError(f"variants must be a non-empty subset of {VARIANTS} and seeds "
@@ -434,6 +488,15 @@ def run_ablation(preset: str = "demo", out=None, seeds: Sequence[int] = (0,),
               f"train {t1 - t0:.0f} s, evaluate {t2 - t1:.0f} s", file=stream, flush=True)
 
     rows = summarize(runs, ld_per_slice)
+    classical_details: list[dict] = []
+    if classical:
+        t0 = time.time()
+        classical_rows, classical_details, classical_images = classical_baselines(items, classical)
+        rows += classical_rows
+        for row, images in zip(classical_rows, classical_images):
+            figure_outputs[CLASSICAL_SHORT_NAMES[row["key"]]] = images[figure_slice]
+        print(f"[hu-shift] classical baselines {', '.join(classical)}: tuned and scored in "
+              f"{time.time() - t0:.0f} s", file=stream, flush=True)
     figure = "ablation.png"
     save_figure(out / figure, items[figure_slice], figure_outputs, figure_slice)
     device = _device(first)
@@ -452,11 +515,14 @@ def run_ablation(preset: str = "demo", out=None, seeds: Sequence[int] = (0,),
             "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
             "pdml": __import__("pdml").__version__, "python": platform.python_version(),
             "source": source_commit(), "started_utc": started_utc,
+            "classical": classical,
+            "classical_tuning_slices": list(range(0, len(items), TUNE_EVERY)),
         },
         "columns": [{"key": k, "header": h} for k, h, _ in COLUMNS],
         "rows": rows,
         "claim": claim_verdict(rows),
         "runs": runs,
+        "classical": classical_details,
         "ld_per_slice": ld_per_slice,
         "figure": figure,
         "runtime_s": {"total": time.time() - started,
@@ -490,6 +556,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="one run per variant and seed; the table averages over seeds")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--figure-slice", type=int, default=0, help="held-out slice in the figure")
+    p.add_argument("--classical", nargs="+", choices=CLASSICAL_METHODS,
+                   default=list(CLASSICAL_METHODS),
+                   help="classical baselines in the table, each tuned once on held-out slices")
+    p.add_argument("--no-classical", action="store_true", help="no classical baselines")
     p.add_argument("--steps", type=int, help="override the preset's training steps")
     p.add_argument("--decay-steps", type=int, help="override the LR decay steps")
     p.add_argument("--max-minutes", type=float, help="time limit per run")
@@ -523,7 +593,8 @@ def main(argv=None) -> int:
         sys.argv[1:] if argv is None else argv)
     try:
         run_ablation(args.preset, args.out, args.seeds, args.variants, args.figure_slice,
-                     time_limit=not args.no_time_limit, command=command.strip(), **overrides)
+                     time_limit=not args.no_time_limit, command=command.strip(),
+                     classical=[] if args.no_classical else args.classical, **overrides)
     except TrainError as e:
         print(f"hu_shift: error: {e}", file=sys.stderr)
         return 2
