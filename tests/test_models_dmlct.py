@@ -31,7 +31,6 @@ with :func:`load_dml_ct_generator` / :func:`load_dml_ct_discriminator` and give 
 outputs (float64, eval mode) to rounding.
 """
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -41,9 +40,10 @@ from torch.nn.utils import parametrize
 
 from pdml.cli import train_main
 from pdml.inference import generator_from_checkpoint
-from pdml.models import (FEATURE_LAYERS, DmlCtGenerator, PatchDiscriminator, ProjectionHeads,
-                         RRDNGenerator, SqueezeExcitation, dml_ct_discriminator,
-                         load_dml_ct_discriminator, load_dml_ct_generator)
+from pdml.models import (FEATURE_LAYERS, DmlCtGenerator, PatchDiscriminator, RRDNGenerator,
+                         SqueezeExcitation, dml_ct_discriminator, load_dml_ct_discriminator,
+                         load_dml_ct_generator)
+from pdml.models.discriminator import HighPass
 from pdml.training.checkpoint import load_checkpoint
 from pdml.training.config import TrainConfig, make_config
 from pdml.training.networks import build_networks
@@ -81,6 +81,9 @@ def test_parameter_counts_of_both_archs():
         g, d, heads = build_networks(make_config("tiny", arch=arch))
         assert (_count(g), _count(d)) == (g_want, d_want), arch
         assert _count(heads) == 2 * HEAD_PARAMS and heads.layers == ("trunk", "fusion")
+    # pdml's high-pass discriminator input (--d-input highpass) adds no parameters
+    _, d, _ = build_networks(make_config("tiny", arch="dmlct", d_input="highpass"))
+    assert isinstance(d.input_filter, HighPass) and _count(d) == DMLCT_DISCRIMINATOR_PARAMS
     # the paper preset trains the authors' networks; the others keep pdml's
     assert make_config("paper").arch == "dmlct"
     assert make_config("demo").arch == "pdml" and make_config("tiny").arch == "pdml"
