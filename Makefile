@@ -20,7 +20,7 @@ $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip setuptools wheel ninja
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) torch "triton; platform_system == 'Linux'" numpy
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) --no-build-isolation -e '.[test]'
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) --no-build-isolation -e '.[test,classical]'
 	touch $@
 
 train: install

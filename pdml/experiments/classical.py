@@ -78,8 +78,11 @@ def _denoise_unit(method: str, unit: np.ndarray, strength: float) -> np.ndarray:
         return denoise_nl_means(unit, patch_size=NLM_PATCH, patch_distance=NLM_DISTANCE,
                                 h=strength * sigma, sigma=sigma, fast_mode=True,
                                 channel_axis=None)
-    import bm3d
-
+    try:
+        import bm3d
+    except ImportError:
+        raise ImportError("the BM3D baseline needs the optional bm3d package (licensed for "
+                          "non-commercial use only): pip install 'pdml[classical]'") from None
     profile = bm3d.BM3DProfile()  # the library's default ('np') settings
     # single-threaded: with threads the aggregation's rounding, hence the result, varies
     profile.num_threads = 1

@@ -38,6 +38,7 @@ is smaller than the GAN-only variant's and its noise std is below the LD input's
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -445,6 +446,11 @@ def run_ablation(preset: str = "demo", out=None, seeds: Sequence[int] = (0,),
     classical = list(dict.fromkeys(classical))
     if any(m not in CLASSICAL_METHODS for m in classical):
         raise TrainError(f"classical must be a subset of {CLASSICAL_METHODS}, got {classical}")
+    if "bm3d" in classical and importlib.util.find_spec("bm3d") is None:
+        # before any training: the baselines run last
+        raise TrainError("--classical bm3d needs the optional bm3d package (non-commercial "
+                         "licence): pip install 'pdml[classical]', or leave it out "
+                         "(--classical tv nlm)")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants or not seeds:
         raise TrainError(f"variants must be a non-empty subset of {VARIANTS} and seeds "
