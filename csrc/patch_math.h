@@ -86,13 +86,47 @@ PDML_HD acc_t log_(acc_t x) {
 
 // ---------------------------------------------------------------- normalisation
 
-// ‖x‖₂ from Σx²; the forward multiplies x by 1 / (‖x‖ + eps).
+// ‖x‖₂ without overflow: Σx² overflows (float: once |x| ≳ 1.8e19) although ‖x‖ is
+// representable, so the squares are summed of x·2^-e, with 2^e the power of two just above
+// max|x| (docs/ops.md, step 2):  ‖x‖ = 2^e · sqrt(Σ (x·2^-e)²).  Multiplying by a power of
+// two is exact (and needs no division, which --use_fast_math would approximate), so the
+// norm is the unscaled one wherever that one does not overflow. A row's kernel takes
+// max|x| first, then norm_scale(max|x|), then the scaled sum of squares.
 template <typename acc_t>
-PDML_HD acc_t norm_from_sumsq(acc_t sumsq) {
+struct NormScale {
+  acc_t down;  // 2^-e: multiplies the entries before squaring
+  acc_t up;    // 2^e: multiplies the root of their sum
+};
+
+template <typename acc_t>
+PDML_HD NormScale<acc_t> norm_scale(acc_t absmax) {
+  int e = 0;
 #if defined(__CUDA_ARCH__)
-  return ::sqrt(sumsq);
+  ::frexp(absmax, &e);  // absmax = f·2^e, f in [0.5, 1); e = 0 for 0 (and unspecified for inf/NaN,
+#else                   // whose rows come out non-finite anyway)
+  std::frexp(absmax, &e);
+#endif
+  // Keep both factors normal numbers (subnormals flush to zero under --use_fast_math).
+  const int limit = sizeof(acc_t) == sizeof(float) ? 126 : 1022;
+  e = e > limit ? limit : (e < -limit ? -limit : e);
+  NormScale<acc_t> s;
+#if defined(__CUDA_ARCH__)
+  s.down = ::ldexp(acc_t(1), -e);
+  s.up = ::ldexp(acc_t(1), e);
 #else
-  return std::sqrt(sumsq);
+  s.down = std::ldexp(acc_t(1), -e);
+  s.up = std::ldexp(acc_t(1), e);
+#endif
+  return s;
+}
+
+// ‖x‖₂ from Σ (x·scale.down)²; the forward multiplies x by 1 / (‖x‖ + eps).
+template <typename acc_t>
+PDML_HD acc_t norm_from_scaled_sumsq(acc_t scaled_sumsq, NormScale<acc_t> scale) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(scaled_sumsq) * scale.up;
+#else
+  return std::sqrt(scaled_sumsq) * scale.up;
 #endif
 }
 

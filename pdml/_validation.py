@@ -3,15 +3,17 @@
 Each check raises ``TypeError`` for a wrong type or dtype and ``ValueError`` for a wrong
 shape or value, naming the argument, before any kernel runs (docs/ops.md, "Numerics
 and checks"). The checks that read the ids' values (range, distinctness) synchronise
-with the device; they are skipped while ``torch.compile`` traces (the fused backends
-then run :func:`check_ids_values` inside their op implementations) and on fake or meta
-tensors, which have no values. The NaN/inf check of the features is off by default (it
+with the device. While ``torch.compile`` traces, the ids have no values yet: the check
+then goes into the graph as the opaque op ``pdml_checks::checked_ids``, which runs
+:func:`check_ids_values` when the graph runs, on every backend. Meta tensors (shape only)
+skip the value checks. The NaN/inf check of the features is off by default (it
 reads every feature): :func:`set_check_finite` or ``PDML_CHECK_FINITE=1`` turns it on.
 
 This module imports nothing else of pdml, so every layer above it may use it.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence
 
@@ -75,8 +77,22 @@ def check_pair(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> No
 
 # --------------------------------------------------------------------------- ids
 
-def check_ids_values(ids: torch.Tensor, hw: int) -> None:
-    """Raise ValueError unless every id is in ``[0, hw)`` and all are distinct.
+@torch.library.custom_op("pdml_checks::checked_ids", mutates_args=())
+def checked_ids(ids: torch.Tensor, hw: int) -> torch.Tensor:
+    """A copy of ``ids`` (int64 ``[N]``) after :func:`check_ids_values`: the ids check inside a
+    compiled graph. An op the compiler cannot see through, whose output the ops consume,
+    so the check can be neither traced away nor dropped as dead code."""
+    check_ids_values(ids, hw)
+    return ids.clone()
+
+
+@checked_ids.register_fake
+def _(ids, hw):
+    return torch.empty_like(ids)
+
+
+def check_ids_values(ids: torch.Tensor, hw: int, name: str = "ids") -> None:
+    """Raise ValueError (naming ``name``) unless every id is in ``[0, hw)`` and all are distinct.
 
     One host synchronisation; the details are worked out only on failure.
     """
@@ -88,26 +104,33 @@ def check_ids_values(ids: torch.Tensor, hw: int) -> None:
         return
     lo, hi = int(s[0]), int(s[-1])
     if lo < 0 or hi >= hw:
-        raise ValueError(f"ids must lie in [0, H*W) = [0, {hw}), got values in [{lo}, {hi}]")
+        raise ValueError(f"{name} must lie in [0, H*W) = [0, {hw}), got values in [{lo}, {hi}]")
     dup = s[1:][s[1:] == s[:-1]]
-    raise ValueError(f"ids must be distinct, got repeated values {dup.unique()[:8].tolist()}")
+    raise ValueError(f"{name} must be distinct, got repeated values {dup.unique()[:8].tolist()}")
 
 
-def check_ids(ids, fmap: torch.Tensor) -> torch.Tensor:
-    """``ids`` ``[N]`` integer on ``fmap``'s device, values checked -> ids as int64."""
+def check_ids(ids, fmap: torch.Tensor, name: str = "ids", values: bool = True) -> torch.Tensor:
+    """``ids`` ``[N]`` integer on ``fmap``'s device -> ids as int64; with ``values`` also in
+    ``[0, H*W)`` and distinct (eagerly, or inside the graph while ``torch.compile`` traces).
+    ``name`` is the argument's name in the messages."""
     if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"ids must be a torch.Tensor of int64, got {type(ids).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of int64, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"ids must be an integer tensor (int64), got {ids.dtype}")
+        raise TypeError(f"{name} must be an integer tensor (int64), got {ids.dtype}")
     if ids.dim() != 1:
-        raise ValueError(f"ids must have shape [N], got {tuple(ids.shape)}")
+        raise ValueError(f"{name} must have shape [N], got {tuple(ids.shape)}")
     if ids.numel() == 0:
-        raise ValueError("ids must not be empty")
+        raise ValueError(f"{name} must not be empty")
     if ids.device != fmap.device:
-        raise ValueError(f"ids must be on the features' device {fmap.device}, got {ids.device}")
+        raise ValueError(f"{name} must be on the features' device {fmap.device}, got {ids.device}")
     ids = ids.to(torch.int64)
+    if not values:
+        return ids
+    hw = fmap.shape[2] * fmap.shape[3]
     if _can_read_values(ids):
-        check_ids_values(ids, fmap.shape[2] * fmap.shape[3])
+        check_ids_values(ids, hw, name)
+    elif is_compiling():
+        ids = checked_ids(ids, hw)
     return ids
 
 
@@ -119,6 +142,34 @@ def check_tau(tau) -> float:
     tau = float(tau)
     if not (tau > 0.0 and tau < float("inf")):
         raise ValueError(f"tau must be a positive finite float, got {tau}")
+    return tau
+
+
+METRIC_SUMMED_TERMS = 2 ** 32
+"""The most terms ``exp(S/τ)`` a sum of the metric loss is sized for (far above any batch:
+the reference's largest sum has ``B·N²`` terms)."""
+
+
+def metric_tau_min(dtype: torch.dtype) -> float:
+    """The smallest τ of the metric loss for features of ``dtype``: its terms ``exp(S/τ)``
+    reach ``exp(1/τ)`` (``S ≤ 1``), and a sum of :data:`METRIC_SUMMED_TERMS` of them must stay
+    finite in the accumulation dtype (float64 for float64 features, float32 otherwise):
+    0.01503 for float32, 0.001454 for float64 (docs/ops.md, "Numerics and checks")."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return 1.0 / (math.log(torch.finfo(acc).max) - math.log(METRIC_SUMMED_TERMS))
+
+
+def check_metric_tau(tau, dtype: torch.dtype = torch.float64) -> float:
+    """:func:`check_tau`, and ``tau >= metric_tau_min(dtype)``: below, the metric loss
+    overflows to inf or NaN. The default ``dtype`` gives the loosest bound (for callers that
+    do not know the features' dtype yet)."""
+    tau = check_tau(tau)
+    low = metric_tau_min(dtype)
+    if tau < low:
+        acc = "float64" if dtype == torch.float64 else "float32"
+        raise ValueError(f"tau={tau:g} is too small for the metric loss with {dtype} features: its terms "
+                         f"exp(S/tau) reach exp(1/tau) and their sums overflow {acc}; "
+                         f"use tau >= {low:.4g} (the paper uses 0.15)")
     return tau
 
 

@@ -25,11 +25,12 @@ def _option(opt, attr: str, value, default):
 class _PatchLoss(nn.Module):
     _tau_attr: str
     _tau_default: float
+    _check_tau = staticmethod(_validation.check_tau)
 
     def __init__(self, opt=None, *, tau=_UNSET, batch_size=_UNSET,
                  all_negatives_from_minibatch=_UNSET, backend: str = "auto"):
         super().__init__()
-        self.tau = _validation.check_tau(_option(opt, self._tau_attr, tau, self._tau_default))
+        self.tau = self._check_tau(_option(opt, self._tau_attr, tau, self._tau_default))
         self.batch_size = _validation.check_batch_size(_option(opt, "batch_size", batch_size, 1))
         # CUT's option name lives only at this drop-in boundary; inside pdml it is `negatives`
         all_from_minibatch = _option(opt, "nce_includes_all_negatives_from_minibatch",
@@ -62,12 +63,15 @@ class PatchNCELoss(_PatchLoss):
 class PatchMetricLoss(_PatchLoss):
     """The paper's patch-wise metric loss, DML_CT's ``PatchMetricLoss(opt)``: reads
     ``opt.metric_T``, ``opt.batch_size``, ``opt.nce_includes_all_negatives_from_minibatch``;
-    or give them as keywords (``tau`` default 0.15).
+    or give them as keywords (``tau`` default 0.15). A ``tau`` too small for any dtype
+    (``exp(1/tau)`` overflows float64's sums) is refused here, one too small for the
+    features' dtype (float32: ``tau < 0.01503``) at the call (:func:`pdml._validation.check_metric_tau`).
 
     ``forward(feat_q [B·N, C] output features, feat_k [B·N, C] input features) -> scalar``
     (float32); gradients flow to both.
     """
     _tau_attr, _tau_default = "metric_T", 0.15
+    _check_tau = staticmethod(_validation.check_metric_tau)
 
     def forward(self, feat_q: Tensor, feat_k: Tensor) -> Tensor:
         return ops.patch_metric_rows(feat_q, feat_k, self.tau, self.batch_size,

@@ -18,8 +18,9 @@ The math of every op is in docs/ops.md.
 ``PDML_BACKEND`` overrides ``"auto"``; see :func:`pdml.backends.registry.resolve_backend`.
 Every input is validated before any kernel runs (:mod:`pdml._validation`: ``TypeError``
 for a wrong type or dtype, ``ValueError`` for a wrong shape or value, naming the
-argument). NaN/inf checking of the features is off by default: :func:`set_check_finite`
-or ``PDML_CHECK_FINITE=1`` turns it on.
+argument; the metric loss also refuses a τ so small that its sums overflow,
+:func:`pdml._validation.metric_tau_min`). NaN/inf checking of the features is off by
+default: :func:`set_check_finite` or ``PDML_CHECK_FINITE=1`` turns it on.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def patch_metric(fq: torch.Tensor, fk: torch.Tensor, ids: torch.Tensor, tau: flo
     float32 (float64 for float64 inputs); gradients flow to both maps.
     """
     ids = v.validate_map(fq, fk, ids)
-    tau, groups = v.check_tau(tau), v.groups_of(negatives, fq.shape[0])
+    tau, groups = v.check_metric_tau(tau, fq.dtype), v.groups_of(negatives, fq.shape[0])
     return resolve_backend(backend, fq, "patch_metric").patch_metric(fq, fk, ids, tau, groups)
 
 
@@ -88,7 +89,7 @@ def patch_metric_rows(feat_q: torch.Tensor, feat_k: torch.Tensor, tau: float = 0
                       backend: str = "auto") -> torch.Tensor:
     """DML_CT's PatchMetricLoss on rows ``[B·N, C]`` (already normalised) -> scalar."""
     batch_size = v.validate_rows(feat_q, feat_k, batch_size)
-    tau, groups = v.check_tau(tau), v.groups_of(negatives, batch_size)
+    tau, groups = v.check_metric_tau(tau, feat_q.dtype), v.groups_of(negatives, batch_size)
     return resolve_backend(backend, feat_q, "patch_metric_rows").patch_metric_rows(feat_q, feat_k, tau, groups)
 
 
@@ -116,7 +117,7 @@ def patch_metric_rows_layers(feat_q: torch.Tensor, feat_k: torch.Tensor, layers:
     """DML_CT's PatchMetricLoss of ``layers`` layers of rows stacked ``[L·R, C]`` -> scalar:
     the mean over the layers of ``patch_metric_rows`` of each layer's ``R`` rows."""
     layers, batch_size = v.validate_rows_layers(feat_q, feat_k, layers, batch_size)
-    tau, groups = v.check_tau(tau), layers * v.groups_of(negatives, batch_size)
+    tau, groups = v.check_metric_tau(tau, feat_q.dtype), layers * v.groups_of(negatives, batch_size)
     run = resolve_backend(backend, feat_q, "patch_metric_rows").patch_metric_rows
     return run(feat_q, feat_k, tau, groups)
 
@@ -147,7 +148,7 @@ def patch_metric_layers(fqs: Sequence[torch.Tensor], fks: Sequence[torch.Tensor]
     the mean over the layers of ``patch_metric(fqs[l], fks[l], ids, tau, negatives)``.
     One backend call on the maps stacked along the batch dim."""
     fq, fk, ids, groups = _stack_maps(fqs, fks, ids, negatives)
-    tau = v.check_tau(tau)
+    tau = v.check_metric_tau(tau, fq.dtype)
     return resolve_backend(backend, fq, "patch_metric").patch_metric(fq, fk, ids, tau, groups)
 
 

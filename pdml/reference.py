@@ -21,6 +21,8 @@ the input dtype through autograd. Passing ``compute_dtype=x.dtype`` gives the
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -44,9 +46,27 @@ def gather_rows(fmap: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return fmap.flatten(2).index_select(2, ids).transpose(1, 2)
 
 
-def normalize_rows(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
-    """CUT's Normalize over the last dim: ``x / (‖x‖₂ + eps)``; same shape and dtype."""
-    return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps)
+def row_norms(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``‖x‖₂`` along ``dim`` (kept as a size-1 dim), safe from overflow: ``2^e·‖x·2^-e‖₂``
+    with ``2^e`` the power of two just above ``max|x|`` (1 for a zero row), so ``Σx²`` never
+    overflows while ``‖x‖`` is representable (fp32 features of magnitude 1e20 have
+    ``x² = 1e40``; docs/ops.md, step 2). Scaling by a power of two is exact: where the
+    plain ``‖x‖₂`` does not overflow, this is the same number.
+
+    The scale is a constant (from detached values): the norm does not depend on it, so
+    every derivative (double backward included) is the norm's own.
+    """
+    absmax = x.detach().abs().amax(dim=dim, keepdim=True)
+    limit = int(math.log2(torch.finfo(x.dtype).max)) - 1  # 2^±limit are normal numbers
+    exponent = torch.frexp(absmax).exponent.clamp(-limit, limit)  # absmax = f·2^e, f in [0.5, 1)
+    one = torch.ones_like(absmax)
+    return torch.linalg.vector_norm(x * torch.ldexp(one, -exponent), dim=dim, keepdim=True) * torch.ldexp(one, exponent)
+
+
+def normalize_rows(x: torch.Tensor, eps: float = NORM_EPS, dim: int = -1) -> torch.Tensor:
+    """CUT's Normalize along ``dim`` (default: the last, the rows' channels):
+    ``x / (‖x‖₂ + eps)`` with the overflow-safe norm of :func:`row_norms`; same shape and dtype."""
+    return x / (row_norms(x, dim) + eps)
 
 
 def _group(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -72,19 +92,33 @@ def nce_grouped(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
     return (torch.logsumexp(logits, dim=-1) - logits[..., 0]).reshape(-1)
 
 
+def _metric_exps(q: torch.Tensor, k: torch.Tensor, tau: float):
+    """The metric loss's terms of normalised rows ``[G, n, C]``: ``exp(S_qk[i,i]/τ)`` ``[G, n]``,
+    ``exp(S̃_kk/τ)`` and ``exp(S̃_qq/τ)`` ``[G, n, n]`` (diagonals filled with -10)."""
+    pos = (q * k).sum(-1)
+    s_kk = _fill_diagonal(torch.matmul(k, k.transpose(1, 2)))
+    s_qq = _fill_diagonal(torch.matmul(q, q.transpose(1, 2)))
+    return torch.exp(pos / tau), torch.exp(s_kk / tau), torch.exp(s_qq / tau)
+
+
 def metric_grouped(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
     """The paper's patch-wise metric loss of normalised rows ``[G, n, C]`` -> scalar.
 
     ``(-mean exp(S_qk[i,i]/τ) + mean exp(S̃_kk/τ) + mean exp(S̃_qq/τ)) / C``, the
     means over every entry (the filled diagonal included). No detach.
     """
-    dim = q.shape[-1]
-    pos = (q * k).sum(-1)
-    s_kk = _fill_diagonal(torch.matmul(k, k.transpose(1, 2)))
-    s_qq = _fill_diagonal(torch.matmul(q, q.transpose(1, 2)))
-    loss = (-torch.exp(pos / tau).mean() + torch.exp(s_kk / tau).mean()
-            + torch.exp(s_qq / tau).mean())
-    return loss / dim
+    e_pos, e_kk, e_qq = _metric_exps(q, k, tau)
+    return (-e_pos.mean() + e_kk.mean() + e_qq.mean()) / q.shape[-1]
+
+
+def metric_row_terms(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
+    """The metric loss of normalised rows ``[G, n, C]`` split into per-row contributions
+    ``v [G·n]`` whose sum is :func:`metric_grouped`: row i's positive term and its row of each
+    pair mean, ``v_i = (−e^{S_qk[i,i]/τ}/(G·n) + Σ_j (e^{S̃_kk[i,j]/τ} + e^{S̃_qq[i,j]/τ})/(G·n²)) / C``
+    (the Triton backend's per-row output)."""
+    groups, n, dim = q.shape
+    e_pos, e_kk, e_qq = _metric_exps(q, k, tau)
+    return ((-e_pos / (groups * n) + (e_kk + e_qq).sum(-1) / (groups * n * n)) / dim).reshape(-1)
 
 
 def _map_rows(fq, fk, ids, compute_dtype):
@@ -116,6 +150,13 @@ def map_metric(fq: torch.Tensor, fk: torch.Tensor, ids: torch.Tensor, tau: float
     return metric_grouped(_group(q.flatten(0, 1), groups), _group(k.flatten(0, 1), groups), tau)
 
 
+def map_metric_terms(fq: torch.Tensor, fk: torch.Tensor, ids: torch.Tensor, tau: float, groups: int,
+                     compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`map_metric` as per-row contributions ``[B·N]`` (:func:`metric_row_terms`)."""
+    q, k = _map_rows(fq, fk, ids, compute_dtype)
+    return metric_row_terms(_group(q.flatten(0, 1), groups), _group(k.flatten(0, 1), groups), tau)
+
+
 def rows_nce(feat_q: torch.Tensor, feat_k: torch.Tensor, tau: float, groups: int,
              compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """PatchNCE of normalised rows ``[R, C]`` in ``groups`` groups of negatives -> ``[R]``."""
@@ -129,6 +170,13 @@ def rows_metric(feat_q: torch.Tensor, feat_k: torch.Tensor, tau: float, groups: 
     (the mean over all groups' entries)."""
     cdt = _compute_dtype(feat_q, compute_dtype)
     return metric_grouped(_group(feat_q.to(cdt), groups), _group(feat_k.to(cdt), groups), tau)
+
+
+def rows_metric_terms(feat_q: torch.Tensor, feat_k: torch.Tensor, tau: float, groups: int,
+                      compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`rows_metric` as per-row contributions ``[R]`` (:func:`metric_row_terms`)."""
+    cdt = _compute_dtype(feat_q, compute_dtype)
+    return metric_row_terms(_group(feat_q.to(cdt), groups), _group(feat_k.to(cdt), groups), tau)
 
 
 def patch_nce(fq: torch.Tensor, fk: torch.Tensor, ids: torch.Tensor, tau: float = 0.07,

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
-from pdml import reference
+from pdml import _validation, reference
 from pdml.models.heads import ProjectionHead
 
 INIT_TYPES = ("normal", "xavier", "kaiming", "orthogonal")
@@ -54,11 +54,6 @@ def init_weights(net: nn.Module, init_type: str = "normal", init_gain: float = 0
             init.constant_(m.bias.data, 0.0)
 
     net.apply(init_module)
-
-
-def _normalize(x: Tensor, dim: int) -> Tensor:
-    """CUT's ``Normalize(2)``: ``x / (‖x‖₂ + 1e-7)`` along ``dim``."""
-    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + reference.NORM_EPS)
 
 
 class PatchSampleF(nn.Module):
@@ -144,21 +139,25 @@ class PatchSampleF(nn.Module):
             if num_patches > 0:
                 if patch_ids is not None:
                     patch_id = patch_ids[feat_id]
+                    # CUT passes the ids of an earlier call (int64 tensors) or lists of ints;
+                    # float ids would be truncated silently. gather_project checks the values.
+                    ids = _validation.check_ids(torch.as_tensor(patch_id, device=feat.device), feat,
+                                                name=f"patch_ids[{feat_id}]", values=mlp is None)
                 else:
                     patch_id = torch.randperm(height * width, device=feats[0].device)
                     patch_id = patch_id[:int(min(num_patches, patch_id.shape[0]))]
-                ids = torch.as_tensor(patch_id, dtype=torch.long, device=feat.device)
+                    ids = patch_id.to(feat.device)
                 if mlp is not None:
                     rows = mlp.forward_sampled(feat, ids, backend=self.backend)
                 else:
                     rows = reference.gather_rows(feat, ids).flatten(0, 1)
-                x_sample = _normalize(rows, dim=1)
+                x_sample = reference.normalize_rows(rows, dim=1)
             else:
                 patch_id = []
                 pixels = feat.permute(0, 2, 3, 1).flatten(1, 2)  # [B, H·W, C]
                 if mlp is not None:
                     pixels = mlp(pixels)
-                pixels = _normalize(pixels, dim=1)  # CUT normalises dim 1 here: the pixels
+                pixels = reference.normalize_rows(pixels, dim=1)  # CUT normalises dim 1 here: the pixels
                 x_sample = pixels.permute(0, 2, 1).reshape(batch, pixels.shape[-1], height, width)
             return_ids.append(patch_id)
             return_feats.append(x_sample)

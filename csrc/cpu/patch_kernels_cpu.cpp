@@ -227,12 +227,18 @@ std::tuple<Tensor, Tensor> gather_normalize(const Tensor& fmap, const Tensor& id
         const int64_t b = r / n, pos = id[r % n];
         const scalar_t* x = src + b * sb + (pos / width) * sh + (pos % width) * sw;
         acc_t* y = out + r * channels;
-        acc_t sumsq = 0;
+        acc_t absmax = 0;
         for (int64_t c = 0; c < channels; ++c) {
           y[c] = static_cast<acc_t>(x[c * sc]);
-          sumsq += y[c] * y[c];
+          absmax = std::max(absmax, std::abs(y[c]));
         }
-        const acc_t norm = math::norm_from_sumsq(sumsq);
+        const auto scale = math::norm_scale(absmax);
+        acc_t sumsq = 0;
+        for (int64_t c = 0; c < channels; ++c) {
+          const acc_t v = y[c] * scale.down;
+          sumsq += v * v;
+        }
+        const acc_t norm = math::norm_from_scaled_sumsq(sumsq, scale);
         for (int64_t c = 0; c < channels; ++c) y[c] = math::normalized(y[c], norm);
         out_norm[r] = norm;
       }

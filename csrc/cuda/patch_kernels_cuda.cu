@@ -44,6 +44,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
 // Reductions over the 16 lanes that share a tile row (lanes ty·16 .. ty·16+15).
 __device__ __forceinline__ float row16_sum(float v) {
 #pragma unroll
@@ -77,12 +83,15 @@ __global__ void gather_normalize_kernel(const scalar_t* __restrict__ fmap, const
     return;
   }
   const scalar_t* x = fmap + (r / n) * sb + (pos / width) * sh + (pos % width) * sw;
+  float absmax = 0.f;
+  for (int64_t c = lane; c < channels; c += kWarp) absmax = fmaxf(absmax, fabsf(static_cast<float>(x[c * sc])));
+  const auto scale = math::norm_scale(warp_max(absmax));
   float sumsq = 0.f;
   for (int64_t c = lane; c < channels; c += kWarp) {
-    const float v = static_cast<float>(x[c * sc]);
+    const float v = static_cast<float>(x[c * sc]) * scale.down;
     sumsq += v * v;
   }
-  const float norm = math::norm_from_sumsq(warp_sum(sumsq));
+  const float norm = math::norm_from_scaled_sumsq(warp_sum(sumsq), scale);
   for (int64_t c = lane; c < channels; c += kWarp) y[c] = math::normalized(static_cast<float>(x[c * sc]), norm);
   if (lane == 0) norms[r] = norm;
 }

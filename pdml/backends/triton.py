@@ -20,9 +20,13 @@ Features are maps ``[B, C, H, W]`` with ``ids`` int64 ``[N]`` (gathered and norm
 in the kernels), or rows ``[R, C]`` with ``ids=None`` (used as given). ``groups`` is the
 number of groups of negatives (docs/ops.md): consecutive blocks of ``R // groups`` rows;
 in the map form it divides B. ``check_ids=True`` checks the ids' values (range,
-distinctness: one device synchronisation) before any kernel runs: the backend functions
-below pass ``True`` only while ``torch.compile`` traces them, because :mod:`pdml.ops`
-then skipped that check; in eager mode it already ran.
+distinctness: one device synchronisation) before any kernel runs, for callers of the ops
+themselves; the backend functions below pass ``False``: :mod:`pdml.ops` checked the ids
+already (eagerly, or inside the compiled graph).
+
+Higher-order gradients: the backward ops are not differentiable; with ``create_graph=True``
+the autograd formulas differentiate the ops' references instead
+(:mod:`pdml.backends.higher_order`), so double backward is exact.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pdml import _validation
+from pdml import _validation, reference
+from pdml.backends.higher_order import creating_graph, reference_grads
 from pdml.backends.registry import Backend, mark_unavailable, register_backend
 
 try:
@@ -120,8 +125,25 @@ def _nce_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
+def _reference_grads(reference_op, ctx, inputs: tuple, grad: Tensor) -> tuple:
+    """:func:`~pdml.backends.higher_order.reference_grads` of an op whose first inputs are
+    ``inputs`` (its last, ``check_ids``, is no input of the reference)."""
+    count = len(inputs)
+    grads = reference_grads(reference_op, inputs, ctx.needs_input_grad[:count], grad)
+    return tuple(grads) + (None,) * (len(ctx.needs_input_grad) - count)
+
+
+def _nce_reference(q, k, ids, tau, groups):
+    """The reference of :func:`nce`'s loss output."""
+    if ids is None:
+        return reference.rows_nce(q, k, tau, groups)
+    return reference.map_nce(q, k, ids, tau, groups)
+
+
 def _nce_grad(ctx, grad_loss, grad_lse):
     q, k, ids, lse = ctx.saved_tensors
+    if creating_graph():
+        return _reference_grads(_nce_reference, ctx, (q, k, ids, ctx.tau, ctx.groups), grad_loss)
     dq = nce_backward(grad_loss, q, k, ids, lse, ctx.tau, ctx.groups) if ctx.needs_input_grad[0] else None
     return dq, None, None, None, None, None  # k is detached (CUT)
 
@@ -163,8 +185,17 @@ def _metric_setup_context(ctx, inputs, output):
     ctx.tau, ctx.groups = tau, groups
 
 
+def _metric_reference(q, k, ids, tau, groups):
+    """The reference of :func:`metric`'s per-row contributions ``v [R]``."""
+    if ids is None:
+        return reference.rows_metric_terms(q, k, tau, groups)
+    return reference.map_metric_terms(q, k, ids, tau, groups)
+
+
 def _metric_grad(ctx, grad):
     q, k, ids = ctx.saved_tensors
+    if creating_graph():
+        return _reference_grads(_metric_reference, ctx, (q, k, ids, ctx.tau, ctx.groups), grad)
     dq, dk = metric_backward(grad, q, k, ids, ctx.tau, ctx.groups)
     return dq, dk, None, None, None, None
 
@@ -205,6 +236,8 @@ def _similarity_setup_context(ctx, inputs, output):
 
 def _similarity_grad(ctx, grad):
     q, k, ids = ctx.saved_tensors
+    if creating_graph():
+        return _reference_grads(reference.patch_similarity, ctx, (q, k, ids), grad)
     dq, dk = similarity_backward(grad, q, k, ids)
     return dq, dk, None, None
 
@@ -267,12 +300,14 @@ def _(grad, fmap, ids, weight, bias_grad):
 
 def _gather_project_setup_context(ctx, inputs, output):
     fmap, ids, weight, bias = inputs[:4]  # check_ids may be left at its default
-    ctx.save_for_backward(fmap, ids, weight)
+    ctx.save_for_backward(fmap, ids, weight, bias)
     ctx.has_bias = bias is not None
 
 
 def _gather_project_grad(ctx, grad):
-    fmap, ids, weight = ctx.saved_tensors
+    fmap, ids, weight, bias = ctx.saved_tensors
+    if creating_graph():
+        return _reference_grads(reference.gather_project, ctx, (fmap, ids, weight, bias), grad)
     need_fmap, _, need_weight, need_bias = ctx.needs_input_grad[:4]
     bias_grad = ctx.has_bias and need_bias
     grad_fmap, grad_weight, grad_bias = gather_project_backward(grad, fmap, ids, weight, bias_grad)
@@ -288,15 +323,15 @@ gather_project_op.register_autograd(_gather_project_grad, setup_context=_gather_
 # Validated arguments (pdml/_validation.py), in the order of registry.Backend's fields.
 
 def patch_nce(fq: Tensor, fk: Tensor, ids: Tensor, tau: float, groups: int) -> Tensor:
-    return nce(fq, fk, ids, tau, groups, torch.compiler.is_compiling())[0]
+    return nce(fq, fk, ids, tau, groups, False)[0]
 
 
 def patch_metric(fq: Tensor, fk: Tensor, ids: Tensor, tau: float, groups: int) -> Tensor:
-    return metric(fq, fk, ids, tau, groups, torch.compiler.is_compiling()).sum()
+    return metric(fq, fk, ids, tau, groups, False).sum()
 
 
 def patch_similarity(fq: Tensor, fk: Tensor, ids: Tensor) -> Tensor:
-    return similarity(fq, fk, ids, torch.compiler.is_compiling())
+    return similarity(fq, fk, ids, False)
 
 
 def patch_nce_rows(feat_q: Tensor, feat_k: Tensor, tau: float, groups: int) -> Tensor:
@@ -308,7 +343,7 @@ def patch_metric_rows(feat_q: Tensor, feat_k: Tensor, tau: float, groups: int) -
 
 
 def gather_project(fmap: Tensor, ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return gather_project_op(fmap, ids, weight, bias, torch.compiler.is_compiling())
+    return gather_project_op(fmap, ids, weight, bias, False)
 
 
 # --------------------------------------------------------------------------- registration

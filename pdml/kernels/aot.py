@@ -89,7 +89,8 @@ class LossJob(NamedTuple):
 
     def constexprs(self) -> dict:
         """Every constexpr the launcher may pass (each kernel takes a subset)."""
-        return {"GATHER": self.gather, "NORMALIZE": self.gather, "IEEE": self.dtype == "fp32",
+        return {"GATHER": self.gather, "NORMALIZE": self.gather, "SCALE": self.gather and self.dtype != "fp16",
+                "IEEE": self.dtype == "fp32",
                 "BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_C": self.block_c}
 
     def argument_type(self, name: str) -> str:

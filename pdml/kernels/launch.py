@@ -143,9 +143,30 @@ def _normalised_grad_buffer(x: torch.Tensor, ids: Optional[torch.Tensor]) -> tor
     return torch.empty(x.shape[0] * ids.numel(), x.shape[1], dtype=torch.float32, device=x.device)
 
 
-def _normaliser_backward(x: torch.Tensor, ids: Optional[torch.Tensor], dxhat: torch.Tensor) -> torch.Tensor:
-    """``dL/dx`` of the map's rows from ``dL/dx̂ [R, C]`` (fp32) through ``x̂ = x / (‖x‖ + eps)``;
-    the rows form is returned as it is."""
+def scales_rows(dtype: torch.dtype) -> bool:
+    """Whether the map form's rows of ``dtype`` are scaled by a power of two before squares and
+    products (``SCALE`` of :mod:`pdml.kernels.patch_loss`, "Scaling"): fp32 and bf16, whose
+    squares and products can overflow fp32; not fp16 (``|x| ≤ 65504``)."""
+    return dtype != torch.float16
+
+
+def _map_maxima(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor],
+                placeholder: torch.Tensor) -> torch.Tensor:
+    """``[max|q|, max|k|]`` (fp32, on the device: no synchronisation), the ``scale_ptr`` of the
+    kernels, for a map form that :func:`scales_rows`; else ``placeholder`` (an fp32 tensor
+    the kernels never read)."""
+    if ids is None or not scales_rows(q.dtype):
+        return placeholder
+    maxima = torch.empty(2, dtype=torch.float32, device=q.device)
+    for i, x in enumerate((q, k)):
+        torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32, out=maxima[i])
+    return maxima
+
+
+def _normaliser_backward(x: torch.Tensor, ids: Optional[torch.Tensor], maximum: torch.Tensor,
+                         dxhat: torch.Tensor) -> torch.Tensor:
+    """``dL/dx`` of the map's rows from ``dL/dx̂ [R, C]`` (fp32) through ``x̂ = x / (‖x‖ + eps)``
+    (``maximum``: ``[max|x|]`` from :func:`_map_maxima`); the rows form is returned as it is."""
     if ids is None:
         return dxhat
     rows, n_img, width, channels, x_strides = _geometry(x, ids)
@@ -153,8 +174,8 @@ def _normaliser_backward(x: torch.Tensor, ids: Optional[torch.Tensor], dxhat: to
     interpret = interprets(x)
     tiles = tiles_for(x.dtype, rows, channels, interpret, "normaliser_backward_kernel")._replace(block_n=16)
     _launch(x, "normaliser_backward_kernel", lambda t: check_grid((triton.cdiv(rows, t.block_m),)), (
-        x, ids, dxhat, dx, rows, n_img, width, channels, *x_strides, *_geometry(dx, ids)[4]),
-        tiles, dict(GATHER=True))
+        x, ids, maximum, dxhat, dx, rows, n_img, width, channels, *x_strides, *_geometry(dx, ids)[4]),
+        tiles, dict(GATHER=True, SCALE=scales_rows(x.dtype)))
     return dx
 
 
@@ -174,7 +195,8 @@ def _loss_setup(q: torch.Tensor, ids: Optional[torch.Tensor], groups: int, kerne
     group_rows = rows // groups
     interpret = interprets(q)
     tiles = tiles_for(q.dtype, group_rows, channels, interpret, kernel, ids is not None)
-    meta = dict(GATHER=ids is not None, NORMALIZE=ids is not None, IEEE=q.dtype == torch.float32)
+    meta = dict(GATHER=ids is not None, NORMALIZE=ids is not None, SCALE=ids is not None and scales_rows(q.dtype),
+                IEEE=q.dtype == torch.float32)
     ids_arg = ids if ids is not None else q  # never read when GATHER is off
     return _Setup(rows, group_rows, channels, (group_rows, n_img, width, channels), q_strides, tiles, meta, ids_arg)
 
@@ -190,7 +212,7 @@ def nce_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor], t
     loss = torch.empty(s.rows, dtype=torch.float32, device=q.device)
     lse = torch.empty(s.rows, dtype=torch.float32, device=q.device)
     _launch(q, "nce_forward_kernel", _grid_of(s, groups, False), (
-        q, k, s.ids_arg, loss, lse, *s.shape_args, 1.0 / tau, *s.q_strides, *_geometry(k, ids)[4]),
+        q, k, s.ids_arg, _map_maxima(q, k, ids, loss), loss, lse, *s.shape_args, 1.0 / tau, *s.q_strides, *_geometry(k, ids)[4]),
         s.tiles, s.meta)
     return loss, lse
 
@@ -200,10 +222,11 @@ def nce_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ids: Opti
     """PatchNCE backward: ``grad [R]`` of the per-row loss -> ``dq`` (shape and dtype of ``q``)."""
     s = _loss_setup(q, ids, groups, "nce_backward_kernel")
     dq_hat = _normalised_grad_buffer(q, ids)
+    maxima = _map_maxima(q, k, ids, lse)
     _launch(q, "nce_backward_kernel", _grid_of(s, groups, True), (
-        q, k, s.ids_arg, lse, grad, dq_hat, *s.shape_args, 1.0 / tau, grad.stride(0),
+        q, k, s.ids_arg, maxima, lse, grad, dq_hat, *s.shape_args, 1.0 / tau, grad.stride(0),
         *s.q_strides, *_geometry(k, ids)[4]), s.tiles, s.meta)
-    return _normaliser_backward(q, ids, dq_hat)
+    return _normaliser_backward(q, ids, maxima[:1], dq_hat)
 
 
 def metric_scales(rows: int, groups: int, channels: int) -> tuple[float, float]:
@@ -221,7 +244,7 @@ def metric_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor]
     s = _loss_setup(q, ids, groups, "metric_forward_kernel")
     out = torch.empty(s.rows, dtype=torch.float32, device=q.device)
     _launch(q, "metric_forward_kernel", _grid_of(s, groups, False), (
-        q, k, s.ids_arg, out, *s.shape_args, 1.0 / tau, *metric_scales(s.rows, groups, s.channels),
+        q, k, s.ids_arg, _map_maxima(q, k, ids, out), out, *s.shape_args, 1.0 / tau, *metric_scales(s.rows, groups, s.channels),
         *s.q_strides, *_geometry(k, ids)[4]), s.tiles, s.meta)
     return out
 
@@ -231,11 +254,12 @@ def metric_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ids: O
     """PatchMetric backward: ``grad [R]`` of the per-row contributions -> ``(dq, dk)``."""
     s = _loss_setup(q, ids, groups, "metric_backward_kernel")
     dq_hat, dk_hat = _normalised_grad_buffer(q, ids), _normalised_grad_buffer(k, ids)
+    maxima = _map_maxima(q, k, ids, grad)
     _launch(q, "metric_backward_kernel", _grid_of(s, groups, True), (
-        q, k, s.ids_arg, grad, dq_hat, dk_hat, *s.shape_args, 1.0 / tau,
+        q, k, s.ids_arg, maxima, grad, dq_hat, dk_hat, *s.shape_args, 1.0 / tau,
         *metric_scales(s.rows, groups, s.channels), grad.stride(0), *s.q_strides, *_geometry(k, ids)[4]),
         s.tiles, s.meta)
-    return _normaliser_backward(q, ids, dq_hat), _normaliser_backward(k, ids, dk_hat)
+    return _normaliser_backward(q, ids, maxima[:1], dq_hat), _normaliser_backward(k, ids, maxima[1:], dk_hat)
 
 
 def similarity_grid(batch: int, n_img: int, channels: int, tiles: Tiles, backward: bool) -> tuple[int, int]:
@@ -257,8 +281,9 @@ def similarity_forward(q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor) -> t
     n_img = ids.numel()
     out = torch.empty(batch, n_img, n_img, dtype=torch.float32, device=q.device)
     _launch(q, "similarity_forward_kernel", lambda t: similarity_grid(batch, n_img, channels, t, False), (
-        q, k, ids, out, n_img, width, channels, *q.stride(), *k.stride()),
-        _similarity_tiles(q, ids, "similarity_forward_kernel"), dict(IEEE=q.dtype == torch.float32))
+        q, k, ids, _map_maxima(q, k, ids, out), out, n_img, width, channels, *q.stride(), *k.stride()),
+        _similarity_tiles(q, ids, "similarity_forward_kernel"),
+        dict(SCALE=scales_rows(q.dtype), IEEE=q.dtype == torch.float32))
     return out
 
 
@@ -268,7 +293,9 @@ def similarity_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     batch, channels, _, width = q.shape
     n_img = ids.numel()
     dq_hat, dk_hat = _normalised_grad_buffer(q, ids), _normalised_grad_buffer(k, ids)
+    maxima = _map_maxima(q, k, ids, dq_hat)
     _launch(q, "similarity_backward_kernel", lambda t: similarity_grid(batch, n_img, channels, t, True), (
-        q, k, ids, grad, dq_hat, dk_hat, n_img, width, channels, *grad.stride(), *q.stride(), *k.stride()),
-        _similarity_tiles(q, ids, "similarity_backward_kernel"), dict(IEEE=q.dtype == torch.float32))
-    return _normaliser_backward(q, ids, dq_hat), _normaliser_backward(k, ids, dk_hat)
+        q, k, ids, maxima, grad, dq_hat, dk_hat, n_img, width, channels, *grad.stride(), *q.stride(), *k.stride()),
+        _similarity_tiles(q, ids, "similarity_backward_kernel"),
+        dict(SCALE=scales_rows(q.dtype), IEEE=q.dtype == torch.float32))
+    return _normaliser_backward(q, ids, maxima[:1], dq_hat), _normaliser_backward(k, ids, maxima[1:], dk_hat)

@@ -18,11 +18,23 @@ chunks' dots, and the norms of a tile's rows come from a pre-pass over the chunk
 rows) or from the same chunk loop (the other side's rows). Nothing holds a whole row, so
 any C fits in registers and shared memory in any dtype.
 
+Scaling (map form, ``SCALE``). fp32 and bf16 features of magnitude 1e20 have ``x² = 1e40``,
+which overflows fp32 although ``‖x‖`` does not (docs/ops.md, step 2), and so would the
+dot of two such rows. The launcher passes the largest magnitude of each map
+(``scale_ptr``: ``[max|q|, max|k|]``, fp32); every load of a row is multiplied by the
+power of two ``P`` with ``P·max`` in [1, 2) (:func:`_pow2_scale`), so no square, sum or
+product overflows, and the normaliser becomes ``x̂ = (x·P) / (‖x·P‖₂ + eps·P)``, the same
+function. Multiplying by a power of two is exact, so wherever the unscaled formula does
+not overflow the numbers are the same (a row 2^126 times smaller than its map's largest
+entry loses precision to subnormals; it is far below the epsilon unless the map's
+entries exceed 1e30). fp16 rows (``|x| ≤ 65504``: nothing overflows fp32) and the rows
+form are not scaled (``P = 1``).
+
 Numerics. Rows are loaded in the input dtype (fp32/fp16/bf16) and everything else is
 fp32: norms, exp, logsumexp, sums, accumulators. The similarity of a tile is the dot of
-the RAW rows (fp32 accumulation) scaled afterwards by the fp32 inverse norms
-``1 / (‖x‖₂ + 1e-7)`` (CUT's Normalize; ``NORMALIZE`` off for the rows form, whose rows
-arrive normalised). fp32 inputs use ``tl.dot(..., input_precision="ieee")`` (``IEEE``):
+the scaled rows ``x·P`` (fp32 accumulation) multiplied afterwards by the fp32 inverse
+norms ``1 / (‖x·P‖₂ + 1e-7·P)`` (CUT's Normalize; ``NORMALIZE`` off for the rows form,
+whose rows arrive normalised). fp32 inputs use ``tl.dot(..., input_precision="ieee")`` (``IEEE``):
 the logits are ``S / τ`` with τ = 0.07 … 0.15, so tf32's 10-bit mantissa (≈5e-4 relative
 on S) would become ≈1e-2 absolute error on a logit, far off the fp32 reference; fp16/bf16
 inputs go to the tensor cores directly. The N×N similarity of a group is never stored:
@@ -101,6 +113,40 @@ def _load_chunk(x, offs, mask, start, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _pow2_scale(absmax):
+    """fp32 power of two ``P`` with ``P·absmax`` in [1, 2) (built in the exponent bits), at
+    most 2^126 (``absmax`` 0 or subnormal) and at least 2^-126, so that it is a normal number."""
+    biased = tl.minimum(tl.maximum((absmax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)
+    return ((254 - biased) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _map_scale(max_ptr, SCALE: tl.constexpr):
+    """``P``, the power of two of a map's largest magnitude ``max_ptr[0]`` (the module
+    docstring, "Scaling"); 1.0 without ``SCALE`` (multiplications by it fold away)."""
+    if SCALE:
+        p = _pow2_scale(tl.load(max_ptr))
+    else:
+        p = 1.0
+    return p
+
+
+@triton.jit
+def _map_scales(scale_ptr, SCALE: tl.constexpr):
+    """``(P_q, P_k)`` of the maps' largest magnitudes ``scale_ptr[0..1]`` (:func:`_map_scale`)."""
+    return _map_scale(scale_ptr, SCALE), _map_scale(scale_ptr + 1, SCALE)
+
+
+@triton.jit
+def _load_scaled(x, offs, mask, start, C, p, SCALE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """:func:`_load_chunk` times the power of two ``p`` (exact), in the input dtype."""
+    xc = _load_chunk(x, offs, mask, start, C, BLOCK_C)
+    if SCALE:
+        xc = (xc.to(tl.float32) * p).to(xc.dtype)
+    return xc
+
+
+@triton.jit
 def _store_chunk(x, offs, mask, start, C, value, BLOCK_C: tl.constexpr):
     """Store fp32 ``value [BLOCK, BLOCK_C]`` into channels ``start ..`` of the rows at ``offs``
     (the one cast to the destination's dtype)."""
@@ -116,15 +162,15 @@ def _store_rows(ptr, rows, mask, start, C, value, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(a, a_offs, b, b_offs, mask, C, BLOCK_C: tl.constexpr):
+def _row_stats(a, a_offs, a_p, b, b_offs, b_p, mask, C, SCALE: tl.constexpr, BLOCK_C: tl.constexpr):
     """Pre-pass over the chunks of a tile's rows (of two tensors, each with its own
-    offsets): fp32 ``(‖a‖², ‖b‖², a·b)`` per row."""
+    offsets and scale): fp32 ``(‖a·p_a‖², ‖b·p_b‖², (a·p_a)·(b·p_b))`` per row."""
     aa = a_offs.to(tl.float32) * 0.0
     bb = aa
     ab = aa
     for start in range(0, C, BLOCK_C):
-        xa = _load_chunk(a, a_offs, mask, start, C, BLOCK_C).to(tl.float32)
-        xb = _load_chunk(b, b_offs, mask, start, C, BLOCK_C).to(tl.float32)
+        xa = _load_scaled(a, a_offs, mask, start, C, a_p, SCALE, BLOCK_C).to(tl.float32)
+        xb = _load_scaled(b, b_offs, mask, start, C, b_p, SCALE, BLOCK_C).to(tl.float32)
         aa += _row_sum(xa * xa)
         bb += _row_sum(xb * xb)
         ab += _row_sum(xa * xb)
@@ -132,10 +178,11 @@ def _row_stats(a, a_offs, b, b_offs, mask, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _inv_norm(sq, NORMALIZE: tl.constexpr):
-    """``1 / (‖x‖₂ + eps)`` from ``‖x‖²`` (ones when the rows arrive normalised)."""
+def _inv_norm(sq, p, NORMALIZE: tl.constexpr):
+    """``1 / (‖x·p‖₂ + eps·p)`` from ``‖x·p‖²``: times ``x·p`` it is CUT's ``x / (‖x‖₂ + eps)``
+    (ones when the rows arrive normalised)."""
     if NORMALIZE:
-        inv = 1.0 / (tl.sqrt(sq) + NORM_EPS)
+        inv = 1.0 / (tl.sqrt(sq) + NORM_EPS * p)
     else:
         inv = sq * 0.0 + 1.0
     return inv
@@ -152,14 +199,15 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _tile_dot(a, a_offs, a_mask, b, b_offs, b_mask, C, IEEE: tl.constexpr,
+def _tile_dot(a, a_offs, a_mask, a_p, b, b_offs, b_mask, b_p, C, IEEE: tl.constexpr, SCALE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Raw ``a_i · b_j`` over all channels (fp32 ``[BLOCK_M, BLOCK_N]``) and ``‖b_j‖²`` (``[BLOCK_N]``)."""
+    """``(a_i·p_a) · (b_j·p_b)`` over all channels (fp32 ``[BLOCK_M, BLOCK_N]``) and
+    ``‖b_j·p_b‖²`` (``[BLOCK_N]``)."""
     s = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     sq = tl.full([BLOCK_N], 0.0, tl.float32)
     for start in range(0, C, BLOCK_C):
-        xa = _load_chunk(a, a_offs, a_mask, start, C, BLOCK_C)
-        xb = _load_chunk(b, b_offs, b_mask, start, C, BLOCK_C)
+        xa = _load_scaled(a, a_offs, a_mask, start, C, a_p, SCALE, BLOCK_C)
+        xb = _load_scaled(b, b_offs, b_mask, start, C, b_p, SCALE, BLOCK_C)
         s += _dot(xa, tl.trans(xb), IEEE)
         xf = xb.to(tl.float32)
         sq += _row_sum(xf * xf)
@@ -167,11 +215,11 @@ def _tile_dot(a, a_offs, a_mask, b, b_offs, b_mask, C, IEEE: tl.constexpr,
 
 
 @triton.jit
-def _normalised_chunk(x, offs, mask, start, C, inv, BLOCK_C: tl.constexpr):
-    """Chunk of the normalised rows ``x̂ = x · inv`` in the input dtype (|x̂| <= 1: a safe
-    tensor-core operand)."""
+def _normalised_chunk(x, offs, mask, start, C, p, inv, BLOCK_C: tl.constexpr):
+    """Chunk of the normalised rows ``x̂ = (x·p)·inv`` in the input dtype (|x̂| <= 1: a safe
+    tensor-core operand; ``p`` and ``inv`` as :func:`_inv_norm`)."""
     xc = _load_chunk(x, offs, mask, start, C, BLOCK_C)
-    return (xc.to(tl.float32) * inv[:, None]).to(xc.dtype)
+    return (xc.to(tl.float32) * p * inv[:, None]).to(xc.dtype)
 
 
 @triton.jit
@@ -200,10 +248,10 @@ def _program_tile(group_rows, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def nce_forward_kernel(
-    q_ptr, k_ptr, ids_ptr, loss_ptr, lse_ptr,
+    q_ptr, k_ptr, ids_ptr, scale_ptr, loss_ptr, lse_ptr,
     group_rows, n_img, width, C, inv_tau,
     q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw,
-    GATHER: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
+    GATHER: tl.constexpr, NORMALIZE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per-row PatchNCE loss and logsumexp (both fp32 ``[R]``) of BLOCK_M rows of one group.
@@ -214,8 +262,9 @@ def nce_forward_kernel(
     k = (k_ptr, k_srow, k_sc, k_sh, k_sw)
     where = (ids_ptr, n_img, width)
     group, local_m = _program_tile(group_rows, BLOCK_M)
+    p_q, p_k = _map_scales(scale_ptr, SCALE)
     q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
-    inv_q = _inv_norm(_row_stats(q, q_offs, q, q_offs, mask_m, C, BLOCK_C)[0], NORMALIZE)
+    inv_q = _inv_norm(_row_stats(q, q_offs, p_q, q, q_offs, p_q, mask_m, C, SCALE, BLOCK_C)[0], p_q, NORMALIZE)
 
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     run_sum = tl.full([BLOCK_M], 0.0, tl.float32)
@@ -223,8 +272,8 @@ def nce_forward_kernel(
     for start in range(0, group_rows, BLOCK_N):
         local_n = start + tl.arange(0, BLOCK_N)
         k_offs, mask_n = _tile_offsets(k, where, group, local_n, group_rows, GATHER)
-        s, sq_k = _tile_dot(q, q_offs, mask_m, k, k_offs, mask_n, C, IEEE, BLOCK_M, BLOCK_N, BLOCK_C)
-        logits = s * (inv_q[:, None] * inv_tau) * _inv_norm(sq_k, NORMALIZE)[None, :]
+        s, sq_k = _tile_dot(q, q_offs, mask_m, p_q, k, k_offs, mask_n, p_k, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
+        logits = s * (inv_q[:, None] * inv_tau) * _inv_norm(sq_k, p_k, NORMALIZE)[None, :]
         diag = local_m[:, None] == local_n[None, :]
         pos += _row_sum(tl.where(diag, logits, 0.0))
         logits = tl.where(diag, DIAG_FILL * inv_tau, logits)
@@ -242,10 +291,10 @@ def nce_forward_kernel(
 
 @triton.jit
 def nce_backward_kernel(
-    q_ptr, k_ptr, ids_ptr, lse_ptr, grad_ptr, dqhat_ptr,
+    q_ptr, k_ptr, ids_ptr, scale_ptr, lse_ptr, grad_ptr, dqhat_ptr,
     group_rows, n_img, width, C, inv_tau, grad_stride,
     q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw,
-    GATHER: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
+    GATHER: tl.constexpr, NORMALIZE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dL/dq̂ of PatchNCE for BLOCK_M rows and channel chunk ``program_id(1)``, into the
@@ -261,8 +310,9 @@ def nce_backward_kernel(
     where = (ids_ptr, n_img, width)
     group, local_m = _program_tile(group_rows, BLOCK_M)
     chunk = tl.program_id(1) * BLOCK_C
+    p_q, p_k = _map_scales(scale_ptr, SCALE)
     q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
-    inv_q = _inv_norm(_row_stats(q, q_offs, q, q_offs, mask_m, C, BLOCK_C)[0], NORMALIZE)
+    inv_q = _inv_norm(_row_stats(q, q_offs, p_q, q, q_offs, p_q, mask_m, C, SCALE, BLOCK_C)[0], p_q, NORMALIZE)
     rows_m = group * group_rows + local_m
     lse = tl.load(lse_ptr + rows_m, mask=mask_m, other=0.0)
     grad = tl.load(grad_ptr + rows_m.to(tl.int64) * grad_stride, mask=mask_m, other=0.0).to(tl.float32)
@@ -271,14 +321,14 @@ def nce_backward_kernel(
     for start in range(0, group_rows, BLOCK_N):
         local_n = start + tl.arange(0, BLOCK_N)
         k_offs, mask_n = _tile_offsets(k, where, group, local_n, group_rows, GATHER)
-        s, sq_k = _tile_dot(q, q_offs, mask_m, k, k_offs, mask_n, C, IEEE, BLOCK_M, BLOCK_N, BLOCK_C)
-        inv_k = _inv_norm(sq_k, NORMALIZE)
+        s, sq_k = _tile_dot(q, q_offs, mask_m, p_q, k, k_offs, mask_n, p_k, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
+        inv_k = _inv_norm(sq_k, p_k, NORMALIZE)
         # the logits exactly as in forward, so softmax is consistent with the saved lse
         logits = s * (inv_q[:, None] * inv_tau) * inv_k[None, :]
         weight = tl.exp(logits - lse[:, None]) - tl.where(local_m[:, None] == local_n[None, :], 1.0, 0.0)
         weight = tl.where(mask_n[None, :], weight, 0.0)
         # |weight| <= 1 and |k̂| <= 1: safe operands for fp16/bf16 tensor cores; g/τ goes after
-        k_hat = _normalised_chunk(k, k_offs, mask_n, chunk, C, inv_k, BLOCK_C)
+        k_hat = _normalised_chunk(k, k_offs, mask_n, chunk, C, p_k, inv_k, BLOCK_C)
         acc += _dot(weight.to(k_hat.dtype), k_hat, IEEE)
     _store_rows(dqhat_ptr, rows_m, mask_m, chunk, C, acc * (grad * inv_tau)[:, None], BLOCK_C)
 
@@ -287,10 +337,10 @@ def nce_backward_kernel(
 
 @triton.jit
 def metric_forward_kernel(
-    q_ptr, k_ptr, ids_ptr, out_ptr,
+    q_ptr, k_ptr, ids_ptr, scale_ptr, out_ptr,
     group_rows, n_img, width, C, inv_tau, pos_scale, pair_scale,
     q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw,
-    GATHER: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
+    GATHER: tl.constexpr, NORMALIZE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per-row contribution ``v_i`` (fp32 ``[R]``) to the metric loss; the loss is ``Σ_i v_i``.
@@ -304,9 +354,10 @@ def metric_forward_kernel(
     group, local_m = _program_tile(group_rows, BLOCK_M)
     q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
     k_offs = _tile_offsets(k, where, group, local_m, group_rows, GATHER)[0]
-    sq_q, sq_k, qk = _row_stats(q, q_offs, k, k_offs, mask_m, C, BLOCK_C)
-    inv_q = _inv_norm(sq_q, NORMALIZE)
-    inv_k = _inv_norm(sq_k, NORMALIZE)
+    p_q, p_k = _map_scales(scale_ptr, SCALE)
+    sq_q, sq_k, qk = _row_stats(q, q_offs, p_q, k, k_offs, p_k, mask_m, C, SCALE, BLOCK_C)
+    inv_q = _inv_norm(sq_q, p_q, NORMALIZE)
+    inv_k = _inv_norm(sq_k, p_k, NORMALIZE)
     pos = qk * inv_q * inv_k
 
     sum_qq = tl.full([BLOCK_M], 0.0, tl.float32)
@@ -316,11 +367,11 @@ def metric_forward_kernel(
         local_n = start + tl.arange(0, BLOCK_N)
         qn_offs, mask_n = _tile_offsets(q, where, group, local_n, group_rows, GATHER)
         kn_offs = _tile_offsets(k, where, group, local_n, group_rows, GATHER)[0]
-        s_qq, sq_qn = _tile_dot(q, q_offs, mask_m, q, qn_offs, mask_n, C, IEEE, BLOCK_M, BLOCK_N, BLOCK_C)
-        s_kk, sq_kn = _tile_dot(k, k_offs, mask_m, k, kn_offs, mask_n, C, IEEE, BLOCK_M, BLOCK_N, BLOCK_C)
+        s_qq, sq_qn = _tile_dot(q, q_offs, mask_m, p_q, q, qn_offs, mask_n, p_q, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
+        s_kk, sq_kn = _tile_dot(k, k_offs, mask_m, p_k, k, kn_offs, mask_n, p_k, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
         diag = local_m[:, None] == local_n[None, :]
-        e_qq = tl.exp(s_qq * (inv_q[:, None] * inv_tau) * _inv_norm(sq_qn, NORMALIZE)[None, :])
-        e_kk = tl.exp(s_kk * (inv_k[:, None] * inv_tau) * _inv_norm(sq_kn, NORMALIZE)[None, :])
+        e_qq = tl.exp(s_qq * (inv_q[:, None] * inv_tau) * _inv_norm(sq_qn, p_q, NORMALIZE)[None, :])
+        e_kk = tl.exp(s_kk * (inv_k[:, None] * inv_tau) * _inv_norm(sq_kn, p_k, NORMALIZE)[None, :])
         sum_qq += _row_sum(tl.where(mask_n[None, :], tl.where(diag, diag_exp, e_qq), 0.0))
         sum_kk += _row_sum(tl.where(mask_n[None, :], tl.where(diag, diag_exp, e_kk), 0.0))
     v = -pos_scale * tl.exp(pos * inv_tau) + pair_scale * (sum_qq + sum_kk)
@@ -329,10 +380,10 @@ def metric_forward_kernel(
 
 @triton.jit
 def metric_backward_kernel(
-    q_ptr, k_ptr, ids_ptr, grad_ptr, dqhat_ptr, dkhat_ptr,
+    q_ptr, k_ptr, ids_ptr, scale_ptr, grad_ptr, dqhat_ptr, dkhat_ptr,
     group_rows, n_img, width, C, inv_tau, pos_scale, pair_scale, grad_stride,
     q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw,
-    GATHER: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
+    GATHER: tl.constexpr, NORMALIZE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dL/dq̂ and dL/dk̂ of ``L = Σ_i g_i v_i`` (v from the forward kernel) for BLOCK_M rows
@@ -352,9 +403,10 @@ def metric_backward_kernel(
     chunk = tl.program_id(1) * BLOCK_C
     q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
     k_offs = _tile_offsets(k, where, group, local_m, group_rows, GATHER)[0]
-    sq_q, sq_k, qk = _row_stats(q, q_offs, k, k_offs, mask_m, C, BLOCK_C)
-    inv_q = _inv_norm(sq_q, NORMALIZE)
-    inv_k = _inv_norm(sq_k, NORMALIZE)
+    p_q, p_k = _map_scales(scale_ptr, SCALE)
+    sq_q, sq_k, qk = _row_stats(q, q_offs, p_q, k, k_offs, p_k, mask_m, C, SCALE, BLOCK_C)
+    inv_q = _inv_norm(sq_q, p_q, NORMALIZE)
+    inv_k = _inv_norm(sq_k, p_k, NORMALIZE)
     pos = qk * inv_q * inv_k
     rows_m = group * group_rows + local_m
     grad_m = tl.load(grad_ptr + rows_m.to(tl.int64) * grad_stride, mask=mask_m, other=0.0).to(tl.float32)
@@ -369,22 +421,22 @@ def metric_backward_kernel(
                          mask=mask_n, other=0.0).to(tl.float32)
         pair_grad = grad_m[:, None] + grad_n[None, :]
         off = (local_m[:, None] == local_n[None, :]) | (mask_n[None, :] == 0)
-        s_qq, sq_qn = _tile_dot(q, q_offs, mask_m, q, qn_offs, mask_n, C, IEEE, BLOCK_M, BLOCK_N, BLOCK_C)
-        inv_qn = _inv_norm(sq_qn, NORMALIZE)
+        s_qq, sq_qn = _tile_dot(q, q_offs, mask_m, p_q, q, qn_offs, mask_n, p_q, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
+        inv_qn = _inv_norm(sq_qn, p_q, NORMALIZE)
         s_qq = s_qq * inv_q[:, None] * inv_qn[None, :]
         w_qq = tl.where(off, 0.0, tl.exp((s_qq - 1.0) * inv_tau)) * pair_grad
-        acc_q += _scaled_dot(w_qq, _normalised_chunk(q, qn_offs, mask_n, chunk, C, inv_qn, BLOCK_C), IEEE)
-        s_kk, sq_kn = _tile_dot(k, k_offs, mask_m, k, kn_offs, mask_n, C, IEEE, BLOCK_M, BLOCK_N, BLOCK_C)
-        inv_kn = _inv_norm(sq_kn, NORMALIZE)
+        acc_q += _scaled_dot(w_qq, _normalised_chunk(q, qn_offs, mask_n, chunk, C, p_q, inv_qn, BLOCK_C), IEEE)
+        s_kk, sq_kn = _tile_dot(k, k_offs, mask_m, p_k, k, kn_offs, mask_n, p_k, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
+        inv_kn = _inv_norm(sq_kn, p_k, NORMALIZE)
         s_kk = s_kk * inv_k[:, None] * inv_kn[None, :]
         w_kk = tl.where(off, 0.0, tl.exp((s_kk - 1.0) * inv_tau)) * pair_grad
-        acc_k += _scaled_dot(w_kk, _normalised_chunk(k, kn_offs, mask_n, chunk, C, inv_kn, BLOCK_C), IEEE)
+        acc_k += _scaled_dot(w_kk, _normalised_chunk(k, kn_offs, mask_n, chunk, C, p_k, inv_kn, BLOCK_C), IEEE)
     pair_coef = pair_scale * inv_tau * tl.exp(inv_tau)
     pos_coef = (-pos_scale * inv_tau) * grad_m * tl.exp(pos * inv_tau)
     q_chunk = _load_chunk(q, q_offs, mask_m, chunk, C, BLOCK_C)
     k_chunk = _load_chunk(k, k_offs, mask_m, chunk, C, BLOCK_C)
-    dq_hat = pos_coef[:, None] * (k_chunk.to(tl.float32) * inv_k[:, None]) + pair_coef * acc_q
-    dk_hat = pos_coef[:, None] * (q_chunk.to(tl.float32) * inv_q[:, None]) + pair_coef * acc_k
+    dq_hat = pos_coef[:, None] * (k_chunk.to(tl.float32) * p_k * inv_k[:, None]) + pair_coef * acc_q
+    dk_hat = pos_coef[:, None] * (q_chunk.to(tl.float32) * p_q * inv_q[:, None]) + pair_coef * acc_k
     _store_rows(dqhat_ptr, rows_m, mask_m, chunk, C, dq_hat, BLOCK_C)
     _store_rows(dkhat_ptr, rows_m, mask_m, chunk, C, dk_hat, BLOCK_C)
 
@@ -393,10 +445,10 @@ def metric_backward_kernel(
 
 @triton.jit
 def similarity_forward_kernel(
-    q_ptr, k_ptr, ids_ptr, out_ptr,
+    q_ptr, k_ptr, ids_ptr, scale_ptr, out_ptr,
     n_img, width, C,
     q_sb, q_sc, q_sh, q_sw, k_sb, k_sc, k_sh, k_sw,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    SCALE: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One ``[BLOCK_M, BLOCK_N]`` tile of ``q̂ k̂ᵀ`` of one image into ``out [B, N, N]`` fp32
     (axis 0 = (image * tiles_m + tile_m) * tiles_n + tile_n)."""
@@ -411,19 +463,20 @@ def similarity_forward_kernel(
     local_n = (pair % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     q_offs, mask_m = _tile_offsets(q, where, image, local_m, n_img, True)
     k_offs, mask_n = _tile_offsets(k, where, image, local_n, n_img, True)
-    s, sq_k = _tile_dot(q, q_offs, mask_m, k, k_offs, mask_n, C, IEEE, BLOCK_M, BLOCK_N, BLOCK_C)
-    inv_q = _inv_norm(_row_stats(q, q_offs, q, q_offs, mask_m, C, BLOCK_C)[0], True)
-    sim = s * inv_q[:, None] * _inv_norm(sq_k, True)[None, :]
+    p_q, p_k = _map_scales(scale_ptr, SCALE)
+    s, sq_k = _tile_dot(q, q_offs, mask_m, p_q, k, k_offs, mask_n, p_k, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
+    inv_q = _inv_norm(_row_stats(q, q_offs, p_q, q, q_offs, p_q, mask_m, C, SCALE, BLOCK_C)[0], p_q, True)
+    sim = s * inv_q[:, None] * _inv_norm(sq_k, p_k, True)[None, :]
     out_offs = image.to(tl.int64) * n_img * n_img + local_m[:, None].to(tl.int64) * n_img + local_n[None, :]
     tl.store(out_ptr + out_offs, sim, mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def similarity_backward_kernel(
-    q_ptr, k_ptr, ids_ptr, grad_ptr, dqhat_ptr, dkhat_ptr,
+    q_ptr, k_ptr, ids_ptr, scale_ptr, grad_ptr, dqhat_ptr, dkhat_ptr,
     n_img, width, C, g_sb, g_si, g_sj,
     q_sb, q_sc, q_sh, q_sw, k_sb, k_sc, k_sh, k_sw,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    SCALE: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dq̂, dk̂ (fp32, contiguous ``[B·N, C]``) of ``S = q̂ k̂ᵀ`` given ``dS [B, N, N]`` for
     BLOCK_M rows of one image and channel chunk ``program_id(1)``.
@@ -438,6 +491,7 @@ def similarity_backward_kernel(
     image, local_m = _program_tile(n_img, BLOCK_M)
     chunk = tl.program_id(1) * BLOCK_C
     mask_m = local_m < n_img
+    p_q, p_k = _map_scales(scale_ptr, SCALE)
     acc_q = tl.full([BLOCK_M, BLOCK_C], 0.0, tl.float32)
     acc_k = tl.full([BLOCK_M, BLOCK_C], 0.0, tl.float32)
     g_base = grad_ptr + image.to(tl.int64) * g_sb
@@ -445,14 +499,16 @@ def similarity_backward_kernel(
         local_n = start + tl.arange(0, BLOCK_N)
         qn_offs, mask_n = _tile_offsets(q, where, image, local_n, n_img, True)
         kn_offs = _tile_offsets(k, where, image, local_n, n_img, True)[0]
-        sq_qn, sq_kn, _ = _row_stats(q, qn_offs, k, kn_offs, mask_n, C, BLOCK_C)
+        sq_qn, sq_kn, _ = _row_stats(q, qn_offs, p_q, k, kn_offs, p_k, mask_n, C, SCALE, BLOCK_C)
         tile_mask = mask_m[:, None] & mask_n[None, :]
         m64 = local_m[:, None].to(tl.int64)
         n64 = local_n[None, :].to(tl.int64)
         g_ij = tl.load(g_base + m64 * g_si + n64 * g_sj, mask=tile_mask, other=0.0).to(tl.float32)
         g_ji = tl.load(g_base + n64 * g_si + m64 * g_sj, mask=tile_mask, other=0.0).to(tl.float32)
-        acc_q += _scaled_dot(g_ij, _normalised_chunk(k, kn_offs, mask_n, chunk, C, _inv_norm(sq_kn, True), BLOCK_C), IEEE)
-        acc_k += _scaled_dot(g_ji, _normalised_chunk(q, qn_offs, mask_n, chunk, C, _inv_norm(sq_qn, True), BLOCK_C), IEEE)
+        acc_q += _scaled_dot(g_ij, _normalised_chunk(k, kn_offs, mask_n, chunk, C, p_k, _inv_norm(sq_kn, p_k, True),
+                                                     BLOCK_C), IEEE)
+        acc_k += _scaled_dot(g_ji, _normalised_chunk(q, qn_offs, mask_n, chunk, C, p_q, _inv_norm(sq_qn, p_q, True),
+                                                     BLOCK_C), IEEE)
     rows_m = image * n_img + local_m
     _store_rows(dqhat_ptr, rows_m, mask_m, chunk, C, acc_q, BLOCK_C)
     _store_rows(dkhat_ptr, rows_m, mask_m, chunk, C, acc_k, BLOCK_C)
@@ -462,18 +518,20 @@ def similarity_backward_kernel(
 
 @triton.jit
 def normaliser_backward_kernel(
-    x_ptr, ids_ptr, dxhat_ptr, dx_ptr,
+    x_ptr, ids_ptr, scale_ptr, dxhat_ptr, dx_ptr,
     rows, n_img, width, C,
     x_srow, x_sc, x_sh, x_sw, d_srow, d_sc, d_sh, d_sw,
-    GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    GATHER: tl.constexpr, SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Gradient w.r.t. the raw rows ``x`` of ``x̂ = x / (‖x‖ + eps)`` given ``dL/dx̂`` (fp32,
     contiguous ``[R, C]``), for BLOCK_M rows; written (the one cast to x's dtype) to the
     rows of ``dx`` (same form and geometry as ``x``).
 
-    ``dx = (dx̂ - x (x·dx̂) / (‖x‖ (‖x‖ + eps))) / (‖x‖ + eps)``; a zero row gets
-    ``dx̂ / eps`` (the norm's subgradient 0 at 0, as torch's vector_norm). Two passes over
-    the channel chunks: the row sums, then the gradient.
+    ``dx = (dx̂ - x (x·dx̂) / (‖x‖ (‖x‖ + eps))) / (‖x‖ + eps)``, computed on the scaled rows
+    ``y = x·P`` (``scale_ptr``: this map's largest magnitude; the module docstring,
+    "Scaling"): with ``d = ‖y‖ + eps·P``, ``dx = (dx̂ - y (y·dx̂) / (‖y‖ d)) / (d / P)``. A zero
+    row gets ``dx̂ / eps`` (the norm's subgradient 0 at 0, as torch's vector_norm). Two
+    passes over the channel chunks: the row sums, then the gradient.
     """
     x = (x_ptr, x_srow, x_sc, x_sh, x_sw)
     dx = (dx_ptr, d_srow, d_sc, d_sh, d_sw)
@@ -483,16 +541,17 @@ def normaliser_backward_kernel(
     d_offs = _tile_offsets(dx, where, 0, local, rows, GATHER)[0]
     g_offs = local.to(tl.int64) * C
     g = (dxhat_ptr, C, 1)
+    p = _map_scale(scale_ptr, SCALE)
     sq = tl.full([BLOCK_M], 0.0, tl.float32)
     xg = tl.full([BLOCK_M], 0.0, tl.float32)
     for start in range(0, C, BLOCK_C):
-        xc = _load_chunk(x, x_offs, mask, start, C, BLOCK_C).to(tl.float32)
+        xc = _load_chunk(x, x_offs, mask, start, C, BLOCK_C).to(tl.float32) * p
         sq += _row_sum(xc * xc)
         xg += _row_sum(xc * _load_chunk(g, g_offs, mask, start, C, BLOCK_C))
     norm = tl.sqrt(sq)
-    denom = norm + NORM_EPS
+    denom = norm + NORM_EPS * p
     proj = tl.where(norm > 0.0, xg / tl.where(norm > 0.0, norm * denom, 1.0), 0.0)
     for start in range(0, C, BLOCK_C):
-        xc = _load_chunk(x, x_offs, mask, start, C, BLOCK_C).to(tl.float32)
+        xc = _load_chunk(x, x_offs, mask, start, C, BLOCK_C).to(tl.float32) * p
         gc = _load_chunk(g, g_offs, mask, start, C, BLOCK_C)
-        _store_chunk(dx, d_offs, mask, start, C, (gc - xc * proj[:, None]) / denom[:, None], BLOCK_C)
+        _store_chunk(dx, d_offs, mask, start, C, (gc - xc * proj[:, None]) / (denom / p)[:, None], BLOCK_C)
