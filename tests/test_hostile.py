@@ -92,6 +92,8 @@ CASES = [
     ("tau-nan", TRAIN, lambda w, o: ["--tau", "nan", "--out", o], "--tau"),
     ("tau-inf", TRAIN, lambda w, o: ["--tau", "inf", "--out", o], "--tau"),
     ("tau-negative", TRAIN, lambda w, o: ["--tau", "-0.1", "--out", o], "--tau"),
+    # the metric loss's exp(1/tau) overflows float32 below tau ~ 0.015 (pdml/_validation.py)
+    ("tau-too-small-for-metric", TRAIN, lambda w, o: ["--tau", "1e-4", "--out", o], "--tau"),
     ("lr-nan", TRAIN, lambda w, o: ["--lr", "nan", "--out", o], "--lr"),
     ("lr-negative", TRAIN, lambda w, o: ["--lr", "-1", "--out", o], "--lr"),
     ("lr-zero", TRAIN, lambda w, o: ["--lr", "0", "--out", o], "--lr"),

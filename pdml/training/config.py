@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from pdml import ops
+from pdml._validation import check_metric_tau
 from pdml.models import FEATURE_LAYERS
 
 LOSSES = ("dml", "patchnce", "none")
@@ -226,6 +227,13 @@ class TrainConfig:
             raise TrainError(f"net_scale must be > 0, got {self.net_scale}")
         if self.resolved_tau <= 0:
             raise TrainError(f"--tau must be > 0, got {self.tau}")
+        if self.loss == "dml":
+            # the op's own bound (pdml/_validation.py), at float32: the trainer's reductions
+            # run in float32 at least; refused here so the CLI says it before training
+            try:
+                check_metric_tau(self.resolved_tau, torch.float32)
+            except ValueError as e:
+                raise TrainError(f"--tau: {e}") from None
         if self.threads is not None and self.threads < 1:
             raise TrainError(f"--threads must be >= 1, got {self.threads}")
         if self.max_minutes is not None and self.max_minutes <= 0:
