@@ -155,7 +155,7 @@ def shift_ablation(tmp_path_factory):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = H.main(["--preset", "shift", "--quick", "--out", str(out), "--threads", "1",
-                       "--no-progress"])
+                       "--no-progress", "--classical", *CLASSICAL])
     assert code == 0, printed.getvalue()[-3000:]
     return out, json.loads((out / "ablation.json").read_text())
 
@@ -169,7 +169,10 @@ def test_shift_ablation_writes_every_variant_per_seed_and_the_validity_flag(shif
     assert result["rows"] == result["tables"][0]["rows"]
     for table in result["tables"]:
         rows = {r["key"]: r for r in table["rows"]}
-        assert list(rows) == SHIFT_KEYS
+        # the classical baselines, once: in the main table (they train nothing)
+        assert list(rows) == SHIFT_KEYS + (list(CLASSICAL) if table["wavelet"] is False else [])
+        for key in CLASSICAL if table["wavelet"] is False else ():
+            assert rows[key]["seeds"] is None and math.isfinite(rows[key]["hu_shift"])
         for key in SHIFT_KEYS[1:]:
             row = rows[key]
             for metric in ("hu_shift", "noise_std"):
@@ -194,8 +197,11 @@ def test_shift_ablation_writes_every_variant_per_seed_and_the_validity_flag(shif
         assert cfg["wavelet"] == (run["table"] == "wavelet")
         assert cfg["input_center_hu"] == 0.0 and cfg["val_slices"] == 10
         assert all(e["slices"] == 10 for e in run["evals"])
+    assert result["settings"]["classical"] == list(CLASSICAL)
+    assert [d["method"] for d in result["classical"]] == list(CLASSICAL)
     md = (out / "ablation.md").read_text()
     assert result["validity"]["statement"] in md and md.count("| LD input (untouched) |") == 2
+    assert "| TV (Chambolle), " in md and "classical baselines (tv, nlm)" in md
     for png in ("ablation.png", "curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

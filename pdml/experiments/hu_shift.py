@@ -121,7 +121,7 @@ ABLATION_OVERRIDES: dict[str, dict[str, Any]] = {
     # run counts with those of its LR decay (steps 350-600).
     "shift": dict(_SHIFT_SETTINGS, steps=600, decay_steps=300, eval_every=50, ckpt_every=100,
                   max_minutes=20.0),
-    # The same runs on one GPU, 4 at a time: the per-run start-up and the evaluations
+    # The same runs on one GPU, 6 at a time: the per-run start-up and the evaluations
     # (figures on the CPU) dominate at this size. Sized to about 3 minutes, not yet
     # measured on a GPU.
     "shift-gpu": dict(_SHIFT_SETTINGS, steps=600, decay_steps=300, eval_every=50,
@@ -131,7 +131,7 @@ TRAINER_PRESET = {"shift": "demo", "shift-gpu": "demo"}
 """The trainer preset (pdml.training.PRESETS) an ablation preset starts from (default: the
 preset of the same name)."""
 SHIFT_PRESETS = ("shift", "shift-gpu")
-PRESET_JOBS = {"shift": 2, "shift-gpu": 4}
+PRESET_JOBS = {"shift": 2, "shift-gpu": 6}
 """Runs trained at a time by default (``--jobs``): one per CPU core here; on a GPU machine
 several small runs share the GPU."""
 QUICK_OVERRIDES = dict(steps=4, decay_steps=4, eval_every=2, ckpt_every=4, batch_size=2,
@@ -802,12 +802,13 @@ def shift_verdict(rows: Sequence[dict], validity: dict) -> Optional[dict]:
     dml_abs = np.abs(dml["hu_shift_per_seed"])
     smaller = bool(dml_abs.mean() < gan_abs.mean())
     every_seed = bool(dml_abs.max() < gan_abs.min())
+    seeds_note = " for every seed" if every_seed else (", not for every seed" if smaller else "")
     noise_ok = bool(dml["noise_std"] < ld["noise_std"])
     measured = (f"metric learning's HU shift is {dml['hu_shift']:+.1f} ± "
                 f"{dml['hu_shift_std']:.1f} HU (|shift| {dml_abs.mean():.1f}) against "
                 f"GAN-only's {gan['hu_shift']:+.1f} ± {gan['hu_shift_std']:.1f} HU (|shift| "
                 f"{gan_abs.mean():.1f}): {'smaller' if smaller else 'not smaller'}"
-                f"{' for every seed' if every_seed else (', not for every seed' if smaller else '')}"
+                f"{seeds_note}"
                 f"; its noise std is {dml['noise_std']:.1f} HU against the LD input's "
                 f"{ld['noise_std']:.1f} HU ({'below' if noise_ok else 'not below'}).")
     if "patchnce" in by_key:
@@ -837,10 +838,13 @@ def shift_markdown_table(rows: Sequence[dict]) -> str:
     lines = ["| | " + " | ".join(SHIFT_COLUMNS) + " |", "|" + "---|" * (len(SHIFT_COLUMNS) + 1)]
     for row in rows:
         if row.get("seeds"):
-            cells = [f"{row['hu_shift']:+.1f} ± {row['hu_shift_std']:.1f}",
+            def sd(key):  # an sd over one seed says nothing
+                return f" ± {row[key + '_std']:.1f}" if len(row["seeds"]) > 1 else ""
+
+            cells = [f"{row['hu_shift']:+.1f}{sd('hu_shift')}",
                      " / ".join(f"{v:+.1f}" for v in row["hu_shift_per_seed"]),
                      f"{row['hu_shift_within_sd']:.1f}",
-                     f"{row['noise_std']:.1f} ± {row['noise_std_std']:.1f}",
+                     f"{row['noise_std']:.1f}{sd('noise_std')}",
                      f"{row['psnr']:.2f}", f"{row['ssim']:.4f}",
                      "/".join(str(s) for s in row["steps"]), _fmt_minutes(row["train_s"])]
         else:  # the LD input, a baseline: no seeds, no training
@@ -997,7 +1001,8 @@ def run_shift_ablation(preset: str = "shift", out=None, seeds: Sequence[int] = (
     chosen = [v for v in SHIFT_VARIANTS if v.key in set(variants)]
     tables = list(dict.fromkeys(tables))
     if preset not in SHIFT_PRESETS:
-        raise TrainError(f"the shift ablation's preset must be one of {SHIFT_PRESETS}, got {preset!r}")
+        raise TrainError(f"the shift ablation's preset must be one of {SHIFT_PRESETS}, "
+                         f"got {preset!r}")
     if (not chosen or not seeds or not tables or set(variants) - set(SHIFT_VARIANT_KEYS)
             or set(tables) - set(SHIFT_TABLES)):
         raise TrainError(f"variants must be a non-empty subset of {SHIFT_VARIANT_KEYS}, tables "
@@ -1122,7 +1127,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="one run per variant and seed; the table averages over seeds "
                         "(default: 0 1 2 for the shift presets, 0 otherwise)")
-    p.add_argument("--variants", nargs="+", choices=tuple(dict.fromkeys(VARIANTS + SHIFT_VARIANT_KEYS)),
+    p.add_argument("--variants", nargs="+",
+                   choices=tuple(dict.fromkeys(VARIANTS + SHIFT_VARIANT_KEYS)),
                    help=f"default: {' '.join(VARIANTS)}; shift presets: "
                         f"{' '.join(SHIFT_VARIANT_KEYS)} (none-0hu: GAN only at 0 HU, the control)")
     p.add_argument("--figure-slice", type=int, default=0, help="held-out slice in the figure")
