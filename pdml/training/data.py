@@ -11,6 +11,7 @@ import torch
 
 from pdml.training.config import TrainConfig, TrainError
 from pdml.training.distributed import DistInfo, barrier
+from pdml.training.networks import to_network
 
 
 @dataclass
@@ -62,8 +63,6 @@ class HighFrequencyCrops:
         return len(self.dataset)
 
     def get(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from pdml.training.networks import to_network
-
         self.dataset.set_epoch(epoch)
         item = self.dataset[index]
         return to_network(item["ld"], self.cfg), to_network(item["nd"], self.cfg)
