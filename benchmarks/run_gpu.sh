@@ -243,6 +243,7 @@ print(builtin_dataset(size=make_config('paper').builtin_size, progress=False))"
       skip ablation "needs a GPU (python -m pdml.experiments.hu_shift --preset shift-gpu)"
     else
       step ablation 240 ablation.log $PY -m pdml.experiments.hu_shift --preset shift-gpu --out "$RESULTS/ablation"
+      rm -rf "$RESULTS"/ablation/runs/*/*/checkpoints  # 24 runs' weights: not results
     fi
   else
     skip ablation "no 'shift-gpu' preset in pdml.experiments.hu_shift yet (future work): not run"

@@ -38,7 +38,7 @@ def _fail(prog: str, error, code: int = 2) -> int:
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from pdml.training.config import ARCHS, D_INPUTS, LOSSES, PRECISIONS, PRESETS
+    from pdml.training.config import ARCHS, BUILTIN_LAYOUTS, D_INPUTS, LOSSES, PRECISIONS, PRESETS
 
     p = _Parser(
         prog="pdml-train",
@@ -52,6 +52,14 @@ def _train_parser() -> argparse.ArgumentParser:
     data.add_argument("--ndct", metavar="DIR", help="folder of normal-dose DICOM CT (unpaired)")
     data.add_argument("--val-ldct", metavar="DIR", help="paired validation: low-dose folder")
     data.add_argument("--val-ndct", metavar="DIR", help="paired validation: normal-dose folder")
+    data.add_argument("--builtin-layout", choices=BUILTIN_LAYOUTS,
+                      help="built-in data: LD and ND from different sources (domains), or "
+                      "one pool whose ND domain is the LD slices' noiseless reconstruction "
+                      "(same-anatomy)")
+    data.add_argument("--builtin-size", type=int, help="built-in data: slice side in pixels")
+    data.add_argument("--nd-offset-hu", type=float, metavar="HU",
+                      help="add this CT-number offset to the ND training slices (a known "
+                      "acquisition shift; soft tissue gets all of it, air none)")
     run = p.add_argument_group("run")
     run.add_argument("--preset", choices=sorted(PRESETS), default="demo",
                      help="base settings: demo (minutes on a CPU), paper (GPU), tiny (tests)")
@@ -62,7 +70,8 @@ def _train_parser() -> argparse.ArgumentParser:
     run.add_argument("--decay-steps", type=int, help="final steps over which the LR decays to 0")
     run.add_argument("--batch-size", type=int, help="crops per rank and step")
     run.add_argument("--crop", type=int, help="training crop size in pixels")
-    run.add_argument("--lr", type=float, help="Adam learning rate (G, D, heads)")
+    run.add_argument("--lr", type=float, help="Adam learning rate (G, heads; D too unless --lr-d)")
+    run.add_argument("--lr-d", type=float, help="the discriminator's Adam learning rate")
     run.add_argument("--seed", type=int)
     run.add_argument("--log-every", type=int, help="steps between metrics.jsonl records")
     run.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
@@ -72,9 +81,14 @@ def _train_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-time-limit", action="store_true", help="ignore the preset's time limit")
     run.add_argument("--val-slices", type=int, help="held-out slices evaluated (built-in data)")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    run.add_argument("--arch", choices=ARCHS,
+    net = p.add_argument_group("networks")
+    net.add_argument("--arch", choices=ARCHS,
                      help="networks: pdml's own, or the paper's reference code's (dmlct: shared "
                           "dense block, attention in D, normal(0, 0.01) init; the paper preset's)")
+    net.add_argument("--features", type=int, help="generator width (feature channels)")
+    net.add_argument("--input-center-hu", type=float, metavar="HU",
+                     help="without the wavelet split: the HU the networks see as 0 (0 centres "
+                     "the input on water; default: the paper's [0, 1] window, -1000 HU is 0)")
     loss = p.add_argument_group("losses")
     loss.add_argument("--loss", choices=LOSSES, help="third loss term: the paper's patch-wise "
                       "metric loss (dml), CUT's PatchNCE, or none")
@@ -99,11 +113,12 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
-_TRAIN_KEYS = ("ldct", "ndct", "val_ldct", "val_ndct", "out", "steps", "decay_steps", "batch_size",
-               "crop", "lr", "seed", "log_every", "eval_every", "ckpt_every", "max_minutes",
-               "val_slices", "loss", "tau", "num_patches", "lambda_gan", "lambda_identity",
-               "lambda_metric", "d_input", "precision", "loss_backend", "compile", "device", "threads",
-               "arch")
+_TRAIN_KEYS = ("ldct", "ndct", "val_ldct", "val_ndct", "builtin_layout", "builtin_size",
+               "nd_offset_hu", "out", "steps", "decay_steps", "batch_size", "crop", "lr", "lr_d",
+               "seed", "log_every", "eval_every", "ckpt_every", "max_minutes", "val_slices",
+               "loss", "tau", "num_patches", "lambda_gan", "lambda_identity", "lambda_metric",
+               "arch", "features", "input_center_hu", "d_input", "precision", "loss_backend",
+               "compile", "device", "threads")
 
 
 def train_main(argv=None) -> int:

@@ -10,7 +10,7 @@ import torch
 from pdml.models import FeatureGenerator
 from pdml.training.checkpoint import checkpoint_config
 from pdml.training.config import TrainConfig, TrainError, autocast
-from pdml.training.networks import build_generator
+from pdml.training.networks import build_generator, from_network, to_network
 
 
 def generator_from_checkpoint(ckpt: dict, device: torch.device, which: str = "generator"
@@ -40,9 +40,11 @@ def denoise_hu(generator: FeatureGenerator, hu, cfg: TrainConfig, device: torch.
                precision: str = "fp32", batch_size: int = 4, progress=None) -> np.ndarray:
     """Denoise CT slices: ``hu`` float ``[S, H, W]`` (or ``[H, W]``) in HU -> float32, same shape.
 
-    The slices go to the unit window without clipping (values outside [-1000, 1000] HU pass
-    through linearly), are split by the wavelet transform when the run used it, the
-    generator replaces the high-frequency part, the low-frequency part is added back.
+    The slices are split by the wavelet transform (in HU) when the run used it; the
+    high-frequency part (else the whole slice) goes to the unit window without clipping
+    (values outside [-1000, 1000] HU pass through linearly) and to the networks' scale
+    (:func:`pdml.training.networks.to_network`: ``net_scale``, the input centre), the
+    generator replaces it, and the low-frequency part is added back.
     ``progress``: optional callable ``(slices_done)`` for a progress bar.
     """
     from pdml.data.hu import hu_to_unit, unit_to_hu
@@ -58,17 +60,18 @@ def denoise_hu(generator: FeatureGenerator, hu, cfg: TrainConfig, device: torch.
     context = autocast(device, precision)
     out = np.empty_like(hu)
     for start in range(0, hu.shape[0], batch_size):
-        unit = hu_to_unit(hu[start:start + batch_size], clip=False).astype(np.float32)
+        chunk = hu[start:start + batch_size]
+        # split in HU, as the training crops are (pdml.training.data.HighFrequencyCrops)
         if cfg.wavelet:
-            low, high = wavelet_split(unit, cfg.wavelet_name, cfg.wavelet_level)
+            low, high = wavelet_split(chunk, cfg.wavelet_name, cfg.wavelet_level)
         else:
-            low, high = np.zeros_like(unit), unit
-        scale = cfg.resolved_net_scale
-        x = torch.from_numpy(np.ascontiguousarray(high * scale)).unsqueeze(1).to(device)
+            low, high = np.zeros_like(chunk), chunk
+        x = to_network(hu_to_unit(high, clip=False).astype(np.float32), cfg)
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).unsqueeze(1).to(device)
         with context:
             y = generator(x)
-        y = y.float().squeeze(1).cpu().numpy() / scale
-        out[start:start + batch_size] = unit_to_hu(low + y)
+        y = from_network(y.float().squeeze(1).cpu().numpy(), cfg)
+        out[start:start + batch_size] = low + unit_to_hu(y)
         if progress is not None:
             progress(min(start + batch_size, hu.shape[0]))
     return out[0] if squeeze else out

@@ -8,7 +8,7 @@ import torch
 
 from pdml.data import (BUILTIN_ND_SHIFT, PairedCTDataset, UnpairedCTDataset, builtin_dataset,
                        cache_dir, read_slices)
-from pdml.data.builtin import SPLITS, phantom
+from pdml.data.builtin import LD_SOURCES, ND_SOURCES, SPLITS, phantom
 
 TINY = dict(size=128, ld_per_source=1, nd_per_source=1, test_per_slice=1, views=60)
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
@@ -36,6 +36,47 @@ def test_builtin_layout_and_contents(tiny):
     ld, truth = tiny.load("test/ld"), tiny.load("test/truth")
     assert (ld - truth).std() > 5
     assert abs(float((ld - truth).mean())) < 5
+
+
+def test_same_anatomy_layout_pairs_each_low_dose_slice_with_its_noiseless_fbp(tmp_path):
+    pooled = builtin_dataset(root=tmp_path, seed=0, progress=False, layout="same-anatomy",
+                             **TINY)
+    # every training source in one pool (1 augmentation of each of 6 real slices + 2
+    # phantoms), no ND split: its user makes the ND domain from train/truth
+    assert pooled.manifest["counts"] == {"train/ld": 8, "train/truth": 8, "test/ld": 2,
+                                         "test/truth": 2}
+    assert set(pooled.manifest["ld_sources"]) == set(LD_SOURCES + ND_SOURCES)
+    assert not (pooled.root / "train" / "nd").exists()
+    with pytest.raises(ValueError, match="same-anatomy"):
+        pooled.load("train/nd")
+    ld, truth = pooled.load("train/ld"), pooled.load("train/truth")
+    assert ld.shape == truth.shape == (8, 128, 128)
+    # the same slice: noise only (zero mean), the truth at the LD domain's CT numbers
+    assert 5 < float((ld - truth).std()) < 100
+    assert abs(float((ld - truth).mean())) < 2
+    assert np.corrcoef(ld.ravel(), truth.ravel())[0, 1] > 0.99
+    # the pool's truth is the simulation without noise of the planned (augmented) slices
+    from pdml.data import simulate_low_dose
+    from pdml.data.builtin import BuiltinRecipe, _plan
+
+    recipe = BuiltinRecipe(seed=0, layout="same-anatomy", **TINY)
+    plan = _plan(recipe, np.random.default_rng(0))
+    assert plan["nd"] == [] and len(plan["ld"]) == 8
+    hu, mm = plan["ld"][0]
+    _, clean = simulate_low_dose(hu[None], i0=recipe.i0, views=recipe.views, seed=[0],
+                                 pixel_size_mm=[mm], return_clean=True, device="cpu")
+    np.testing.assert_allclose(truth[0], clean[0], atol=1e-2)
+    # the default layout's cache key is what it was before layouts existed
+    import hashlib
+
+    default = BuiltinRecipe(seed=0, **TINY)
+    blob = json.dumps(dict(seed=0, size=128, ld_per_source=1, nd_per_source=1,
+                           test_per_slice=1, i0=5e4, views=60, version=1), sort_keys=True)
+    assert default.key() == ("builtin-v1-seed0-128px-"
+                             + hashlib.sha256(blob.encode()).hexdigest()[:10])
+    assert recipe.key() != default.key()
+    with pytest.raises(ValueError, match="layout"):
+        BuiltinRecipe(layout="pooled")
 
 
 def test_builtin_is_deterministic_and_cached(tiny, tmp_path, capsys):

@@ -54,11 +54,11 @@ def test_trained_discriminator_scores_ld_and_clean_slices_differently():
     torch.manual_seed(0)
     discriminator = build_networks(cfg)[1]
     opt = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    scale, n = cfg.resolved_net_scale, len(crops)
+    n = len(crops)
     for step in range(150):  # the trainer's D step, with an identity generator (fake = LD)
         pairs = [crops.get((step * 4 + j) // n, (step * 4 + j) % n) for j in range(4)]
-        ld = torch.stack([p[0] for p in pairs]) * scale
-        nd = torch.stack([p[1] for p in pairs]) * scale
+        ld = torch.stack([p[0] for p in pairs])  # already in the networks' scale
+        nd = torch.stack([p[1] for p in pairs])
         scores = discriminator(torch.cat([nd, ld]))
         loss = 0.5 * ((scores[:4] - 1).square().mean() + scores[4:].square().mean())
         opt.zero_grad()

@@ -73,6 +73,105 @@ def test_presets_and_config_validation():
         make_config("huge")
 
 
+def test_shift_options_are_ordinary_settings():
+    """--lr-d, --nd-offset-hu, --input-center-hu, --builtin-layout: TrainConfig fields,
+    checked by validate() (types and ranges), stored and read back by to/from_dict."""
+    cfg = make_config("tiny", lr_d=1e-4, nd_offset_hu=-50.0, input_center_hu=0.0,
+                      builtin_layout="same-anatomy", features=16)
+    assert (cfg.resolved_lr_d, cfg.nd_offset_hu, cfg.input_center_hu) == (1e-4, -50.0, 0.0)
+    assert make_config("tiny").resolved_lr_d == make_config("tiny").lr
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    old = cfg.to_dict()  # a run stored before these fields existed: today's behaviour
+    for key in ("lr_d", "nd_offset_hu", "input_center_hu", "builtin_layout"):
+        old.pop(key)
+    restored = TrainConfig.from_dict(old)
+    restored.validate()
+    assert (restored.lr_d, restored.nd_offset_hu, restored.input_center_hu,
+            restored.builtin_layout) == (None, 0.0, None, "domains")
+    for kwargs, match in [({"lr_d": 0.0}, "--lr-d"), ({"lr_d": float("nan")}, "--lr-d"),
+                          ({"lr_d": True}, "--lr-d"), ({"nd_offset_hu": 2000.0}, "--nd-offset-hu"),
+                          ({"nd_offset_hu": "100"}, "--nd-offset-hu"),
+                          ({"nd_offset_hu": float("inf")}, "--nd-offset-hu"),
+                          ({"input_center_hu": -1500.0}, "--input-center-hu"),
+                          ({"builtin_layout": "pooled"}, "--builtin-layout"),
+                          ({"features": 1.5}, "--features")]:
+        with pytest.raises(TrainError, match=match):
+            make_config("tiny", **kwargs)
+
+
+def test_network_scale_is_one_map_for_training_and_inference():
+    """to_network / from_network: the wavelet band is centred at 0 HU, whole images at
+    --input-center-hu (default: the window's low edge, the paper's [0, 1] input); the
+    trainer's crops and pdml.inference.denoise_hu use the same map, so an identity
+    generator returns its input and a constant output offset c is c·2000/net_scale HU."""
+    from pdml.data import hu_to_unit
+    from pdml.inference import denoise_hu
+    from pdml.training.networks import from_network, to_network
+
+    hu = np.array([-1000.0, 0.0, 40.0, 1000.0], dtype=np.float32)
+    unit = hu_to_unit(hu, clip=False)
+    cases = [(dict(), 20.0, 0.0), (dict(wavelet=False), 1.0, -1000.0),
+             (dict(wavelet=False, input_center_hu=0.0), 1.0, 0.0),
+             (dict(wavelet=False, input_center_hu=40.0, net_scale=4.0), 4.0, 40.0)]
+    rng = np.random.default_rng(0)
+    slices = rng.normal(30.0, 25.0, (2, 64, 64)).astype(np.float32)
+
+    class Plus(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c = c
+
+        def forward(self, x):
+            return x + self.c
+
+    for kwargs, scale, zero_hu in cases:
+        cfg = make_config("tiny", **kwargs)
+        np.testing.assert_allclose(to_network(unit, cfg), (hu - zero_hu) / 2000.0 * scale,
+                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(from_network(to_network(unit, cfg), cfg), unit, atol=1e-7)
+        same = denoise_hu(Plus(0.0), slices, cfg, torch.device("cpu"))
+        np.testing.assert_allclose(same, slices, atol=0.02)
+        up = denoise_hu(Plus(0.05), slices, cfg, torch.device("cpu"))
+        assert float((up - slices).mean()) == pytest.approx(0.05 * 2000.0 / scale, rel=1e-4)
+
+
+def test_nd_offset_and_same_anatomy_layout_reach_the_training_crops():
+    """--builtin-layout same-anatomy trains LD = the pool's low dose against ND = the
+    same pool's noiseless FBP; --nd-offset-hu adds the offset to ND only (soft tissue
+    gets all of it, air none), never to LD or the held-out slices."""
+    from pdml.data import builtin_dataset
+    from pdml.training.data import build_data
+    from pdml.training.distributed import DistInfo
+
+    info = DistInfo()
+    kw = dict(builtin_layout="same-anatomy", wavelet=False, builtin_size=64)
+    plain = build_data(make_config("tiny", **kw), info)
+    shifted = build_data(make_config("tiny", nd_offset_hu=100.0, **kw), info)
+    ds = builtin_dataset(size=64, progress=False, layout="same-anatomy")
+    truth, ld = ds.load("train/truth"), ds.load("train/ld")
+    np.testing.assert_array_equal(plain.train.dataset.nd, truth)
+    np.testing.assert_array_equal(shifted.train.dataset.ld, ld)
+    diff = shifted.train.dataset.nd - truth
+    tissue, air = truth > -100, truth <= -1000  # offset weight 1 and 0 (AcquisitionShift)
+    assert tissue.sum() > 1000 and air.sum() > 100
+    np.testing.assert_allclose(diff[tissue], 100.0, atol=1e-3)
+    np.testing.assert_allclose(diff[air], 0.0, atol=1e-3)
+    for a, b in zip(plain.val, shifted.val):
+        assert np.array_equal(a.ld, b.ld) and np.array_equal(a.nd, b.nd)
+    with pytest.raises(TrainError, match="--nd-offset-hu"):
+        make_config("tiny", nd_offset_hu=-1001.0)
+
+
+def test_lr_d_is_the_discriminator_learning_rate(tmp_path):
+    run = TrainingRun(make_config("tiny", lr=3e-4, lr_d=5e-5, out=str(tmp_path / "run"),
+                                  progress=False))
+    try:
+        assert run.opt_g.param_groups[0]["lr"] == pytest.approx(3e-4)
+        assert run.opt_d.param_groups[0]["lr"] == pytest.approx(5e-5)
+    finally:
+        run.close()
+
+
 def _conv_head(head, fmap):
     """The old trainer's head: 1×1 convs over every pixel of the map."""
     w0, b0, w2, b2 = head[0].weight, head[0].bias, head[2].weight, head[2].bias

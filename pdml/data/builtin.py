@@ -28,6 +28,16 @@ split. Pixel sizes follow from the source spacing and the crop (phantoms: 0.8 mm
   comes from, and phantoms): the simulated low dose and its noiseless FBP (the same pipeline without
   noise: the clean truth at the low-dose domain's CT numbers, same resolution).
 
+Layout ``"same-anatomy"`` (``BuiltinRecipe.layout``; the HU-shift ablation's data,
+docs/hu-shift.md): one training pool of every real source (the low- and full-dose
+domains' files together) and phantoms, each pool slice simulated once, giving
+``train/ld`` (its simulated low dose) and ``train/truth`` (its noiseless FBP, the same
+slice at the same CT numbers). There is no ``train/nd``: the user of the build makes the
+full-dose domain from ``train/truth`` with the acquisition shift it studies
+(``pdml-train --builtin-layout same-anatomy --nd-offset-hu``), so the two domains differ in
+noise and in that shift only, never in anatomy. The test split is made as in the default
+layout (``"domains"``).
+
 Every file is a float32 ``[size, size]`` ``.npy`` in HU, named ``00000.npy``, ... .
 The build is deterministic for a seed (same machine and torch), cached under
 ``$PDML_CACHE_DIR`` or the user's cache folder (``platformdirs.user_cache_dir("pdml")``),
@@ -61,6 +71,12 @@ LD_SOURCES = ("J2K_pixelrep_mismatch.dcm", "explicit_VR-UN.dcm")
 ND_SOURCES = ("bad_sequence.dcm", "CT_small.dcm", "eCT_Supplemental.dcm")
 TEST_SOURCES = ("693_UNCR.dcm",)
 SPLITS = ("train/ld", "train/nd", "test/ld", "test/truth")
+LAYOUT_SPLITS = {"domains": SPLITS,
+                 "same-anatomy": ("train/ld", "train/truth", "test/ld", "test/truth")}
+"""The splits of each layout: ``domains`` (the default): LD and ND training slices from
+different sources; ``same-anatomy``: one pool of all sources, ``train/ld`` and its
+noiseless ``train/truth``."""
+LAYOUTS = tuple(LAYOUT_SPLITS)
 PHANTOM_PIXEL_MM = 0.8
 
 
@@ -90,6 +106,10 @@ class BuiltinDataset:
         return self.root / "train" / "nd"
 
     @property
+    def train_truth(self) -> Path:
+        return self.root / "train" / "truth"
+
+    @property
     def test_ld(self) -> Path:
         return self.root / "test" / "ld"
 
@@ -98,9 +118,12 @@ class BuiltinDataset:
         return self.root / "test" / "truth"
 
     def load(self, split: str) -> np.ndarray:
-        """``split`` in ``SPLITS`` -> float32 ``[S, size, size]`` HU."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        """``split`` of this build's layout (:data:`LAYOUT_SPLITS`) -> float32
+        ``[S, size, size]`` HU; ValueError naming the layout's splits otherwise."""
+        layout = self.manifest.get("recipe", {}).get("layout", "domains")
+        if split not in LAYOUT_SPLITS[layout]:
+            raise ValueError(f"split must be one of {LAYOUT_SPLITS[layout]} (layout "
+                             f"{layout!r}), got {split!r}")
         return np.stack([np.load(p) for p in sorted((self.root / split).glob("*.npy"))])
 
 
@@ -189,20 +212,34 @@ class BuiltinRecipe:
     test_per_slice: int = 8
     i0: float = 5e4
     views: int = 360
+    layout: str = "domains"
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
 
     def key(self) -> str:
-        blob = json.dumps(dict(self.__dict__, version=RECIPE_VERSION), sort_keys=True)
+        fields = dict(self.__dict__, version=RECIPE_VERSION)
+        if fields["layout"] == "domains":  # added later: the builds made before keep their key
+            del fields["layout"]
+        blob = json.dumps(fields, sort_keys=True)
         return f"builtin-v{RECIPE_VERSION}-seed{self.seed}-{self.size}px-" + \
             hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 def _plan(recipe: BuiltinRecipe, rng: np.random.Generator):
-    """[(split, hu [size, size], pixel_mm, simulate?)] in a fixed order."""
+    """{"ld" | "nd" | "test": [(hu [size, size], pixel_mm)]} in a fixed order; with the
+    ``same-anatomy`` layout "ld" pools every training source and "nd" is empty."""
     size = recipe.size
     items: Dict[str, List[Tuple[np.ndarray, float]]] = {"ld": [], "nd": [], "test": []}
-    for key, sources, count in (("ld", LD_SOURCES, recipe.ld_per_source),
-                                ("nd", ND_SOURCES, recipe.nd_per_source),
-                                ("test", TEST_SOURCES, recipe.test_per_slice)):
+    if recipe.layout == "same-anatomy":
+        plan = (("ld", LD_SOURCES + ND_SOURCES, recipe.ld_per_source),
+                ("test", TEST_SOURCES, recipe.test_per_slice))
+    else:
+        plan = (("ld", LD_SOURCES, recipe.ld_per_source),
+                ("nd", ND_SOURCES, recipe.nd_per_source),
+                ("test", TEST_SOURCES, recipe.test_per_slice))
+    for key, sources, count in plan:
         for name in sources:
             for hu, pixel_mm in _real_slices(name):
                 for _ in range(count):
@@ -229,7 +266,9 @@ def build(root: Path, recipe: BuiltinRecipe, progress: bool = True,
     to_simulate = len(items["ld"]) + len(items["test"])
     bar = tqdm(total=to_simulate, desc="pdml built-in dataset (simulating low dose)",
                unit="slice", disable=not progress)
-    for split in SPLITS:
+    pooled = recipe.layout == "same-anatomy"
+    made = LAYOUT_SPLITS[recipe.layout]
+    for split in made:
         (root / split).mkdir(parents=True, exist_ok=True)
     files: Dict[str, str] = {}
 
@@ -240,7 +279,7 @@ def build(root: Path, recipe: BuiltinRecipe, progress: bool = True,
 
     for index, (hu, _) in enumerate(items["nd"]):
         save("train/nd", index, BUILTIN_ND_SHIFT(hu))
-    for split_key, want_truth in (("ld", False), ("test", True)):
+    for split_key, want_truth in (("ld", pooled), ("test", True)):
         slices = items[split_key]
         for start in range(0, len(slices), batch):
             chunk = slices[start:start + batch]
@@ -251,18 +290,21 @@ def build(root: Path, recipe: BuiltinRecipe, progress: bool = True,
                                        views=recipe.views, seed=seeds,
                                        pixel_size_mm=[mm for _, mm in chunk],
                                        return_clean=want_truth, device=device)
+            prefix = "train" if split_key == "ld" else "test"
             for j in range(len(chunk)):
                 if want_truth:
-                    save("test/ld", start + j, result[0][j])
-                    save("test/truth", start + j, result[1][j])
+                    save(f"{prefix}/ld", start + j, result[0][j])
+                    save(f"{prefix}/truth", start + j, result[1][j])
                 else:
-                    save("train/ld", start + j, result[j])
+                    save(f"{prefix}/ld", start + j, result[j])
             bar.update(len(chunk))
     bar.close()
     manifest = {"version": RECIPE_VERSION, "recipe": recipe.__dict__,
-                "ld_sources": LD_SOURCES, "nd_sources": ND_SOURCES,
-                "test_sources": TEST_SOURCES, "nd_shift": BUILTIN_ND_SHIFT.__dict__,
-                "counts": {s: sum(1 for k in files if k.startswith(s + "/")) for s in SPLITS},
+                "ld_sources": LD_SOURCES + ND_SOURCES if pooled else LD_SOURCES,
+                "nd_sources": () if pooled else ND_SOURCES,
+                "test_sources": TEST_SOURCES,
+                "nd_shift": None if pooled else BUILTIN_ND_SHIFT.__dict__,
+                "counts": {s: sum(1 for k in files if k.startswith(s + "/")) for s in made},
                 "sha256": files}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest

@@ -18,6 +18,7 @@ import torch
 
 from pdml import ops
 from pdml._validation import check_metric_tau
+from pdml.data.builtin import LAYOUTS as BUILTIN_LAYOUTS
 from pdml.models import FEATURE_LAYERS
 
 LOSSES = ("dml", "patchnce", "none")
@@ -86,7 +87,17 @@ class TrainConfig:
     crop: int = 64
     crop_margin: int = 30
     builtin_size: int = 256
+    # The built-in dataset's layout (pdml.data.builtin): "domains" (LD and ND training
+    # slices of different sources, ND with the built-in acquisition shift) or
+    # "same-anatomy" (one pool: LD = its simulated low dose, ND = its noiseless FBP).
+    builtin_layout: str = "domains"
+    # A CT-number offset (HU) added to the ND training slices, as a different
+    # acquisition's calibration would (pdml.data.AcquisitionShift: soft tissue gets all of
+    # it, air none). 0: the data as given. The HU-shift ablation's known shift.
+    nd_offset_hu: float = 0.0
     lr: float = 2e-4
+    # The discriminator's Adam learning rate (None: ``lr``).
+    lr_d: Optional[float] = None
     beta1: float = 0.5
     beta2: float = 0.999
     # networks; input_residual applies to arch "pdml" only (dmlct has none, as DML_CT)
@@ -119,6 +130,11 @@ class TrainConfig:
     # inputs cannot move its scores far from its bias and stays at chance. At 20, one unit
     # is 100 HU. Losses other than the adversarial one are computed in the unit window.
     net_scale: Optional[float] = None
+    # The HU value the networks see as 0 when they see whole images (no wavelet split):
+    # None keeps the paper's [0, 1] window (-1000 HU is 0, water 0.5); 0 centres the input
+    # on water. The wavelet high band is zero-mean: it is always centred at 0 HU.
+    # pdml.training.networks.to_network is the one place this is applied.
+    input_center_hu: Optional[float] = None
     # execution
     precision: str = "fp32"
     loss_backend: str = "auto"
@@ -138,6 +154,10 @@ class TrainConfig:
         if self.net_scale is not None:
             return float(self.net_scale)
         return 20.0 if self.wavelet else 1.0
+
+    @property
+    def resolved_lr_d(self) -> float:
+        return float(self.lr_d) if self.lr_d is not None else float(self.lr)
 
     @property
     def resolved_tau(self) -> float:
@@ -187,6 +207,9 @@ class TrainConfig:
             raise TrainError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
         if self.d_input not in D_INPUTS:
             raise TrainError(f"--d-input must be one of {D_INPUTS}, got {self.d_input!r}")
+        if self.builtin_layout not in BUILTIN_LAYOUTS:
+            raise TrainError(f"--builtin-layout must be one of {BUILTIN_LAYOUTS}, "
+                             f"got {self.builtin_layout!r}")
         if self.precision not in PRECISIONS:
             raise TrainError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.loss_backend not in ops.BACKEND_NAMES:
@@ -217,6 +240,13 @@ class TrainConfig:
                              f"without repeats, got {list(self.loss_layers)}")
         if self.lr <= 0:
             raise TrainError(f"--lr must be > 0, got {self.lr}")
+        if self.lr_d is not None and self.lr_d <= 0:
+            raise TrainError(f"--lr-d must be > 0, got {self.lr_d}")
+        if not -1000 <= self.nd_offset_hu <= 1000:
+            raise TrainError(f"--nd-offset-hu must be in [-1000, 1000] HU, got {self.nd_offset_hu}")
+        if self.input_center_hu is not None and not -1000 <= self.input_center_hu <= 1000:
+            raise TrainError(f"--input-center-hu must be in [-1000, 1000] HU, "
+                             f"got {self.input_center_hu}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise TrainError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -11,6 +11,7 @@ import torch
 
 from pdml.training.config import TrainConfig, TrainError
 from pdml.training.distributed import DistInfo, barrier
+from pdml.training.networks import to_network
 
 
 @dataclass
@@ -26,32 +27,32 @@ class RunData:
     """What a run trains and evaluates on.
 
     ``train``: ``len()`` and ``get(epoch, index) -> (ld, nd)`` crops ``[1, crop, crop]``
-    float32 in the unit window (the high-frequency part when the wavelet split is on), the
-    two unpaired (:class:`HighFrequencyCrops`); ``val``: held-out slices in HU.
+    float32 in the networks' scale (the high-frequency part when the wavelet split is on),
+    the two unpaired (:class:`HighFrequencyCrops`); ``val``: held-out slices in HU.
     """
     train: Any
     val: list = field(default_factory=list)
 
 
 class HighFrequencyCrops:
-    """Training crops of the wavelet high-frequency part of whole slices.
+    """Training crops of the wavelet high-frequency part of whole slices, in the networks'
+    scale.
 
     Wraps :class:`pdml.data.UnpairedCTDataset` built on the high-frequency part (HU) of
     every slice: the split is made once on whole slices, exactly as at inference, then
-    cropped. The dataset maps HU to the unit window linearly (``(hu + 1000) / 2000``); the
-    high-frequency part of the unit image is that minus the window's image of 0 HU.
+    cropped. The dataset maps HU to the unit window (``(hu + 1000) / 2000``), and
+    :func:`pdml.training.networks.to_network` maps that to what the networks see. Without
+    the wavelet split the crops are of the whole slices.
     Item ``i`` (after ``set_epoch``): ``(ld [1, c, c], nd [1, c, c])`` float32.
     """
 
     def __init__(self, ld_hu: np.ndarray, nd_hu: np.ndarray, cfg: TrainConfig):
-        from pdml.data import UnpairedCTDataset, hu_to_unit, wavelet_split
+        from pdml.data import UnpairedCTDataset, wavelet_split
 
         if cfg.wavelet:
             ld_hu = wavelet_split(ld_hu, cfg.wavelet_name, cfg.wavelet_level)[1]
             nd_hu = wavelet_split(nd_hu, cfg.wavelet_name, cfg.wavelet_level)[1]
-            self.offset = float(hu_to_unit(np.float32(0.0), clip=False))
-        else:
-            self.offset = 0.0
+        self.cfg = cfg
         try:
             self.dataset = UnpairedCTDataset(ld_hu, nd_hu, crop=cfg.crop, margin=cfg.crop_margin,
                                              flip=True, seed=cfg.seed)
@@ -64,7 +65,7 @@ class HighFrequencyCrops:
     def get(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.dataset.set_epoch(epoch)
         item = self.dataset[index]
-        return item["ld"] - self.offset, item["nd"] - self.offset
+        return to_network(item["ld"], self.cfg), to_network(item["nd"], self.cfg)
 
 
 def _read_folder(flag: str, folder: Optional[str]) -> np.ndarray:
@@ -101,19 +102,27 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> RunData:
     """The run's training crops and held-out slices.
 
     - no ``--ldct/--ndct``: the built-in dataset (:func:`pdml.data.builtin_dataset`, built
-      once by rank 0 and cached); held-out: its test split (simulated LD and clean truth);
+      once by rank 0 and cached; ``--builtin-layout``); held-out: its test split
+      (simulated LD and clean truth);
     - ``--ldct/--ndct``: unpaired folders; held-out: ``--val-ldct/--val-ndct`` when given
       (paired), else a few LD training slices without a reference.
+
+    ``--nd-offset-hu``: the ND training slices' CT numbers get that offset
+    (:class:`pdml.data.AcquisitionShift`); the held-out slices never do.
     """
     from pdml.data import builtin_dataset
 
     val: list[ValItem] = []
     if cfg.ldct is None:
         if info.is_main:
-            builtin_dataset(size=cfg.builtin_size, progress=cfg.progress)
+            builtin_dataset(size=cfg.builtin_size, progress=cfg.progress,
+                            layout=cfg.builtin_layout)
         barrier(info)
-        ds = builtin_dataset(size=cfg.builtin_size, progress=False)
-        ld, nd = ds.load("train/ld"), ds.load("train/nd")
+        ds = builtin_dataset(size=cfg.builtin_size, progress=False, layout=cfg.builtin_layout)
+        # same-anatomy: the ND domain is the LD slices' own noiseless reconstruction, drawn
+        # independently of the LD crops (UnpairedCTDataset), so nothing pairs them
+        ld = ds.load("train/ld")
+        nd = ds.load("train/truth" if cfg.builtin_layout == "same-anatomy" else "train/nd")
         test_ld, test_truth = ds.load("test/ld"), ds.load("test/truth")
         for i in _spread(cfg.val_slices, len(test_ld)):
             val.append(ValItem(test_ld[i], test_truth[i], f"builtin test {i}"))
@@ -129,6 +138,10 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> RunData:
         else:
             for i in _spread(cfg.val_slices, len(ld)):
                 val.append(ValItem(ld[i], None, f"train LD {i}"))
+    if cfg.nd_offset_hu != 0:
+        from pdml.data import AcquisitionShift
+
+        nd = AcquisitionShift(offset_hu=cfg.nd_offset_hu)(nd)
     for flag, arr in (("--ldct", ld), ("--ndct", nd)):
         if min(arr.shape[1:]) < cfg.crop:
             raise TrainError(f"{flag}: slices of {arr.shape[1]}x{arr.shape[2]} px are smaller "

@@ -1,4 +1,6 @@
-"""The run's networks, built from its config: generator, discriminator, projection heads.
+"""The run's networks, built from its config: generator, discriminator, projection heads,
+and the scale they see (:func:`to_network`, :func:`from_network`: the one place the unit
+window, the input centre and ``net_scale`` meet, for training and inference alike).
 
 ``cfg.arch`` picks the set: "pdml" (:class:`pdml.models.RRDNGenerator`, a plain
 :class:`pdml.models.PatchDiscriminator`, PyTorch's default initialisation) or "dmlct" (the
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pdml.data import HU_WINDOW
+from pdml.data import HU_WINDOW, hu_to_unit
 from pdml.models import (FeatureGenerator, PatchDiscriminator, ProjectionHeads, RRDNGenerator,
                          dmlct, init_normal_)
 from pdml.training.config import D_HIGHPASS_HU, TrainConfig
@@ -22,6 +24,28 @@ def build_generator(cfg: TrainConfig) -> FeatureGenerator:
                                     block_layers=cfg.block_layers)
     return RRDNGenerator(channels=1, features=cfg.features, growth=cfg.growth,
                          block_layers=cfg.block_layers, input_residual=cfg.input_residual)
+
+
+def network_zero_hu(cfg: TrainConfig) -> float:
+    """The HU value the networks see as 0: 0 HU for the wavelet high band (zero-mean),
+    else ``cfg.input_center_hu`` (None: the unit window's low edge, the paper's input)."""
+    if cfg.wavelet:
+        return 0.0
+    return float(cfg.input_center_hu) if cfg.input_center_hu is not None else HU_WINDOW[0]
+
+
+def to_network(unit, cfg: TrainConfig):
+    """Unit-window values (``hu_to_unit(hu, clip=False)`` of an image, or of its wavelet
+    high band) -> what the networks see: ``(unit − unit(zero)) · net_scale`` with zero =
+    :func:`network_zero_hu`. Array or tensor of any shape in, same kind and shape out."""
+    zero = float(hu_to_unit(network_zero_hu(cfg), clip=False))
+    return (unit - zero) * cfg.resolved_net_scale
+
+
+def from_network(values, cfg: TrainConfig):
+    """The inverse of :func:`to_network`: the networks' values -> the unit window."""
+    zero = float(hu_to_unit(network_zero_hu(cfg), clip=False))
+    return values / cfg.resolved_net_scale + zero
 
 
 def discriminator_highpass_gain(cfg: TrainConfig) -> Optional[float]:

@@ -105,7 +105,8 @@ class TrainingRun:
             g_params += list(self.heads.parameters())
         betas = (cfg.beta1, cfg.beta2)
         self.opt_g = torch.optim.Adam(g_params, lr=cfg.lr, betas=betas)
-        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.resolved_lr_d,
+                                      betas=betas)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda s: lr_factor(s, cfg))
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, lambda s: lr_factor(s, cfg))
         # fp16: start at 2**10, not torch's 2**16, which overflows the first steps' gradients
@@ -182,12 +183,12 @@ class TrainingRun:
     # ---------------------------------------------------------------- one step
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Step ``step``'s crops of this rank: LD ``x`` and ND ``y`` ``[B, 1, crop, crop]``
-        float32, in the networks' scale (unit window × ``net_scale``), on the device."""
+        float32, in the networks' scale (:func:`pdml.training.networks.to_network`), on
+        the device."""
         b = self.cfg.batch_size
         pairs = [self.data.train.get(e, i) for e, i in self.samples.positions(step * b, b)]
-        scale = self.cfg.resolved_net_scale
-        x = torch.stack([p[0] for p in pairs]) * scale
-        y = torch.stack([p[1] for p in pairs]) * scale
+        x = torch.stack([p[0] for p in pairs])
+        y = torch.stack([p[1] for p in pairs])
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
