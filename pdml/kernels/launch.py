@@ -58,14 +58,19 @@ CHUNK_CHANNELS = {
 """Channels per chunk of each kernel on the GPU: ``(fp32, fp16/bf16 map form, fp16/bf16
 rows form, fp16/bf16 64-row tiles)``."""
 
+WARPS = {("metric_forward_kernel", False): 4}
+"""Warps of a ``(kernel, half precision)`` launch where 8 (the default) spills."""
+
 
 def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: bool, kernel: str,
               gather: bool = True) -> Tiles:
     """The tiles of kernel ``kernel`` (a name in :mod:`pdml.kernels.patch_loss`) for groups
     of ``group_rows`` rows of ``channels`` channels, of the map form (``gather``) or not.
 
-    GPU: 8 warps without pipelining, 32×32 tiles, and 64×64 tiles (wgmma) for fp16/bf16
-    groups of at least :data:`LARGE_GROUP` rows; channel chunks of :data:`CHUNK_CHANNELS`.
+    GPU: 8 warps (4 where :data:`WARPS` says: the fp32 metric forward, whose overflow-safe
+    per-map scaling spilled 2-4 bytes at 8 warps with triton 3.6) without pipelining, 32×32
+    tiles, and 64×64 tiles (wgmma) for fp16/bf16 groups of at least :data:`LARGE_GROUP`
+    rows; channel chunks of :data:`CHUNK_CHANNELS`.
     Measured with ``python -m pdml.kernels.aot`` (sm_90 and sm_80, triton 3.6 and 3.8):
     no register spills in any kernel. 4 warps or 2 stages spill in the backward kernels,
     and a kernel's other chunk width may spill a few bytes on one architecture or with one
@@ -81,7 +86,7 @@ def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: boo
     large = half and group_rows >= LARGE_GROUP
     block = min(64 if large else 32, max(16, triton.next_power_of_2(group_rows)))
     block_c = CHUNK_CHANNELS[kernel][0 if not half else 3 if large else 1 if gather else 2]
-    return Tiles(block, block, block_c, 8, 1)
+    return Tiles(block, block, block_c, WARPS.get((kernel, half), 8), 1)
 
 
 def launch_configs(dtype: torch.dtype, group_rows: int, channels: int, kernel: str, gather: bool) -> list[Tiles]:
