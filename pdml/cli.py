@@ -57,6 +57,9 @@ def _train_parser() -> argparse.ArgumentParser:
                       "one pool whose ND domain is the LD slices' noiseless reconstruction "
                       "(same-anatomy)")
     data.add_argument("--builtin-size", type=int, help="built-in data: slice side in pixels")
+    data.add_argument("--supervised", action="store_true", default=None,
+                      help="train G alone by L1 to the paired noiseless truth (built-in "
+                      "same-anatomy layout; an upper bound for the unsupervised runs)")
     data.add_argument("--nd-offset-hu", type=float, metavar="HU",
                       help="add this CT-number offset to the ND training slices (a known "
                       "acquisition shift; soft tissue gets all of it, air none)")
@@ -100,13 +103,19 @@ def _train_parser() -> argparse.ArgumentParser:
     loss.add_argument("--no-wavelet", action="store_true",
                       help="feed whole images instead of the wavelet high-frequency part")
     loss.add_argument("--d-input", choices=D_INPUTS,
-                      help="what the discriminator judges: the image (the paper) or its 3x3 "
-                      "high-pass, where noise stands out (demo preset)")
+                      help="what the discriminator judges: the image (the paper), its 3x3 "
+                      "high-pass, where noise stands out (demo preset), or both as two "
+                      "channels (image+highpass: noise and CT numbers at once)")
     ex = p.add_argument_group("execution")
     ex.add_argument("--precision", choices=PRECISIONS, help="autocast precision (fp16 uses a GradScaler)")
     ex.add_argument("--loss-backend", choices=ops.BACKEND_NAMES,
                     help="implementation of the fused patch loss")
     ex.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
+    ex.add_argument("--no-eval-figures", dest="eval_figures", action="store_false", default=None,
+                    help="no figure at each held-out evaluation (metrics only)")
+    ex.add_argument("--no-classical", dest="compare_classical", action="store_false",
+                    default=None, help="no classical denoiser (BM3D, else non-local means) "
+                    "beside the network in the final summary")
     ex.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     ex.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's, or 1 "
                     "when the machine is already busy)")
@@ -118,7 +127,8 @@ _TRAIN_KEYS = ("ldct", "ndct", "val_ldct", "val_ndct", "builtin_layout", "builti
                "seed", "log_every", "eval_every", "ckpt_every", "max_minutes", "val_slices",
                "loss", "tau", "num_patches", "lambda_gan", "lambda_identity", "lambda_metric",
                "arch", "features", "input_center_hu", "d_input", "precision", "loss_backend",
-               "compile", "device", "threads")
+               "compile", "device", "threads", "supervised", "eval_figures",
+               "compare_classical")
 
 
 def train_main(argv=None) -> int:

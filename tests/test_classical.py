@@ -1,11 +1,11 @@
-"""pdml.experiments.classical: TV, non-local means and BM3D on a simulated low-dose slice
-(pydicom's CT_small, 64×64 crops: one to tune on, another to evaluate on), the tuning
-rule, the rows' metrics against pdml's evaluation, and bad input."""
+"""pdml.classical: TV, non-local means and BM3D on a simulated low-dose slice (pydicom's
+CT_small, 64×64 crops: one to tune on, another to evaluate on), the tuning rule, the rows'
+metrics against pdml's evaluation (pdml.training.evaluate.classical_rows), and bad input."""
 import numpy as np
 import pytest
 
 from pdml import metrics
-from pdml.experiments import classical as C
+from pdml import classical as C
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,21 +57,40 @@ def test_each_baseline_reduces_noise_at_its_tuned_strength(pair, method):
 
 def test_classical_rows_score_with_the_trainers_evaluation(pair):
     from pdml.training.data import ValItem
-    from pdml.training.evaluate import evaluate_slices
+    from pdml.training.evaluate import classical_rows, evaluate_slices
 
     tune_ld, tune_truth, val_ld, val_truth = pair
-    rows = C.classical_rows(val_ld, val_truth, tune_ld, tune_truth, methods=("tv", "nlm"),
-                            grids=SMALL_GRIDS)
-    assert [r["variant"] for r in rows] == ["tv", "nlm"]
-    for row in rows:
-        assert row["strength"] in SMALL_GRIDS[row["variant"]]
-        assert set(row["tuning_psnr"]) == set(SMALL_GRIDS[row["variant"]])
-        want = evaluate_slices([ValItem(val_ld[0], val_truth[0])],
-                               [C.denoise(row["variant"], val_ld[0], row["strength"])])
-        for key in ("psnr", "ssim", "noise_std", "hu_shift"):
+    # tuned on item 0 (tune_every=2), scored on both
+    items = [ValItem(tune_ld[0], tune_truth[0], "tune"), ValItem(val_ld[0], val_truth[0], "val")]
+    rows = classical_rows(items, methods=("tv", "nlm"), grids=SMALL_GRIDS)
+    assert [r["method"] for r, _ in rows] == ["tv", "nlm"]
+    for row, denoised in rows:
+        method = row["method"]
+        strength, scores = C.tune(method, tune_ld, tune_truth, SMALL_GRIDS[method])
+        assert row["strength"] == strength and row["tuning_slices"] == [0]
+        assert set(row["tuning_psnr"]) == {f"{s:g}" for s in SMALL_GRIDS[method]}
+        want_images = C.denoise(method, np.stack([tune_ld[0], val_ld[0]]), strength)
+        np.testing.assert_array_equal(denoised, want_images)
+        want = evaluate_slices(items, list(want_images))
+        for key in ("psnr", "ssim", "noise_std", "hu_shift", "ld_noise_std"):
             assert row[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12), key
-        assert row["noise_std"] < want["ld_noise_std"] and row["seconds"] > 0
-        assert row["name"].startswith(C.NAMES[row["variant"]])
+        assert row["noise_std"] < row["ld_noise_std"] and row["seconds"] > 0
+        assert row["name"].startswith(C.NAMES[method])
+    with pytest.raises(ValueError, match="reference"):
+        classical_rows([ValItem(val_ld[0], None)], methods=("tv",))
+    with pytest.raises(ValueError, match="tune_every"):
+        classical_rows(items, methods=("tv",), tune_every=0)
+
+
+def test_best_available_is_bm3d_with_its_package_else_nlm(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bm3d" else real(name, *a))
+    assert C.best_available() == "nlm"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert C.best_available() == "bm3d"
 
 
 def test_the_tuning_rule_maximises_psnr_and_prefers_the_smaller_strength_on_a_tie(
@@ -105,4 +124,4 @@ def test_bad_input_names_the_argument(pair):
     with pytest.raises(ValueError, match="grid"):
         C.tune("tv", tune_ld, tune_truth, ())
     with pytest.raises(ValueError, match="val_ld_hu"):
-        C.classical_rows(val_ld[:, :32], val_truth, tune_ld, tune_truth, methods=("tv",))
+        C.tuned_baselines(np.zeros((1, 2, 2)), tune_ld, tune_truth, methods=("tv",))

@@ -8,7 +8,8 @@ Each module's docstring gives its details: ``dicom`` (reading, writing), ``hu``,
 ``wavelet``, ``builtin`` (the built-in dataset), ``datasets`` (torch datasets).
 """
 from pdml.data.builtin import BuiltinDataset, BuiltinRecipe, builtin_dataset, cache_dir, phantom
-from pdml.data.datasets import PairedCTDataset, UnpairedCTDataset, random_crop_flip, read_slices
+from pdml.data.datasets import (PairedCropDataset, PairedCTDataset, UnpairedCTDataset,
+                                random_crop_flip, read_slices)
 from pdml.data.dicom import (CTSeries, CTSeriesList, CTSlice, DicomHeaderWarning, DicomReadError,
                              NoCTImagesError, load_ct, save_ct)
 from pdml.data.hu import HU_WINDOW, hu_to_unit, unit_to_hu
@@ -26,5 +27,5 @@ __all__ = [
     "AcquisitionShift", "BUILTIN_ND_SHIFT", "KVP_120_TO_100", "KVP_120_TO_80",
     "wavelet_split",
     "builtin_dataset", "BuiltinDataset", "BuiltinRecipe", "cache_dir", "phantom",
-    "UnpairedCTDataset", "PairedCTDataset", "read_slices", "random_crop_flip",
+    "UnpairedCTDataset", "PairedCropDataset", "PairedCTDataset", "read_slices", "random_crop_flip",
 ]

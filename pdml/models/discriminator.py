@@ -8,7 +8,10 @@ LeakyReLU(0.2) between, no normalisation layers (spectral norm bounds each layer
 With ``highpass_gain`` the discriminator judges the image's finest texture instead of the
 image: its first layer sees ``gain · (x − mean₃ₓ₃(x))`` (:class:`HighPass`). Noise is
 what differs most between LD and ND at that scale, while the anatomy's edges, hundreds of
-HU strong, dominate the image itself; docs/training.md has the measurement.
+HU strong, dominate the image itself; docs/training.md has the measurement. The high-pass
+removes a constant offset, so such a discriminator cannot see a CT-number shift; with
+``keep_image`` as well its first layer sees both, the image and its high-pass as two
+channels (:class:`ImageAndHighPass`): noise and CT numbers at once (docs/hu-shift.md).
 
 With ``attention_reduction`` (DML_CT's discriminator, :func:`pdml.models.dmlct.dml_ct_discriminator`)
 a squeeze-excitation block (plain 1×1 convs, C → C // reduction → C) follows the
@@ -45,25 +48,46 @@ class HighPass(nn.Module):
         return f"gain={self.gain}"
 
 
+class ImageAndHighPass(nn.Module):
+    """``cat(x, gain · (x − mean₃ₓ₃(x)))`` along channels; ``[B, C, H, W]`` -> ``[B, 2C, H, W]``.
+
+    No parameters and no buffers (:class:`HighPass` gives the second half).
+    """
+
+    def __init__(self, gain: float):
+        super().__init__()
+        self.highpass = HighPass(gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.highpass(x)], dim=1)
+
+
 class PatchDiscriminator(nn.Module):
     """Args: ``channels`` in; ``ndf`` width of the first conv (doubling per layer, at most
     8·ndf); ``layers`` stride-2 convs; ``highpass_gain``: judge the 3×3 high-pass (None: the
-    image); ``attention_reduction``: squeeze-excitation after each inner conv (None: none);
+    image); ``keep_image``: with ``highpass_gain``, the image and its high-pass as two
+    input views (the first conv takes ``2·channels``); ``attention_reduction``:
+    squeeze-excitation after each inner conv (None: none);
     ``init_std``: normal(0, std) weights and zero biases
     (:func:`pdml.models.layers.init_normal_`; None: PyTorch's default)."""
 
     def __init__(self, channels: int = 1, ndf: int = 32, layers: int = 3,
-                 highpass_gain: Optional[float] = None,
+                 highpass_gain: Optional[float] = None, keep_image: bool = False,
                  attention_reduction: Optional[int] = None, init_std: Optional[float] = None):
         super().__init__()
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         if attention_reduction is not None and attention_reduction < 1:
             raise ValueError(f"attention_reduction must be >= 1, got {attention_reduction}")
-        self.input_filter = nn.Identity() if highpass_gain is None else HighPass(highpass_gain)
+        if keep_image and highpass_gain is None:
+            raise ValueError("keep_image needs highpass_gain (the image alone is the default)")
+        if highpass_gain is None:
+            self.input_filter: nn.Module = nn.Identity()
+        else:
+            self.input_filter = ImageAndHighPass(highpass_gain) if keep_image else HighPass(highpass_gain)
         widths = [ndf * min(2 ** i, 8) for i in range(layers + 1)]
         mods: list[nn.Module] = []
-        in_ch = channels
+        in_ch = 2 * channels if keep_image else channels
         for i, width in enumerate(widths):
             stride = 2 if i < layers else 1
             mods += [sn_conv(in_ch, width, 3, stride=stride, init_std=init_std,

@@ -26,7 +26,7 @@ ARCHS = ("pdml", "dmlct")
 """Network sets: pdml's own (:class:`pdml.models.RRDNGenerator`), the paper's reference code's
 (:mod:`pdml.models.dmlct`). A config without ``arch`` (runs before it existed) is "pdml"."""
 PRECISIONS = ("fp32", "bf16", "fp16")
-D_INPUTS = ("image", "highpass")
+D_INPUTS = ("image", "highpass", "image+highpass")
 D_HIGHPASS_HU = 20.0
 """HU per unit of the discriminator's input with ``d_input="highpass"`` (LD noise of ~25 HU
 is then about one unit, whatever the networks' scale)."""
@@ -108,12 +108,17 @@ class TrainConfig:
     input_residual: bool = True
     ndf: int = 32
     d_layers: int = 3
-    # What the discriminator judges: "image" (the paper), or "highpass": the image's 3×3
+    # What the discriminator judges: "image" (the paper), "highpass": the image's 3×3
     # high-pass, one unit = D_HIGHPASS_HU HU, where LD noise stands out against the
-    # anatomy (docs/training.md). Runs stored without it trained with "image".
+    # anatomy (docs/training.md), or "image+highpass": both as two input channels, noise
+    # and CT numbers at once (docs/hu-shift.md). Runs stored without it trained with "image".
     d_input: str = "image"
     head_dim: int = 128
     # losses
+    # The supervised upper bound of the HU-shift experiment: G alone, trained by L1 to the
+    # paired noiseless truth of the same crops (built-in "same-anatomy" layout only); no
+    # discriminator, identity or patch loss. False: the paper's unsupervised training.
+    supervised: bool = False
     loss: str = "dml"
     lambda_gan: float = 1.0
     lambda_identity: float = 5.0
@@ -147,6 +152,13 @@ class TrainConfig:
     ckpt_every: int = 50
     max_minutes: Optional[float] = None
     val_slices: int = 4
+    # a figure of held-out slice 0 at every evaluation (figures/eval_step*.png); False:
+    # metrics only (an experiment's many small runs: the figure costs more than the metrics)
+    eval_figures: bool = True
+    # the final summary puts the best classical denoiser available (pdml.classical: BM3D
+    # with its optional package, else non-local means) beside the network on the held-out
+    # slices, tuned on every second one (only when they have references)
+    compare_classical: bool = True
     progress: bool = True
 
     @property
@@ -221,6 +233,13 @@ class TrainConfig:
                              "give both, or neither for the built-in dataset")
         if (self.val_ldct is None) != (self.val_ndct is None):
             raise TrainError("--val-ldct and --val-ndct go together (a paired validation set)")
+        if self.supervised:
+            if self.ldct is not None or self.builtin_layout != "same-anatomy":
+                raise TrainError("--supervised trains on paired noiseless references: only the "
+                                 "built-in data's --builtin-layout same-anatomy has them")
+            if self.loss != "none" or self.nd_offset_hu != 0:
+                raise TrainError("--supervised trains G alone by L1 to the truth: use it with "
+                                 "--loss none and without --nd-offset-hu")
         for name in ("steps", "batch_size", "crop", "num_patches", "log_every", "eval_every",
                      "ckpt_every", "features", "growth", "block_layers", "ndf", "d_layers",
                      "head_dim", "val_slices", "builtin_size", "wavelet_level"):
@@ -289,7 +308,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # For tests and smoke runs: a few seconds.
     "tiny": dict(steps=4, decay_steps=2, batch_size=2, crop=32, num_patches=32, log_every=1,
                  eval_every=2, ckpt_every=2, max_minutes=None, val_slices=1, builtin_size=64,
-                 crop_margin=4),
+                 crop_margin=4, compare_classical=False),
 }
 
 

@@ -42,20 +42,23 @@ class HighFrequencyCrops:
     every slice: the split is made once on whole slices, exactly as at inference, then
     cropped. The dataset maps HU to the unit window (``(hu + 1000) / 2000``), and
     :func:`pdml.training.networks.to_network` maps that to what the networks see. Without
-    the wavelet split the crops are of the whole slices.
+    the wavelet split the crops are of the whole slices. With ``cfg.supervised`` the ND
+    slices are the LD slices' references and each pair is cropped at the same place
+    (:class:`pdml.data.PairedCropDataset`).
     Item ``i`` (after ``set_epoch``): ``(ld [1, c, c], nd [1, c, c])`` float32.
     """
 
     def __init__(self, ld_hu: np.ndarray, nd_hu: np.ndarray, cfg: TrainConfig):
-        from pdml.data import UnpairedCTDataset, wavelet_split
+        from pdml.data import PairedCropDataset, UnpairedCTDataset, wavelet_split
 
         if cfg.wavelet:
             ld_hu = wavelet_split(ld_hu, cfg.wavelet_name, cfg.wavelet_level)[1]
             nd_hu = wavelet_split(nd_hu, cfg.wavelet_name, cfg.wavelet_level)[1]
         self.cfg = cfg
         try:
-            self.dataset = UnpairedCTDataset(ld_hu, nd_hu, crop=cfg.crop, margin=cfg.crop_margin,
-                                             flip=True, seed=cfg.seed)
+            kind = PairedCropDataset if cfg.supervised else UnpairedCTDataset
+            self.dataset = kind(ld_hu, nd_hu, crop=cfg.crop, margin=cfg.crop_margin, flip=True,
+                                seed=cfg.seed)
         except ValueError as e:
             raise TrainError(f"training data: {e}") from None
 

@@ -67,3 +67,37 @@ def evaluate_slices(val: Sequence[ValItem], denoised: Sequence[np.ndarray]) -> d
         result["psnr"] = None
     result["slices"] = len(val)
     return result
+
+
+def classical_rows(val: Sequence[ValItem], methods: Sequence[str], tune_every: int = 2,
+                   grids: Optional[dict] = None) -> list[tuple[dict, np.ndarray]]:
+    """Classical baselines scored exactly like a network on the held-out slices ``val``
+    (each with a reference ``nd``): each of ``methods`` (:mod:`pdml.classical`) is tuned
+    once on ``val[::tune_every]`` (highest mean PSNR against the reference), then denoises
+    every slice of ``val`` and is scored by :func:`evaluate_slices`.
+
+    -> one ``(row, denoised)`` per method: ``row`` holds ``method``, ``name``,
+    ``strength``, ``strength_name``, ``tuning_psnr`` ({strength: dB}), ``tuning_slices``,
+    ``seconds`` and the metrics of :func:`evaluate_slices`; ``denoised`` float32
+    ``[S, H, W]`` HU. ValueError when a slice has no reference or slices differ in shape.
+    """
+    from pdml import classical
+
+    if not val or any(item.nd is None for item in val):
+        raise ValueError("val: classical baselines are tuned and scored against references; "
+                         "every held-out slice needs one")
+    if tune_every < 1:
+        raise ValueError(f"tune_every must be >= 1, got {tune_every}")
+    tune = val[::tune_every]
+    baselines = classical.tuned_baselines(np.stack([i.ld for i in val]),
+                                          np.stack([i.ld for i in tune]),
+                                          np.stack([i.nd for i in tune]), methods, grids)
+    out = []
+    for b in baselines:
+        row = {"method": b.method, "name": b.name, "strength": b.strength,
+               "strength_name": classical.STRENGTH_NAMES[b.method],
+               "tuning_psnr": {f"{k:g}": v for k, v in b.scores.items()},
+               "tuning_slices": list(range(0, len(val), tune_every)), "seconds": b.seconds,
+               **evaluate_slices(val, list(b.denoised))}
+        out.append((row, b.denoised))
+    return out

@@ -51,7 +51,7 @@ def from_network(values, cfg: TrainConfig):
 def discriminator_highpass_gain(cfg: TrainConfig) -> Optional[float]:
     """The gain of the discriminator's high-pass input (None: it sees the image): the
     networks see ``unit window · net_scale``, the discriminator ``HU / D_HIGHPASS_HU``."""
-    if cfg.d_input != "highpass":
+    if cfg.d_input not in ("highpass", "image+highpass"):
         return None
     window_hu = HU_WINDOW[1] - HU_WINDOW[0]
     return window_hu / D_HIGHPASS_HU / cfg.resolved_net_scale
@@ -60,12 +60,13 @@ def discriminator_highpass_gain(cfg: TrainConfig) -> Optional[float]:
 def build_networks(cfg: TrainConfig) -> tuple[FeatureGenerator, PatchDiscriminator, Optional[ProjectionHeads]]:
     generator = build_generator(cfg)
     gain = discriminator_highpass_gain(cfg)
+    keep_image = cfg.d_input == "image+highpass"
     if cfg.arch == "dmlct":
         discriminator = dmlct.dml_ct_discriminator(channels=1, ndf=cfg.ndf, layers=cfg.d_layers,
-                                                   highpass_gain=gain)
+                                                   highpass_gain=gain, keep_image=keep_image)
     else:
         discriminator = PatchDiscriminator(channels=1, ndf=cfg.ndf, layers=cfg.d_layers,
-                                           highpass_gain=gain)
+                                           highpass_gain=gain, keep_image=keep_image)
     heads = None
     if cfg.loss != "none":
         heads = ProjectionHeads(cfg.loss_layers, in_channels=cfg.features,

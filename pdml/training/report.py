@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -26,11 +27,15 @@ def _write_figure(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def save_eval_figure(val_item, denoised: np.ndarray, path: Path, step: int) -> None:
-    """PNG of one held-out slice: LD | denoised | ND (when known) | denoised − LD (HU).
+def save_eval_figure(val_item, denoised: np.ndarray, path: Path, step: int,
+                     extra: Sequence[tuple[str, np.ndarray]] = ()) -> None:
+    """PNG of one held-out slice: LD | denoised | each of ``extra`` | ND (when known) |
+    denoised − LD (HU).
 
-    With a reference, the LD and denoised panels are titled with their noise std and HU
-    shift against it (:mod:`pdml.metrics`, homogeneous ROIs), the run's own numbers.
+    ``extra``: ``(title, image [H, W] HU)`` panels of other methods (the summary's
+    classical comparison). With a reference, the LD, denoised and extra panels are titled
+    with their noise std and HU shift against it (:mod:`pdml.metrics`, homogeneous ROIs),
+    the run's own numbers.
     """
     import matplotlib
 
@@ -49,6 +54,7 @@ def save_eval_figure(val_item, denoised: np.ndarray, path: Path, step: int) -> N
         return f"{title}\nnoise {noise:.1f} HU, shift {shift:+.1f} HU"
 
     panels = [(scored("LD input", ld), ld), (scored(f"denoised (step {step})", denoised), denoised)]
+    panels += [(scored(title, img), img) for title, img in extra]
     if nd is not None:
         panels.append(("ND reference", nd))
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
@@ -63,6 +69,30 @@ def save_eval_figure(val_item, denoised: np.ndarray, path: Path, step: int) -> N
     fig.colorbar(diff, ax=axes[-1], fraction=0.046, pad=0.04)
     fig.suptitle(f"window [{lo:.0f}, {hi:.0f}] HU", fontsize=9)
     _write_figure(fig, path)
+
+
+def classical_comparison(generator, val, cfg: TrainConfig, device, figure: Path, step: int):
+    """The best classical denoiser available (:func:`pdml.classical.best_available`) beside
+    the network on the held-out slices ``val`` (:func:`pdml.training.evaluate.classical_rows`:
+    tuned on every second slice, scored on all): its row for summary.json, and ``figure``
+    (LD | network | classical | reference of slice 0). None when the slices lack references
+    or the comparison fails (it never loses the run's summary)."""
+    import warnings
+
+    from pdml.classical import SHORT_NAMES, best_available
+    from pdml.training.evaluate import classical_rows, denoise_slices
+
+    if not val or any(item.nd is None for item in val):
+        return None
+    try:
+        (row, images), = classical_rows(val, [best_available()])
+        network = denoise_slices(generator, val[:1], cfg, device)[0]
+        save_eval_figure(val[0], network, figure, step,
+                         extra=[(SHORT_NAMES[row["method"]], images[0])])
+    except Exception as e:
+        warnings.warn(f"classical comparison not made: {e}")
+        return None
+    return row
 
 
 def append_metrics(path: Path, record: dict) -> None:
@@ -136,18 +166,25 @@ def format_summary(summary: dict, cfg: TrainConfig) -> str:
         lines.append(f"  ranks hold identical parameters: {summary['ranks_in_sync']}")
     ev = summary.get("final_eval")
     if ev:
-        rows = [("LD input", "ld_"), ("denoised", "")]
+        classical = summary.get("classical")
+        rows = [("LD input", ev, "ld_"), ("denoised", ev, "")]
+        if classical:
+            rows.append((classical["name"].split(",")[0], classical, ""))
         head = f"  {'held-out slices':<16}{'PSNR dB':>9}{'SSIM':>8}{'noise HU':>10}{'HU shift':>10}"
         lines += [head, "  " + "-" * (len(head) - 2)]
-        for name, prefix in rows:
-            def cell(key, spec, width):
-                v = ev.get(prefix + key)
-                return format(v, spec).rjust(width) if v is not None else "-".rjust(width)
-            lines.append(f"  {name:<16}{cell('psnr', '.2f', 9)}{cell('ssim', '.4f', 8)}"
-                         f"{cell('noise_std', '.1f', 10)}{cell('hu_shift', '+.1f', 10)}")
+        for name, values, prefix in rows:
+            cells = []
+            for key, spec, width in (("psnr", ".2f", 9), ("ssim", ".4f", 8),
+                                     ("noise_std", ".1f", 10), ("hu_shift", "+.1f", 10)):
+                v = values.get(prefix + key)
+                cells.append(format(v, spec).rjust(width) if v is not None else "-".rjust(width))
+            lines.append(f"  {name:<16}" + "".join(cells))
         ref = "truth/ND" if ev.get("psnr") is not None else "the LD input (no reference)"
         lines.append(f"  ({ev.get('slices')} slice(s); noise = std in homogeneous ROIs, "
                      f"HU shift = mean difference to {ref})")
+        if classical:
+            lines.append(f"  ({classical['name']}: strength tuned on held-out slices "
+                         f"{classical['tuning_slices']}; figures/comparison.png)")
     best = summary.get("best") or {}
     if best.get("psnr") is not None:
         lines.append(f"  best PSNR {best['psnr']:.2f} dB at step {best['step']} "

@@ -19,7 +19,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from pdml.training.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_write_bytes,
                                       checkpoint_config, load_checkpoint, save_checkpoint)
@@ -29,11 +28,11 @@ from pdml.training.distributed import barrier, cpu_threads, init_distributed, la
 from pdml.training.evaluate import denoise_slices, evaluate_slices
 from pdml.training.guard import NonFiniteGuard
 from pdml.training.networks import build_networks
-from pdml.training.report import (append_metrics, format_summary, save_eval_figure,
-                                  save_loss_figure, trim_metrics)
+from pdml.training.report import (append_metrics, classical_comparison, format_summary,
+                                  save_eval_figure, save_loss_figure, trim_metrics)
 from pdml.training.rng import capture_rng_state, restore_rng_state
 from pdml.training.rundir import RunLock, check_writable_folder, remove_stale_temp_files
-from pdml.training.step import GanStep, GeneratorPass, check_loss_backend
+from pdml.training.step import build_step, check_loss_backend
 from pdml.training.telemetry import GpuTelemetry
 
 
@@ -115,24 +114,10 @@ class TrainingRun:
                                            enabled=cfg.precision == "fp16")
         self.autocast = autocast(device, cfg.precision)
 
-        g_pass: nn.Module = GeneratorPass(self.generator, self.heads, cfg.loss_layers,
-                                         cfg.loss_backend)
-        d_model: nn.Module = self.discriminator
-        if info.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [device.index] if device.type == "cuda" else None
-            g_pass = DDP(g_pass, device_ids=ids)
-            d_model = DDP(d_model, device_ids=ids)
-        d_for_g: nn.Module = self.discriminator
-        if cfg.compile:
-            g_pass, d_model, d_for_g = (torch.compile(g_pass), torch.compile(d_model),
-                                        torch.compile(d_for_g))
-        self.g_pass, self.d_model, self.d_for_g = g_pass, d_model, d_for_g
-        self.gan_step = GanStep(cfg, g_pass=g_pass, d_model=d_model, d_for_g=d_for_g,
-                                discriminator=self.discriminator, opt_g=self.opt_g,
-                                opt_d=self.opt_d, sched_g=self.sched_g, sched_d=self.sched_d,
-                                scaler=self.scaler, autocast=self.autocast, device=device)
+        self.step_fn = build_step(cfg, generator=self.generator, discriminator=self.discriminator,
+                                  heads=self.heads, opt_g=self.opt_g, opt_d=self.opt_d,
+                                  sched_g=self.sched_g, sched_d=self.sched_d, scaler=self.scaler,
+                                  autocast=self.autocast, device=device, distributed=info.enabled)
 
         self.step = 0
         self.saved_step: Optional[int] = None
@@ -193,7 +178,7 @@ class TrainingRun:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One generator step then one discriminator step; -> detached float32 losses."""
-        return self.gan_step(x, y)
+        return self.step_fn(x, y)
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, step: int) -> Optional[dict]:
@@ -204,11 +189,12 @@ class TrainingRun:
         self.generator.train()
         record = {"kind": "eval", "step": step, **evaluate_slices(self.data.val, denoised)}
         self._log(record)
-        try:
-            save_eval_figure(self.data.val[0], denoised[0],
-                             self.run_dir / "figures" / f"eval_step{step:07d}.png", step)
-        except Exception as e:  # a figure must never stop training
-            warnings.warn(f"eval figure not written: {e}")
+        if self.cfg.eval_figures:
+            try:
+                save_eval_figure(self.data.val[0], denoised[0],
+                                 self.run_dir / "figures" / f"eval_step{step:07d}.png", step)
+            except Exception as e:  # a figure must never stop training
+                warnings.warn(f"eval figure not written: {e}")
         return record
 
     # ---------------------------------------------------------------- checkpoint
@@ -373,6 +359,11 @@ class TrainingRun:
             "final_eval": self.last_eval,
         }
         if self.info.is_main:
+            summary["classical"] = None
+            if self.cfg.compare_classical and self.last_eval is not None:
+                summary["classical"] = classical_comparison(
+                    self.generator, self.data.val, self.cfg, self.device,
+                    self.run_dir / "figures" / "comparison.png", self.step)
             try:
                 save_loss_figure(self.run_dir / "metrics.jsonl",
                                  self.run_dir / "figures" / "losses.png")

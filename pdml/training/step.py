@@ -9,6 +9,9 @@
    the sampled pixels (:func:`project_patches`), never on the full maps;
 2. discriminator step: ``L_D = ½·(LSGAN(D(y_hi), 1) + LSGAN(D(fake.detach()), 0))``.
 
+:class:`SupervisedStep` is the upper bound the HU-shift experiment compares with: G alone,
+``L = |G(x) − y|₁`` against the paired reference ``y`` of the same crop.
+
 ``x`` is a low-dose (LD) crop, ``y`` an unpaired normal-dose (ND) crop, both in the
 paper's unit window; with the wavelet split on (default) the networks see only the
 high-frequency part (``_hi``, times ``net_scale``) and the LD image's low-frequency part
@@ -198,3 +201,54 @@ class GanStep:
         return {"loss_G": loss_g.detach().float(), "loss_D": loss_d.detach(),
                 "loss_gan": loss_gan.detach(), "loss_idt": loss_idt.detach(),
                 "loss_patch": loss_patch.detach().float()}
+
+
+class SupervisedStep:
+    """The step of a ``--supervised`` run: ``step(x, y) -> losses`` with ``L_G = |G(x) − y|₁``
+    in the unit window (``y`` the paired reference crop of ``x``, both ``[B, 1, crop, crop]``
+    float32 in the networks' scale); Adam on G only. The returned dict has the keys of
+    :class:`GanStep` (the adversarial, identity, patch and D terms are 0)."""
+
+    def __init__(self, cfg: TrainConfig, *, generator: nn.Module, opt_g, sched_g, scaler,
+                 autocast, device: torch.device):
+        self.cfg, self.generator, self.opt_g, self.sched_g = cfg, generator, opt_g, sched_g
+        self.scaler, self.autocast, self.device = scaler, autocast, device
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        zero = torch.zeros((), device=self.device)
+        self.opt_g.zero_grad(set_to_none=True)
+        with self.autocast:
+            loss = (self.generator(x).float() - y).abs().mean() / self.cfg.resolved_net_scale
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt_g)
+        self.scaler.update()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.sched_g.step()
+        return {"loss_G": loss.detach(), "loss_D": zero, "loss_gan": zero, "loss_idt": zero,
+                "loss_patch": zero}
+
+
+def build_step(cfg: TrainConfig, *, generator: nn.Module, discriminator: nn.Module,
+               heads: Optional[ProjectionHeads], opt_g, opt_d, sched_g, sched_d, scaler,
+               autocast, device: torch.device, distributed: bool):
+    """The run's step: :class:`SupervisedStep` with ``cfg.supervised`` (G alone; D stays at
+    its initial weights), else the G+D :class:`GanStep`. Under torchrun (``distributed``)
+    the modules that take a step are DDP-wrapped; with ``cfg.compile`` compiled."""
+
+    def wrap(module: nn.Module, ddp: bool = True) -> nn.Module:
+        if ddp and distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+        return torch.compile(module) if cfg.compile else module
+
+    if cfg.supervised:
+        return SupervisedStep(cfg, generator=wrap(generator), opt_g=opt_g, sched_g=sched_g,
+                              scaler=scaler, autocast=autocast, device=device)
+    g_pass = GeneratorPass(generator, heads, cfg.loss_layers, cfg.loss_backend)
+    # the D that scores G's output takes no step there: never DDP-wrapped
+    return GanStep(cfg, g_pass=wrap(g_pass), d_model=wrap(discriminator),
+                   d_for_g=wrap(discriminator, ddp=False), discriminator=discriminator,
+                   opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, sched_d=sched_d, scaler=scaler,
+                   autocast=autocast, device=device)

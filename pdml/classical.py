@@ -1,4 +1,7 @@
-"""Classical denoisers as baselines of the ablation: TV, non-local means and BM3D.
+"""Classical denoisers as baselines: TV, non-local means and BM3D.
+
+The HU-shift experiment's table (:mod:`pdml.experiments`) and the trainer's summary
+(:func:`pdml.training.evaluate.classical_rows`) put them beside the networks.
 
 Each runs per slice in the paper's unit window without clipping
 (:func:`pdml.data.hu_to_unit` with ``clip=False``: [-1000, 1000] HU -> [0, 1], values
@@ -16,8 +19,8 @@ median absolute deviation, in the unit window), so one strength fits slices of a
 Tuning (:func:`tune`), once per method on tuning slices with a clean truth: every strength
 of the method's grid (:data:`GRIDS`) denoises them, and the strength with the highest mean
 PSNR (:func:`pdml.metrics.psnr`, the paper's window) against the truth wins (ties: the
-smaller strength). The evaluation (:func:`classical_rows`) then scores the tuned denoisers
-on other slices with the trainer's held-out evaluation
+smaller strength). The evaluation (:func:`pdml.training.evaluate.classical_rows`) then
+scores the tuned denoisers on other slices with the trainer's held-out evaluation
 (:func:`pdml.training.evaluate_slices`: PSNR, SSIM, noise std and HU shift in homogeneous
 ROIs), the same numbers the trained networks get.
 """
@@ -41,6 +44,14 @@ GRIDS = {
 """Each method's strengths tried by :func:`tune` (see the module docstring for the units)."""
 
 NLM_PATCH, NLM_DISTANCE = 5, 6
+
+
+def best_available() -> str:
+    """The strongest method that runs here: "bm3d" when its optional package is installed
+    (``pip install 'pdml[classical]'``), else "nlm"."""
+    import importlib.util
+
+    return "bm3d" if importlib.util.find_spec("bm3d") is not None else "nlm"
 
 
 def _check_method(method: str) -> None:
@@ -163,25 +174,3 @@ def tuned_baselines(val_ld_hu, tune_ld_hu, tune_truth_hu,
         denoised = denoise(method, val_ld, strength)
         out.append(TunedBaseline(method, strength, scores, denoised, time.perf_counter() - t0))
     return out
-
-
-def classical_rows(val_ld_hu, val_truth_hu, tune_ld_hu, tune_truth_hu,
-                   methods: Sequence[str] = METHODS, grids: Optional[dict] = None) -> list[dict]:
-    """Tune each method on the tuning pair, evaluate it on the validation pair (all
-    ``[S, H, W]`` HU, truths clean) -> one row per method: ``variant`` (the method),
-    ``name``, ``strength``, ``strength_name``, ``tuning_psnr`` ({strength: dB}),
-    ``psnr``, ``ssim``, ``noise_std``, ``hu_shift`` (means over the validation slices,
-    :func:`pdml.training.evaluate_slices`), ``seconds``."""
-    from pdml.training.data import ValItem
-    from pdml.training.evaluate import evaluate_slices
-
-    val_ld, val_truth = _paired(val_ld_hu, val_truth_hu, "val")
-    items = [ValItem(val_ld[i], val_truth[i], f"val {i}") for i in range(len(val_ld))]
-    rows = []
-    for b in tuned_baselines(val_ld, tune_ld_hu, tune_truth_hu, methods, grids):
-        ev = evaluate_slices(items, list(b.denoised))
-        rows.append({"variant": b.method, "name": b.name, "strength": b.strength,
-                     "strength_name": STRENGTH_NAMES[b.method], "tuning_psnr": b.scores,
-                     **{k: ev[k] for k in ("psnr", "ssim", "noise_std", "hu_shift")},
-                     "seconds": b.seconds})
-    return rows
