@@ -39,7 +39,9 @@ def _config(arm: Arm, seed: int, out: Path, overrides: dict):
     values = dict(arm.overrides(seed))
     values.update(overrides)
     values["out"] = str(out / "runs" / arm.setting / f"{arm.key}-seed{seed}")
-    return make_config("demo", **values)
+    cfg = make_config("demo", **values)
+    cfg.max_minutes = values.get("max_minutes")  # None is "no limit", not "the demo's"
+    return cfg
 
 
 def held_out_items(cfg) -> list:
