@@ -1,7 +1,8 @@
-"""pdml.experiments.hu_shift: the HU-shift ablation end to end at the tiny size (three
-variants trained, evaluated on every held-out slice, table + JSON + PNG), its table's
-structure, the LD row against pdml.metrics computed here, the claim verdict against the
-table's numbers, and a repeated invocation reusing the finished runs."""
+"""pdml.experiments: the HU-shift experiment end to end at the quick size (every phase:
+the λ sweep, the choice, the confirmation arms, the supervised bound, the paper's table,
+classical rows, the report), the result file written as runs finish, reuse and refusal of
+a folder, and the declared rules (endpoint, plateau, statistics, validity, choice of λ,
+verdicts) on numbers made here."""
 import contextlib
 import io
 import json
@@ -11,253 +12,300 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pdml import metrics
-from pdml.experiments import hu_shift as H
+from pdml.experiments import design, endpoints, hu_shift, statistics, verdicts
+from pdml.experiments.design import Arm
 
-ROWS = {"ld": H.LD_NAME, "none": H.VARIANT_NAMES["none"],
-        "patchnce": H.VARIANT_NAMES["patchnce"], "dml": H.VARIANT_NAMES["dml"]}
-HEADERS = ("PSNR (dB)", "SSIM", "RMSE (HU)", "noise std (HU)", "HU shift (HU)")
-# BM3D takes about a second per 64² slice here: the table's wiring is tested with the two
-# fast baselines (tests/test_classical.py tests BM3D itself)
+# BM3D takes about a second per 64² slice here: the wiring is tested with the two fast
+# baselines (tests/test_classical.py tests BM3D itself)
 CLASSICAL = ("tv", "nlm")
-
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
 
-@pytest.fixture(scope="module")
-def ablation(tmp_path_factory):
-    """The tiny ablation through the command-line entry point; -> (out dir, its stdout)."""
-    out = tmp_path_factory.mktemp("ablation")
-    printed = io.StringIO()  # module-scoped: capsys is not available here
+def _main(args) -> tuple[int, str]:
+    printed = io.StringIO()  # module-scoped fixtures: capsys is not available there
     with contextlib.redirect_stdout(printed):
-        code = H.main(["--preset", "tiny", "--out", str(out), "--threads", "1",
-                       "--no-progress", "--classical", *CLASSICAL])
-    assert code == 0, printed.getvalue()[-3000:]
-    return out, printed.getvalue()
-
-
-def test_ablation_writes_table_json_and_figure(ablation):
-    out, printed = ablation
-    result = json.loads((out / "ablation.json").read_text())
-    assert result["format"] == H.FORMAT and result["settings"]["preset"] == "tiny"
-    assert [r["key"] for r in result["rows"]] == list(ROWS) + list(CLASSICAL)
-    assert [r["name"] for r in result["rows"]][:len(ROWS)] == list(ROWS.values())
-    for row in result["rows"]:
-        for key in ("psnr", "ssim", "rmse", "noise_std", "hu_shift", "abs_hu_shift"):
-            assert math.isfinite(row[key]), (row["key"], key)
-        assert 0 < row["ssim"] <= 1 and row["rmse"] > 0 and row["noise_std"] > 0
-        assert row["abs_hu_shift"] >= abs(row["hu_shift"]) - 1e-9
-    # identical settings: only the loss (and its default τ) differs between the runs
-    runs = result["runs"]
-    assert [r["loss"] for r in runs] == ["none", "patchnce", "dml"]
-    assert all(r["steps"] == 4 and r["how"] == "trained" for r in runs)
-    configs = [json.loads((out / "runs" / f"{r['loss']}-seed0" / "config.json").read_text())
-               for r in runs]
-    for cfg in configs:
-        cfg.pop("loss"), cfg.pop("out")
-    assert configs[0] == configs[1] == configs[2]
-    n_slices = result["settings"]["held_out_slices"]
-    assert n_slices == 10 and all(len(r["per_slice"]) == n_slices for r in runs)
-
-    # the Markdown table: header with every column, one line per row, printed too
-    md = (out / "ablation.md").read_text()
-    table = [line for line in md.splitlines() if line.startswith("|")]
-    header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert all(h in header for h in HEADERS)
-    body = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
-    assert [cells[0] for cells in body] == [r["name"] for r in result["rows"]]
-    assert all(len(cells) == len(header) for cells in body)
-    ld_cells = dict(zip(header, body[0]))
-    assert float(ld_cells["PSNR (dB)"]) == pytest.approx(result["rows"][0]["psnr"], abs=0.006)
-    assert "\n".join(table) in printed
-    png = (out / "ablation.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-
-
-def test_ld_row_and_claim_follow_from_the_numbers(ablation):
-    out, _ = ablation
-    result = json.loads((out / "ablation.json").read_text())
-    rows = {r["key"]: r for r in result["rows"]}
-    # the LD row: pdml.metrics on the built-in test split, computed independently here
-    from pdml.data import builtin_dataset
-
-    ds = builtin_dataset(size=64, progress=False)
-    ld, truth = ds.load("test/ld"), ds.load("test/truth")
-    assert rows["ld"]["psnr"] == pytest.approx(float(np.mean(metrics.psnr(ld, truth))), rel=1e-9)
-    assert rows["ld"]["rmse"] == pytest.approx(float(np.mean(metrics.rmse(ld, truth))), rel=1e-9)
-    assert rows["ld"]["abs_hu_shift"] == pytest.approx(
-        float(np.mean(np.abs(metrics.hu_shift(ld, truth)))), rel=1e-9)
-    # a variant's row is the mean of its per-slice values
-    dml_run = next(r for r in result["runs"] if r["loss"] == "dml")
-    assert rows["dml"]["noise_std"] == pytest.approx(
-        np.mean([s["noise_std"] for s in dml_run["per_slice"]]), rel=1e-12)
-    claim = result["claim"]
-    assert claim["hu_shift_smaller_than_gan_only"] == (
-        rows["dml"]["abs_hu_shift"] < rows["none"]["abs_hu_shift"])
-    assert claim["noise_below_ld_input"] == (rows["dml"]["noise_std"] < rows["ld"]["noise_std"])
-    assert claim["reproduced"] == (claim["hu_shift_smaller_than_gan_only"]
-                                   and claim["noise_below_ld_input"])
-    verdict = "Reproduced" if claim["reproduced"] else "Not reproduced"
-    assert claim["statement"].startswith(verdict)
-    assert f"{rows['dml']['abs_hu_shift']:.1f} HU" in claim["statement"]
-    assert claim["statement"] in (out / "ablation.md").read_text()
-
-
-def test_classical_baselines_are_tuned_on_half_and_scored_like_the_networks(ablation):
-    from pdml.experiments.classical import GRIDS
-
-    out, _ = ablation
-    result = json.loads((out / "ablation.json").read_text())
-    rows = {r["key"]: r for r in result["rows"]}
-    assert result["settings"]["classical"] == list(CLASSICAL)
-    assert result["settings"]["classical_tuning_slices"] == [0, 2, 4, 6, 8]
-    for detail in result["classical"]:
-        method, row = detail["method"], rows[detail["method"]]
-        assert detail["strength"] == row["strength"] and detail["strength"] in GRIDS[method]
-        assert detail["tuning_psnr"][f"{detail['strength']:g}"] == max(
-            detail["tuning_psnr"].values())
-        assert len(detail["per_slice"]) == result["settings"]["held_out_slices"]
-        assert row["noise_std"] == pytest.approx(
-            np.mean([s["noise_std"] for s in detail["per_slice"]]), rel=1e-12)
-        # tuned for PSNR against the truth, every baseline removes noise on held-out data
-        assert row["noise_std"] < rows["ld"]["noise_std"] and row["psnr"] > rows["ld"]["psnr"]
-    assert "classical baselines (tv, nlm)" in (out / "ablation.md").read_text()
-
-
-def test_repeated_invocation_reuses_finished_runs(ablation):
-    out, _ = ablation
-    before = json.loads((out / "ablation.json").read_text())
-    result = H.run_ablation("tiny", out, seeds=[0], threads=1, progress=False,
-                            classical=CLASSICAL)
-    assert [r["how"] for r in result["runs"]] == ["reused"] * 3
-    for old, new in zip(before["rows"], result["rows"]):
-        assert new["psnr"] == pytest.approx(old["psnr"], abs=1e-9)
-        assert new["hu_shift"] == pytest.approx(old["hu_shift"], abs=1e-9)
-    # other settings in the same folder are refused, not mixed into the table
-    from pdml.training import TrainError
-
-    with pytest.raises(TrainError, match="other settings"):
-        H.run_ablation("tiny", out, seeds=[0], variants=["none"], steps=2, decay_steps=1,
-                       threads=1, progress=False)
-
-
-# --------------------------------------------------------------------------- the shift ablation
-
-SHIFT_KEYS = ["ld", "none", "none-0hu", "patchnce", "dml"]
+        code = hu_shift.main(args)
+    return code, printed.getvalue()
 
 
 @pytest.fixture(scope="module")
-def shift_ablation(tmp_path_factory):
-    """``--preset shift --quick`` through the command-line entry point (a few steps: it
-    runs, it is not a result) -> (out dir, ablation.json)."""
-    out = tmp_path_factory.mktemp("shift")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        code = H.main(["--preset", "shift", "--quick", "--out", str(out), "--threads", "1",
-                       "--no-progress", "--classical", *CLASSICAL])
-    assert code == 0, printed.getvalue()[-3000:]
+def quick(tmp_path_factory):
+    """``--preset quick`` through the command line -> (out dir, ablation.json)."""
+    out = tmp_path_factory.mktemp("hu-shift")
+    code, printed = _main(["--preset", "quick", "--out", str(out), "--no-progress",
+                           "--classical", *CLASSICAL])
+    assert code == 0, printed[-3000:]
     return out, json.loads((out / "ablation.json").read_text())
 
 
-def test_shift_ablation_writes_every_variant_per_seed_and_the_validity_flag(shift_ablation):
-    out, result = shift_ablation
-    assert result["kind"] == "shift" and result["settings"]["quick"] is True
-    assert result["settings"]["seeds"] == [0] and result["settings"]["nd_offset_hu"] == 100.0
-    assert [t["key"] for t in result["tables"]] == ["no-wavelet", "wavelet"]
-    assert [t["wavelet"] for t in result["tables"]] == [False, True]
-    assert result["rows"] == result["tables"][0]["rows"]
-    for table in result["tables"]:
-        rows = {r["key"]: r for r in table["rows"]}
-        # the classical baselines, once: in the main table (they train nothing)
-        assert list(rows) == SHIFT_KEYS + (list(CLASSICAL) if table["wavelet"] is False else [])
-        for key in CLASSICAL if table["wavelet"] is False else ():
-            assert rows[key]["seeds"] is None and math.isfinite(rows[key]["hu_shift"])
-        for key in SHIFT_KEYS[1:]:
-            row = rows[key]
-            for metric in ("hu_shift", "noise_std"):
-                assert math.isfinite(row[metric]) and len(row[metric + "_per_seed"]) == 1
-                runs = [r for r in result["runs"]
-                        if r["table"] == table["key"] and r["variant"] == key]
-                # a run counts with the mean of its evaluations during the LR decay
-                window = [e for e in runs[0]["evals"] if e["step"] in runs[0]["window"]["steps"]]
-                assert [e["step"] for e in window] == [2, 4]  # 4 steps, all decaying, eval every 2
-                assert row[metric] == pytest.approx(np.mean([e[metric] for e in window]))
-        # one seed cannot show the seeds' spread: never valid, never a claim
-        assert table["validity"]["valid"] is False
-        assert "one seed" in table["validity"]["statement"]
-        assert table["claim"]["reproduced"] is None
-    assert result["validity"] == result["tables"][0]["validity"]
-    assert isinstance(result["validity"]["differential_hu"], float)
-    # the runs: same-anatomy data, the control at 0 HU, the others at the offset
-    for run in result["runs"]:
+def test_every_arm_and_seed_of_the_plan_is_trained_once_with_its_settings(quick):
+    out, doc = quick
+    plan = design.PLANS["quick"]
+    assert doc["format"] == "pdml-hu-shift-experiment" and doc["complete"] is True
+    choice = {loss: doc["lambda_choice"][loss]["lambda"] for loss in ("dml", "patchnce")}
+    assert all(lam in plan.lambda_grid for lam in choice.values())
+    arms = plan.first_arms() + plan.chosen_arms(choice["dml"], choice["patchnce"])
+    arms = list(dict.fromkeys(arms))
+    want = sorted((a.role, a.key, s) for a in arms for s in a.seeds)
+    got = sorted((r["role"], r["arm"], r["seed"]) for r in doc["runs"])
+    assert got == want
+    for run in doc["runs"]:
         cfg = json.loads((Path(run["run_dir"]) / "config.json").read_text())
-        assert cfg["builtin_layout"] == "same-anatomy" and cfg["d_input"] == "image"
-        assert cfg["nd_offset_hu"] == (0.0 if run["variant"] == "none-0hu" else 100.0)
-        assert cfg["wavelet"] == (run["table"] == "wavelet")
-        assert cfg["input_center_hu"] == 0.0 and cfg["val_slices"] == 10
-        assert all(e["slices"] == 10 for e in run["evals"])
-    assert result["settings"]["classical"] == list(CLASSICAL)
-    assert [d["method"] for d in result["classical"]] == list(CLASSICAL)
+        assert cfg == run["config"]
+        arm = next(a for a in arms if a.key == run["arm"] and a.role == run["role"])
+        assert cfg["seed"] == run["seed"] and cfg["nd_offset_hu"] == arm.nd_offset_hu
+        assert cfg["loss"] == arm.loss and cfg["supervised"] == arm.supervised
+        assert cfg["wavelet"] == (arm.setting == "paper")
+        assert cfg["d_input"] == ("image" if arm.setting == "paper" else "image+highpass")
+        assert cfg["builtin_layout"] == "same-anatomy" and cfg["eval_figures"] is False
+        assert cfg["max_minutes"] is None and not run["stopped_early"]
+        if arm.lambda_metric is not None:
+            assert cfg["lambda_metric"] == arm.lambda_metric
+        # every evaluation on every held-out slice; the endpoint from the last 25 %
+        assert run["evals"] and all(e["slices"] == cfg["val_slices"] for e in run["evals"])
+        assert run["values"]["window_steps"] == [4]  # evaluations at 2 and 4: the last one
+        # the commit each run was trained at
+        session = run["provenance"]["sessions"][0]
+        assert session["how"] == "trained" and set(session) >= {"commit", "pdml_modified"}
+        assert json.loads((Path(run["run_dir"]) / "provenance.json").read_text()) == \
+            run["provenance"]
+
+
+def test_the_tables_follow_from_the_runs_and_the_rules(quick):
+    out, doc = quick
+    main = doc["tables"]["main"]
+    by_key = {r["key"]: r for r in main["rows"]}
+    gan = by_key["none"]
+    runs = [r for r in doc["runs"] if r["role"] == "main" and r["arm"] == "none"]
+    assert gan["hu_shift"]["per_seed"] == [r["values"]["hu_shift"] for r in
+                                           sorted(runs, key=lambda r: r["seed"])]
+    assert gan["hu_shift"]["mean"] == pytest.approx(np.mean(gan["hu_shift"]["per_seed"]))
+    assert gan["abs_hu_shift"]["per_seed"] == [abs(v) for v in gan["hu_shift"]["per_seed"]]
+    assert {r["key"] for r in main["classical"]} == set(CLASSICAL)
+    assert main["validity"]["rule"] == design.VERDICT_RULES["validity"]
+    dml_keys = {v["arm"] for v in main["verdicts"]}
+    assert f"dml-l{design.PAPER_LAMBDA:g}" in dml_keys
+    for v in main["verdicts"]:
+        assert set(v["parts"]) == {"ct_numbers", "noise", "anatomy", "classical"}
+        if not main["validity"]["valid"]:
+            assert v["parts"]["ct_numbers"]["verdict"] == "no verdict"
+    assert doc["tables"]["paper"]["rows"] and doc["tables"]["sweep"]["rows"]
     md = (out / "ablation.md").read_text()
-    assert result["validity"]["statement"] in md and md.count("| LD input (untouched) |") == 2
-    assert "| TV (Chambolle), " in md and "classical baselines (tv, nlm)" in md
-    for png in ("ablation.png", "curves.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for rule in design.VERDICT_RULES.values():
+        assert rule in md
+    assert design.LAMBDA_RULE in md and main["validity"]["statement"] in md
+    assert md.count("| LD input (untouched) |") == 3  # sweep, main, paper tables
+    for name in ("tradeoff.png", "curves.png", "examples.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert doc["figures"] == {"tradeoff": "tradeoff.png", "curves": "curves.png",
+                              "examples": "examples.png"}
 
 
-def _rows(gan, control, dml=None, ld_noise=20.0, dml_noise=15.0):
-    def row(key, values, noise):
-        return {"key": key, "seeds": list(range(len(values))), "hu_shift": float(np.mean(values)),
-                "hu_shift_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                "hu_shift_per_seed": list(values), "noise_std": noise}
+def test_a_repeated_command_reuses_every_run_and_other_settings_are_refused(quick, capsys):
+    out, before = quick
+    code, printed = _main(["--preset", "quick", "--out", str(out), "--no-progress",
+                           "--no-classical"])
+    assert code == 0, printed[-2000:]
+    after = json.loads((out / "ablation.json").read_text())
+    assert {r["how"] for r in after["runs"]} == {"reused"}
+    assert [r["values"] for r in after["runs"]] == [r["values"] for r in before["runs"]]
+    # the same folder with other training settings: one line, exit 2, nothing trained
+    from pdml.experiments import ablation
 
-    rows = [{"key": "ld", "noise_std": ld_noise, "hu_shift": 0.0},
-            row("none", gan, 22.0), row("none-0hu", control, 22.0)]
-    if dml is not None:
-        rows.append(row("dml", dml, dml_noise))
-    return rows
-
-
-@pytest.mark.parametrize("offset,gan,control,valid,why", [
-    (100.0, [60.0, 30.0, 45.0], [0.0, -5.0, 10.0], True, None),
-    (100.0, [60.0, 5.0, 45.0], [0.0, -5.0, 10.0], False, "overlap"),
-    (100.0, [15.0, 18.0, 16.0], [0.0, 1.0, -1.0], False, "below 20 HU"),
-    (-100.0, [-60.0, -30.0, -45.0], [0.0, 5.0, -10.0], True, None),
-    (-100.0, [60.0, 30.0, 45.0], [0.0, -5.0, 10.0], False, "below 20 HU"),
-    (100.0, [80.0], [0.0], False, "one seed"),
-    (0.0, [80.0, 70.0], [0.0, 1.0], False, "offset is 0 HU"),
-])
-def test_validity_check(offset, gan, control, valid, why):
-    check = H.validity_check(_rows(gan, control), offset)
-    assert check["valid"] is valid
-    sign = np.sign(offset)
-    assert check["differential_hu"] == pytest.approx(
-        float(np.mean([sign * (a - b) for a, b in zip(gan, control)])))
-    if valid:
-        assert check["statement"].startswith("Valid")
-    else:
-        assert why in check["statement"] and "no claim" in check["statement"]
+    other = dict(design.PRESET_OVERRIDES["quick"], steps=6)
+    original = dict(design.PRESET_OVERRIDES["quick"])
+    design.PRESET_OVERRIDES["quick"] = other
+    try:
+        code, _ = _main(["--preset", "quick", "--out", str(out), "--no-progress",
+                         "--no-classical"])
+    finally:
+        design.PRESET_OVERRIDES["quick"] = original
+    err = capsys.readouterr().err
+    assert code == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
+    assert ablation is not None
 
 
-def test_shift_verdict_reports_what_metric_learning_did():
-    valid = {"valid": True}
-    kept = H.shift_verdict(_rows([60.0, 30.0, 45.0], [0, 0, 0], dml=[5.0, -3.0, 8.0]), valid)
-    assert kept["reproduced"] is True and kept["hu_shift_smaller_for_every_seed"]
-    assert kept["statement"].startswith("Reproduced")
-    noisy = H.shift_verdict(_rows([60.0, 30.0, 45.0], [0, 0, 0], dml=[5.0, -3.0, 8.0],
-                                  dml_noise=25.0), valid)
-    assert noisy["reproduced"] is False and noisy["statement"].startswith("CT numbers reproduced")
-    one_bad_seed = H.shift_verdict(_rows([60.0, 30.0, 45.0], [0, 0, 0], dml=[5.0, 40.0, 8.0]),
-                                   valid)
-    assert one_bad_seed["hu_shift_smaller_than_gan_only"] is True
-    assert one_bad_seed["reproduced"] is False and "not for every seed" in one_bad_seed["statement"]
-    invalid = H.shift_verdict(_rows([60.0, 30.0, 45.0], [0, 0, 0], dml=[5.0, -3.0, 8.0]),
-                              {"valid": False})
-    assert invalid["reproduced"] is None and invalid["statement"].startswith("No claim")
+def test_the_result_file_is_written_as_runs_finish_and_ctrl_c_is_one_line(tmp_path, monkeypatch,
+                                                                         capsys):
+    from pdml.experiments import runner
+
+    real = runner.RunPool.next_done
+    calls = []
+
+    def stop_after_two(self):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(runner.RunPool, "next_done", stop_after_two)
+    code, _ = _main(["--preset", "quick", "--out", str(tmp_path), "--no-progress",
+                     "--no-classical"])
+    assert code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run the same command again" in err[0]
+    doc = json.loads((tmp_path / "ablation.json").read_text())
+    assert doc["complete"] is False and len(doc["runs"]) == 2 and "tables" not in doc
 
 
-def test_settle_window_is_the_learning_rate_decay():
-    evals = [{"step": s} for s in (50, 100, 150, 200, 250, 300, 350, 400)]
-    assert [e["step"] for e in H.settle_window(evals, 400, 200)] == [250, 300, 350, 400]
-    assert [e["step"] for e in H.settle_window(evals[:3], 400, 200)] == [150]  # stopped early
+# --------------------------------------------------------------------------- the rules
+
+def _evals(shifts, start=100, every=100):
+    return [{"step": start + i * every, "slices": 10, "hu_shift": s, "noise_std": 5.0,
+             "psnr": 30.0, "ssim": 0.9, "ld_hu_shift": 0.0, "ld_noise_std": 20.0,
+             "ld_psnr": 40.0, "ld_ssim": 0.95} for i, s in enumerate(shifts)]
+
+
+def test_the_endpoint_is_the_last_quarter_of_the_evaluations_and_plateau_is_10_hu():
+    evals = _evals([0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 98])
+    assert [e["step"] for e in endpoints.endpoint_window(evals)] == [1000, 1100, 1200]
+    values = endpoints.run_values(evals)
+    assert values["hu_shift"] == pytest.approx(np.mean([90, 100, 98]))
+    # least-squares rise across the window: slope 4 HU / 100 steps over 200 steps
+    assert values["hu_shift_movement"] == pytest.approx(8.0)
+    assert values["plateaued"] is True
+    moving = endpoints.run_values(_evals([0] * 9 + [80, 100, 121]))
+    assert moving["hu_shift_movement"] == pytest.approx(41.0) and moving["plateaued"] is False
+    assert endpoints.endpoint_window(_evals([5, 6, 7]))[0]["step"] == 300  # ceil(0.75) = 1
+    assert [e["step"] for e in endpoints.endpoint_window(_evals(range(5)))] == [400, 500]
+    with pytest.raises(ValueError, match="no held-out evaluation"):
+        endpoints.endpoint_window([])
+
+
+def test_confidence_intervals_and_paired_differences():
+    from scipy import stats
+
+    ci = statistics.mean_ci([1.0, 2.0, 3.0, 4.0])
+    half = stats.t.ppf(0.975, 3) * np.std([1, 2, 3, 4], ddof=1) / 2
+    assert ci["mean"] == 2.5 and ci["lo"] == pytest.approx(2.5 - half) and ci["n"] == 4
+    one = statistics.mean_ci([7.0])
+    assert one["mean"] == 7.0 and math.isnan(one["lo"]) and math.isnan(one["sd"])
+    d = statistics.paired_difference([5.0, 6.0, 9.0], [1.0, 1.0, 2.0])
+    assert d["values"] == [4.0, 5.0, 7.0] and d["mean"] == pytest.approx(16 / 3)
+    assert d["p"] == pytest.approx(stats.ttest_rel([5, 6, 9], [1, 1, 2]).pvalue)
+    assert statistics.excludes_zero(d) == "above"
+    assert statistics.excludes_zero(statistics.mean_ci([-1.0, 1.0])) == "spans"
+    assert statistics.excludes_zero(statistics.mean_ci([-3.0, -2.0, -2.5])) == "below"
+    with pytest.raises(ValueError, match="paired"):
+        statistics.paired_difference([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="finite"):
+        statistics.mean_ci([1.0, math.nan])
+
+
+def _row(key, shifts, noise, loss="none", lam=None, offset=100.0, psnr=35.0, ssim=0.95):
+    from pdml.experiments.tables import summarize_arm
+
+    arm = Arm(loss, lam, offset, tuple(range(len(shifts))))
+    records = []
+    for seed, (s, n) in enumerate(zip(shifts, noise if isinstance(noise, list)
+                                      else [noise] * len(shifts))):
+        values = {"hu_shift": s, "noise_std": n, "psnr": psnr + 0.1 * seed,
+                  "ssim": ssim, "hu_shift_movement": 0.0, "plateaued": True}
+        records.append({"seed": seed, "stopped_early": False, "values": values,
+                        "train_s": 1.0, "steps": 10, "provenance": {"sessions": []}})
+    row = summarize_arm(arm, records)
+    assert row["key"] == key
+    return row
+
+
+LD = {"key": "ld", "title": "LD", "noise_std": {"mean": 20.0}, "hu_shift": {"mean": 0.0},
+      "psnr": {"mean": 34.0}, "ssim": {"mean": 0.9}, "abs_hu_shift": {"mean": 0.0}}
+
+
+def test_validity_needs_every_seed_to_denoise_and_to_shift_50_hu_over_its_control():
+    control = _row("none-0hu", [0.0, -5.0, 10.0], 10.0, offset=0.0)
+    good = verdicts.validity(_row("none", [80.0, 60.0, 70.0], 10.0), control, LD)
+    assert good["valid"] is True and good["statement"].startswith("Valid")
+    assert [p["differential_hu"] for p in good["per_seed"]] == [80.0, 65.0, 60.0]
+    short = verdicts.validity(_row("none", [80.0, 40.0, 70.0], 10.0), control, LD)
+    assert short["valid"] is False and short["failing_seeds"] == [1]  # +45 HU
+    noisy = verdicts.validity(_row("none", [80.0, 60.0, 70.0], [10.0, 17.0, 10.0]), control, LD)
+    assert noisy["valid"] is False and noisy["failing_seeds"] == [1]  # 0.85× the LD noise
+    one = verdicts.validity(_row("none", [80.0], 10.0), _row("none-0hu", [0.0], 10.0, offset=0.0),
+                            LD)
+    assert one["valid"] is False and "fewer than two seeds" in one["statement"]
+
+
+def test_lambda_is_the_smallest_shift_among_those_that_denoise():
+    rows = [_row("dml-l0.1", [80.0, 90.0], 10.0, "dml", 0.1),
+            _row("dml-l1", [20.0, 30.0], 15.0, "dml", 1.0),
+            _row("dml-l3", [2.0, 3.0], 19.0, "dml", 3.0)]  # keeps CT numbers but not denoising
+    choice = verdicts.choose_lambda(rows, LD)
+    assert choice["lambda"] == 1.0 and choice["denoising_lambdas"] == [0.1, 1.0]
+    assert choice["flagged"] is False
+    tie = verdicts.choose_lambda([_row("dml-l0.3", [5.0, 5.0], 10.0, "dml", 0.3),
+                                  _row("dml-l0.1", [5.0, 5.0], 10.0, "dml", 0.1)], LD)
+    assert tie["lambda"] == 0.1
+    none = verdicts.choose_lambda([_row("dml-l1", [20.0, 30.0], 19.0, "dml", 1.0),
+                                   _row("dml-l3", [2.0, 3.0], 19.0, "dml", 3.0)], LD)
+    assert none["lambda"] == 3.0 and none["flagged"] is True and "flagged" in none["statement"]
+
+
+def test_the_verdict_parts_follow_their_rules():
+    gan = _row("none", [80.0, 90.0, 85.0, 95.0], 10.0)
+    classical = [{"key": "bm3d", "title": "BM3D", "psnr": {"mean": 36.0},
+                  "ssim": {"mean": 0.97}, "noise_std": {"mean": 3.0},
+                  "hu_shift": {"mean": 0.0}}]
+    kept = verdicts.verdict(_row("dml-l0.1", [2.0, -3.0, 4.0, 1.0], 10.0, "dml", 0.1), gan, LD,
+                            classical, valid=True)
+    parts = kept["parts"]
+    assert parts["ct_numbers"]["verdict"] == "reproduced"
+    assert parts["ct_numbers"]["paired_difference"]["hi"] < 0
+    assert parts["noise"]["verdict"] == "reproduced" and parts["noise"]["ratio"] == 0.5
+    assert parts["anatomy"]["verdict"] == "kept"
+    assert parts["classical"]["verdict"] == "not better" and parts["classical"]["best"] == "bm3d"
+    partly = verdicts.verdict(_row("dml-l0.1", [40.0, 50.0, 45.0, 42.0], 10.0, "dml", 0.1), gan,
+                              LD, classical, valid=True)
+    assert partly["parts"]["ct_numbers"]["verdict"] == "partly"
+    same = verdicts.verdict(_row("dml-l0.1", [85.0, 88.0, 86.0, 94.0], 19.0, "dml", 0.1), gan, LD,
+                            classical, valid=True)
+    assert same["parts"]["ct_numbers"]["verdict"] == "not reproduced"
+    assert same["parts"]["noise"]["verdict"] == "not reproduced"
+    invalid = verdicts.verdict(_row("dml-l0.1", [2.0, -3.0, 4.0, 1.0], 10.0, "dml", 0.1), gan, LD,
+                               classical, valid=False)
+    assert invalid["parts"]["ct_numbers"]["verdict"] == "no verdict"
+    assert invalid["parts"]["noise"]["verdict"] == "reproduced"  # judged on its own
+    blurry = verdicts.verdict(_row("dml-l0.1", [2.0, -3.0, 4.0, 1.0], 10.0, "dml", 0.1,
+                                   psnr=30.0), gan, LD, classical, valid=True)
+    assert blurry["parts"]["anatomy"]["verdict"] == "not kept"
+
+
+def test_arms_are_paired_by_seed_and_the_sweep_never_uses_confirmation_seeds():
+    for plan in design.PLANS.values():
+        sweep = {s for a in plan.first_arms() if a.role == "sweep" for s in a.seeds}
+        main = {s for a in plan.first_arms() + plan.chosen_arms(0.3, 1.0) if a.role != "sweep"
+                for s in a.seeds}
+        assert not sweep & main
+    arms = design.PLANS["shift"].first_arms()
+    assert len({(a.key, a.role) for a in arms}) == len(arms)
+    assert design.PLANS["shift"].chosen_arms(design.PAPER_LAMBDA, 1.0)[0].key == "dml-l0.1-0hu"
+    keys = [a.key for a in design.PLANS["shift"].chosen_arms(0.3, 1.0)]
+    assert keys == ["dml-l0.3", "dml-l0.3-0hu", "patchnce-l1"]
+
+
+def test_runs_of_one_seed_start_from_the_same_networks_and_draw_the_same_crops(tmp_path):
+    import torch
+
+    from pdml.data import AcquisitionShift
+    from pdml.training import make_config
+    from pdml.training.run import TrainingRun
+
+    quick = dict(design.PRESET_OVERRIDES["quick"], threads=1, progress=False)
+    arms = (Arm("none", None, 100.0, (3,)), Arm("dml", 0.3, 0.0, (3,)))
+    runs = [TrainingRun(make_config("demo", **dict(a.overrides(3), **quick,
+                                                   out=str(tmp_path / a.key)))) for a in arms]
+    try:
+        for name in ("generator", "discriminator"):
+            one, two = (getattr(r, name).state_dict() for r in runs)
+            assert all(torch.equal(one[k], two[k]) for k in one), name
+        (x1, y1), (x2, y2) = (r._batch(0) for r in runs)
+        assert torch.equal(x1, x2)  # the same LD crops
+        # the same ND crops, one with the +100 HU offset: undo it on the unit scale
+        def unit(t):  # the networks' scale (centred on 0 HU, ×1) -> HU
+            return t.numpy() * 2000.0
+        np.testing.assert_allclose(unit(y1), AcquisitionShift(offset_hu=100.0)(unit(y2)),
+                                   atol=1e-3)
+    finally:
+        for r in runs:
+            r.close()
