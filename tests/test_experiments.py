@@ -55,8 +55,9 @@ def test_ablation_writes_table_json_and_figure(ablation):
     configs = [json.loads((out / "runs" / f"{r['loss']}-seed0" / "config.json").read_text())
                for r in runs]
     for cfg in configs:
-        cfg.pop("loss"), cfg.pop("out")
+        cfg.pop("loss"), cfg.pop("out"), cfg.pop("tau"), cfg["resolved"].pop("loss_backend")
     assert configs[0] == configs[1] == configs[2]
+    assert [r["tau"] for r in runs][1:] == [0.07, 0.15]
     n_slices = result["settings"]["held_out_slices"]
     assert n_slices == 10 and all(len(r["per_slice"]) == n_slices for r in runs)
 

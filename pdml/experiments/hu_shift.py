@@ -138,7 +138,7 @@ QUICK_OVERRIDES = dict(steps=4, decay_steps=4, eval_every=2, ckpt_every=4, batch
                        crop=32, crop_margin=4, num_patches=32, builtin_size=64, max_minutes=None)
 """``--quick`` (CI): a few steps on the 64² built-in data, one seed."""
 # config keys that may differ between an interrupted invocation and its repetition
-_EXECUTION_ONLY = ("progress", "threads")
+_EXECUTION_ONLY = ("progress", "threads", "resolved")
 TUNE_EVERY = 2
 """The classical baselines are tuned on held-out slices 0, TUNE_EVERY, 2·TUNE_EVERY, ..."""
 
