@@ -151,6 +151,7 @@ def test_losses_read_cut_and_dml_options():
     defaults = pdml.PatchNCELoss()
     assert (defaults.tau, defaults.batch_size, defaults.negatives) == (0.07, 1, "image")
     assert pdml.PatchMetricLoss().tau == 0.15
+    assert pdml.PatchMetricLoss(cut_opt).tau == 0.15  # CUT's options carry no metric_T
     with pytest.raises(ValueError, match="backend must be one of"):
         pdml.PatchNCELoss(backend="fast")
     with pytest.raises(ValueError, match="tau must be a positive"):

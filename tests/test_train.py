@@ -341,6 +341,34 @@ def test_evaluate_slices_returns_metrics_only():
 
 # --------------------------------------------------------------------------- training
 
+def test_figures_carry_psnr_and_hu_shift(tmp_path, monkeypatch):
+    """The eval figure titles its LD and denoised panels with the numbers the run records
+    (PSNR, noise, HU shift); losses.png has a PSNR and an HU-shift panel per evaluation."""
+    from pdml.training import report
+    from pdml.training.data import ValItem
+
+    figures = []
+    monkeypatch.setattr(report, "_write_figure", lambda fig, path: figures.append(fig))
+    rng = np.random.default_rng(0)
+    nd = np.full((64, 64), 40.0, np.float32)
+    ld = nd + rng.normal(0, 20, nd.shape).astype(np.float32)
+    report.save_eval_figure(ValItem(ld, nd), ld * 0.5 + nd * 0.5, tmp_path / "e.png", step=7)
+    titles = [ax.get_title() for ax in figures[-1].axes]
+    assert "PSNR" in titles[0] and "HU shift" in titles[0] and "noise" in titles[0]
+    assert "step 7" in titles[1] and "PSNR" in titles[1] and "HU shift" in titles[1]
+    metrics = tmp_path / "metrics.jsonl"
+    for step in (1, 2):
+        report.append_metrics(metrics, {"kind": "train", "step": step, "loss_G": 1.0,
+                                        "loss_D": 0.2, "loss_gan": 0.5, "loss_idt": 0.1,
+                                        "loss_patch": 2.0})
+    report.append_metrics(metrics, {"kind": "eval", "step": 2, "psnr": 40.0, "ld_psnr": 38.0,
+                                    "hu_shift": 1.5, "ld_hu_shift": -0.5})
+    report.save_loss_figure(metrics, tmp_path / "losses.png")
+    assert [ax.get_ylabel() for ax in figures[-1].axes] == ["loss", "PSNR (dB)", "HU shift (HU)"]
+    psnr_lines = figures[-1].axes[1].get_lines()
+    assert [list(line.get_ydata()) for line in psnr_lines] == [[40.0], [38.0]]
+
+
 @pytest.mark.parametrize("precision,loss,backend", [
     ("fp32", "dml", "auto"), ("fp32", "patchnce", "auto"), ("fp32", "none", "auto"),
     ("bf16", "dml", "auto"), ("fp16", "dml", "auto"), ("fp32", "dml", "ext")])
