@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pdml.training.checkpoint import atomic_write_bytes
-from pdml.training.config import TrainConfig
+from pdml.training.config import RESOLVED_KEY, TrainConfig
 
 DISPLAY_WINDOW = (-160.0, 240.0)
 """Soft-tissue display window (HU) of the figures (W 400, L 40)."""
@@ -139,6 +139,14 @@ def save_loss_figure(metrics_path: Path, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
     _write_figure(fig, path)
+
+
+def write_config(run_dir: Path, cfg: TrainConfig, resolved: dict) -> None:
+    """``config.json``: every setting and, under ``"resolved"``
+    (:data:`pdml.training.config.RESOLVED_KEY`), what the run's "auto" settings came to
+    here (device, threads, loss backend); :meth:`TrainConfig.from_dict` passes it over."""
+    record = {**cfg.to_dict(), RESOLVED_KEY: resolved}
+    atomic_write_bytes(run_dir / "config.json", (json.dumps(record, indent=2) + "\n").encode())
 
 
 def write_report(run_dir: Path, summary: dict, cfg: TrainConfig, stream=None) -> None:

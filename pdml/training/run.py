@@ -8,7 +8,6 @@ while the run lives (:mod:`pdml.training.rundir`). Losses that stay non-finite s
 """
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
@@ -21,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pdml.training.checkpoint import (atomic_write_bytes, checkpoint_config, checkpoint_dict,
-                                      load_checkpoint, load_training_state, save_checkpoint)
+from pdml.training.checkpoint import (checkpoint_config, checkpoint_dict, load_checkpoint,
+                                      load_training_state, save_checkpoint)
 from pdml.training.config import (NonFiniteLossError, TrainConfig, TrainError, autocast,
                                   lr_factor, resumed_config)
 from pdml.training.data import IndexStream, build_data
@@ -32,7 +31,8 @@ from pdml.training.evaluate import denoise_slices, evaluate_slices
 from pdml.training.guard import NonFiniteGuard
 from pdml.training.interrupt import StopRequest, signal_name
 from pdml.training.networks import build_networks
-from pdml.training.report import append_metrics, save_eval_figure, trim_metrics, write_report
+from pdml.training.report import (append_metrics, save_eval_figure, trim_metrics, write_config,
+                                  write_report)
 from pdml.training.rng import capture_rng_state, restore_rng_state
 from pdml.training.rundir import RunLock, check_writable_folder, remove_stale_temp_files
 from pdml.training.step import GanStep, GeneratorPass, loss_backend_used
@@ -160,12 +160,9 @@ class TrainingRun:
         if info.is_main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "figures").mkdir(exist_ok=True)
-            # the settings, and under "resolved" what they came to here (read back by
-            # TrainConfig.from_dict, which passes "resolved" over)
-            resolved = {"device": str(device), "world_size": info.world,
-                        "cpu_threads": torch.get_num_threads(), "loss_backend": self.loss_backend}
-            atomic_write_bytes(self.run_dir / "config.json", (json.dumps(
-                {**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n").encode())
+            write_config(self.run_dir, cfg, {"device": str(device), "world_size": info.world,
+                                             "cpu_threads": torch.get_num_threads(),
+                                             "loss_backend": self.loss_backend})
             trim_metrics(self.run_dir / "metrics.jsonl", self.step)
 
     def _load_state(self, ckpt: dict) -> None:
