@@ -308,6 +308,18 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def denoise_main(argv=None) -> int:
     """``pdml-denoise``: every CT series under ``--input`` -> a denoised series in ``--output``."""
+    from pdml.training.interrupt import exit_status
+
+    args = _denoise_parser().parse_args(argv)
+    try:
+        return _denoise(args)
+    except KeyboardInterrupt:  # save_ct removes the files of the series it was writing
+        print("pdml-denoise: interrupted; the series written before are complete, the one "
+              "being written was removed", file=sys.stderr)
+        return exit_status(signal.SIGINT)
+
+
+def _denoise(args) -> int:
     from tqdm.auto import tqdm
 
     from pdml.data import (DicomHeaderWarning, DicomReadError, DuplicatePositionWarning,
@@ -318,7 +330,6 @@ def denoise_main(argv=None) -> int:
     from pdml.training.distributed import resolve_device
     from pdml.training.rundir import check_writable_folder
 
-    args = _denoise_parser().parse_args(argv)
     try:
         if args.batch_size < 1:
             raise TrainError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -287,3 +287,18 @@ def test_ctrl_c_outside_the_steps_is_one_line_and_status_130(monkeypatch, capsys
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and "interrupted" in captured.err
     assert "Traceback" not in captured.err
+
+
+def test_ctrl_c_in_pdml_denoise_is_one_line_and_status_130(tmp_path, trained_run, ct_small_dir,
+                                                          monkeypatch, capsys):
+    import pdml.inference
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pdml.inference, "denoise_hu", interrupted)
+    rc = denoise_main(["--checkpoint", str(trained_run), "--input", str(ct_small_dir),
+                       "--output", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
+    assert not list((tmp_path / "out").glob("*.dcm"))

@@ -12,6 +12,7 @@ import math
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -332,16 +333,15 @@ def resumed_config(cfg: TrainConfig, step: int, run_dir, **given) -> TrainConfig
     ``steps - decay_steps``, then linear to 0 at ``steps``), so a finished run's LR rises
     again unless ``decay_steps`` grows too. TrainError naming the settings otherwise.
     """
-    from pathlib import Path
-
     given = dict(given)
     out = given.pop("out", None)
-    changed = [k for k, v in given.items() if k not in RESUME_SETTINGS and getattr(cfg, k) != v]
+    own = {k: cfg.resolved_tau if k == "tau" else getattr(cfg, k) for k in given}
+    changed = [k for k, v in given.items() if k not in RESUME_SETTINGS and own[k] != v]
     if changed:
         raise TrainError(
             "--resume continues the run with its own settings; "
             + ", ".join(f"{_flag(k)} {format_setting(given[k])} differs from the run's "
-                        f"{format_setting(getattr(cfg, k))}" for k in changed)
+                        f"{format_setting(own[k])}" for k in changed)
             + f" (with --resume only {', '.join(map(_flag, RESUME_SETTINGS))} may change)")
     if out is not None and Path(out).resolve() != Path(run_dir).resolve():
         raise TrainError(f"--out {out} is not the folder of the resumed run {run_dir}")
