@@ -302,3 +302,16 @@ def test_ctrl_c_in_pdml_denoise_is_one_line_and_status_130(tmp_path, trained_run
     err = capsys.readouterr().err
     assert rc == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
     assert not list((tmp_path / "out").glob("*.dcm"))
+
+
+def test_denoise_warns_of_slices_at_one_position_naming_the_files(tmp_path, trained_run, capsys):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("first.dcm", "copy.dcm"):  # the same slice twice
+        shutil.copy(get_testdata_file("CT_small.dcm"), inp / name)
+    assert denoise_main(["--checkpoint", str(trained_run), "--input", str(inp), "--output",
+                         str(tmp_path / "out"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    warning = [line for line in captured.err.splitlines() if "position" in line]
+    assert len(warning) == 1 and "first.dcm" in warning[0] and "copy.dcm" in warning[0], captured.err
+    assert "wrote 2 slice(s) of 1 series" in captured.out
