@@ -3,8 +3,8 @@
 # Everything installs into $(VENV); the extension pdml._C is built against its torch.
 # The versions installed are the ones tested together: tools/constraints.txt (pip -c).
 #
-# A lent GPU (README, section "GPU"):
-#   make gpu-wheels          the wheels the GPU image lacks, for its CPython 3.12, into .whl/
+# A GPU machine without internet access (docs/gpu.md):
+#   make gpu-wheels          the wheels its image lacks, for its CPython 3.12, into .whl/
 #   make rehearse-gpu-image  the GPU run rehearsed here with the image's torch/triton (CI runs it)
 VENV ?= .venv
 PYTHON ?= python3

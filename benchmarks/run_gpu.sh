@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# pdml on a lent GPU machine, in three calls that fit its time (README, section "GPU"):
+# pdml on a GPU machine, in three calls with a time budget each (docs/gpu.md):
 #   bash benchmarks/run_gpu.sh part1   (<= 7 min: wheels, build pdml._C for this GPU,
 #                                       python -m pdml.info, pytest -m cuda tests/, pytest benchmarks/)
 #   bash benchmarks/run_gpu.sh part2   (<= 5 min, in this order: a 60-s pdml-train throughput

@@ -17,6 +17,7 @@ and the DICOM reader's errors); anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -37,128 +38,247 @@ def _fail(prog: str, error, code: int = 2) -> int:
     return code
 
 
-def _train_parser() -> argparse.ArgumentParser:
-    from pdml.training.config import ARCHS, BUILTIN_LAYOUTS, D_INPUTS, LOSSES, PRECISIONS, PRESETS
-
-    p = _Parser(
-        prog="pdml-train",
-        description="Train the paper's unsupervised LDCT denoiser (RRDN generator, PatchGAN, "
-                    "LSGAN + identity + patch-wise metric loss). Without data arguments it "
-                    "trains on the built-in dataset with the 'demo' preset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # None means "the preset's value"; the presets live in pdml.training.config.PRESETS.
-    data = p.add_argument_group("data")
-    data.add_argument("--ldct", metavar="DIR", help="folder of low-dose DICOM CT (unpaired)")
-    data.add_argument("--ndct", metavar="DIR", help="folder of normal-dose DICOM CT (unpaired)")
-    data.add_argument("--val-ldct", metavar="DIR", help="paired validation: low-dose folder")
-    data.add_argument("--val-ndct", metavar="DIR", help="paired validation: normal-dose folder")
-    data.add_argument("--builtin-layout", choices=BUILTIN_LAYOUTS,
-                      help="built-in data: LD and ND from different sources (domains), or "
-                      "one pool whose ND domain is the LD slices' noiseless reconstruction "
-                      "(same-anatomy)")
-    data.add_argument("--builtin-size", type=int, help="built-in data: slice side in pixels")
-    data.add_argument("--supervised", action="store_true", default=None,
-                      help="train G alone by L1 to the paired noiseless truth (built-in "
-                      "same-anatomy layout; an upper bound for the unsupervised runs)")
-    data.add_argument("--nd-offset-hu", type=float, metavar="HU",
-                      help="add this CT-number offset to the ND training slices (a known "
-                      "acquisition shift; soft tissue gets all of it, air none)")
-    run = p.add_argument_group("run")
-    run.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                     help="base settings: demo (minutes on a CPU), paper (GPU), tiny (tests)")
-    run.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<time>-<loss>)")
-    run.add_argument("--resume", metavar="RUN_DIR",
-                     help="continue the run in RUN_DIR exactly (its own config is used)")
-    run.add_argument("--steps", type=int, help="training steps (G step + D step)")
-    run.add_argument("--decay-steps", type=int, help="final steps over which the LR decays to 0")
-    run.add_argument("--batch-size", type=int, help="crops per rank and step")
-    run.add_argument("--crop", type=int, help="training crop size in pixels")
-    run.add_argument("--lr", type=float, help="Adam learning rate (G, heads; D too unless --lr-d)")
-    run.add_argument("--lr-d", type=float, help="the discriminator's Adam learning rate")
-    run.add_argument("--seed", type=int)
-    run.add_argument("--log-every", type=int, help="steps between metrics.jsonl records")
-    run.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
-    run.add_argument("--ckpt-every", type=int, help="steps between checkpoints (last.pt)")
-    run.add_argument("--max-minutes", type=float,
-                     help="stop (evaluate, checkpoint, summarise) after this many minutes")
-    run.add_argument("--no-time-limit", action="store_true", help="ignore the preset's time limit")
-    run.add_argument("--val-slices", type=int, help="held-out slices evaluated (built-in data)")
-    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    net = p.add_argument_group("networks")
-    net.add_argument("--arch", choices=ARCHS,
-                     help="networks: pdml's own, or the paper's reference code's (dmlct: shared "
-                          "dense block, attention in D, normal(0, 0.01) init; the paper preset's)")
-    net.add_argument("--features", type=int, help="generator width (feature channels)")
-    net.add_argument("--input-center-hu", type=float, metavar="HU",
-                     help="without the wavelet split: the HU the networks see as 0 (0 centres "
-                     "the input on water; default: the paper's [0, 1] window, -1000 HU is 0)")
-    loss = p.add_argument_group("losses")
-    loss.add_argument("--loss", choices=LOSSES, help="third loss term: the paper's patch-wise "
-                      "metric loss (dml), CUT's PatchNCE, or none")
-    loss.add_argument("--tau", type=float, help="temperature (default 0.15 dml, 0.07 patchnce)")
-    loss.add_argument("--num-patches", type=int, help="patches sampled per loss layer")
-    loss.add_argument("--lambda-gan", type=float)
-    loss.add_argument("--lambda-identity", type=float)
-    loss.add_argument("--lambda-metric", type=float, help="weight of the patch loss")
-    loss.add_argument("--no-wavelet", action="store_true",
-                      help="feed whole images instead of the wavelet high-frequency part")
-    loss.add_argument("--d-input", choices=D_INPUTS,
-                      help="what the discriminator judges: the image (the paper), its 3x3 "
-                      "high-pass, where noise stands out (demo preset), or both as two "
-                      "channels (image+highpass: noise and CT numbers at once)")
-    ex = p.add_argument_group("execution")
-    ex.add_argument("--precision", choices=PRECISIONS, help="autocast precision (fp16 uses a GradScaler)")
-    ex.add_argument("--loss-backend", choices=ops.BACKEND_NAMES,
-                    help="implementation of the fused patch loss")
-    ex.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
-    ex.add_argument("--no-eval-figures", dest="eval_figures", action="store_false", default=None,
-                    help="no figure at each held-out evaluation (metrics only)")
-    ex.add_argument("--no-classical", dest="compare_classical", action="store_false",
-                    default=None, help="no classical denoiser (BM3D, else non-local means) "
-                    "beside the network in the final summary")
-    ex.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    ex.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's, or 1 "
-                    "when the machine is already busy)")
-    return p
-
-
+# The options of pdml-train that are settings of TrainConfig (same names, "-" for "_").
 _TRAIN_KEYS = ("ldct", "ndct", "val_ldct", "val_ndct", "builtin_layout", "builtin_size",
                "nd_offset_hu", "out", "steps", "decay_steps", "batch_size", "crop", "lr", "lr_d",
                "seed", "log_every", "eval_every", "ckpt_every", "max_minutes", "val_slices",
                "loss", "tau", "num_patches", "lambda_gan", "lambda_identity", "lambda_metric",
                "arch", "features", "input_center_hu", "d_input", "precision", "loss_backend",
-               "compile", "device", "threads", "supervised", "eval_figures",
-               "compare_classical")
+               "compile", "device", "threads", "supervised")
+# Flags without a value that map onto settings.
+_TRAIN_FLAGS = {"no_wavelet": ("wavelet", False), "no_progress": ("progress", False),
+                "no_time_limit": ("max_minutes", None),
+                "no_eval_figures": ("eval_figures", False),
+                "no_classical": ("compare_classical", False)}
+
+
+def _preset_values(key: str) -> dict:
+    """``{preset: value of setting key}`` (the preset's, else TrainConfig's default)."""
+    from pdml.training.config import PRESETS, TrainConfig
+
+    default = getattr(TrainConfig(), key)
+    return {name: values.get(key, default) for name, values in sorted(PRESETS.items())}
+
+
+def _default(key: str) -> str:
+    """" (default: X)" of setting ``key``, or a pointer to the preset table when the
+    presets differ."""
+    from pdml.training.config import format_setting
+
+    values = set(map(format_setting, _preset_values(key).values()))
+    if len(values) == 1:
+        return f" (default: {values.pop()})"
+    return " (default: by --preset, see below)"
+
+
+def _preset_table(keys) -> str:
+    """The epilog's table of the settings the presets set differently."""
+    from pdml.training.config import PRESETS, format_setting
+
+    names = sorted(PRESETS)
+    rows = [("--" + k.replace("_", "-"), [format_setting(v) for v in _preset_values(k).values()])
+            for k in keys]
+    rows = [(flag, cells) for flag, cells in rows if len(set(cells)) > 1]
+    width = max(len(flag) for flag, _ in rows) + 2
+    cols = [max(len(n), *(len(c[i]) for _, c in rows)) + 2 for i, n in enumerate(names)]
+    line = lambda first, cells: (first.ljust(width) + "".join(  # noqa: E731
+        c.ljust(w) for c, w in zip(cells, cols))).rstrip()
+    return "\n".join(["  " + line("", names)] + ["  " + line(f, c) for f, c in rows])
+
+
+_TRAIN_EPILOG = """\
+presets (--preset): demo: minutes on a CPU with the built-in data (the default);
+paper: the paper's settings, for a GPU; tiny: a smoke test of seconds. An option given
+on the command line wins over the preset. The settings the presets set differently:
+
+{table}
+
+--resume RUN_DIR continues a run exactly, with the run's own settings: --steps,
+--decay-steps, --max-minutes, --no-time-limit, --no-progress, --device and --threads may
+change; any other option may only repeat the run's own value (the command that started
+the run, with --resume added). --resume RUN_DIR --steps N takes a finished or
+interrupted run on to N steps in all; the LR schedule is then that of an N-step run:
+constant until step N - decay-steps, then linear to 0 at step N (a finished run's LR
+rises again unless --decay-steps grows too).
+
+Ctrl-C or SIGTERM: the run finishes its step, writes checkpoints/last.pt of that step
+and summary.json, prints "interrupted at step N; continue with pdml-train --resume
+RUN_DIR" and exits with 130 (SIGTERM: 143). A second Ctrl-C stops at once; every file
+is written atomically, so the last checkpoint stays whole.
+
+exit status: 0 done, 1 stopped on non-finite losses, 2 a user error (one line), 130 or
+143 interrupted."""
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    from pdml.training.config import ARCHS, BUILTIN_LAYOUTS, D_INPUTS, LOSSES, PRECISIONS, PRESETS
+
+    d = _default
+    p = _Parser(
+        prog="pdml-train",
+        description="Train the paper's unsupervised LDCT denoiser (RRDN generator, PatchGAN, "
+                    "LSGAN + identity + patch-wise metric loss). Without data arguments it "
+                    "trains on the built-in dataset with the 'demo' preset.",
+        epilog=_TRAIN_EPILOG.format(table=_preset_table(
+            [k for k in _TRAIN_KEYS if k not in ("out", "device", "threads")])),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Every option defaults to None, "the preset's value" (pdml.training.config.PRESETS);
+    # its help says what that value is.
+    data = p.add_argument_group("data (DICOM, read recursively; without --ldct/--ndct: the "
+                                "built-in dataset)")
+    data.add_argument("--ldct", metavar="PATH", help="low-dose CT: a folder of DICOM files, "
+                      "or one DICOM file (a multi-frame series)")
+    data.add_argument("--ndct", metavar="PATH", help="normal-dose CT, unpaired with --ldct "
+                      "(other patients are fine): a folder or one file")
+    data.add_argument("--val-ldct", metavar="PATH", help="validation, low dose: paired slice by "
+                      "slice with --val-ndct (same count and size, in reading order); without "
+                      "them the run evaluates a few --ldct slices, with no reference")
+    data.add_argument("--val-ndct", metavar="PATH", help="validation, normal dose (the reference)")
+    data.add_argument("--builtin-layout", choices=BUILTIN_LAYOUTS,
+                      help="built-in data: LD and ND from different sources (domains), or "
+                      "one pool whose ND domain is the LD slices' noiseless reconstruction "
+                      "(same-anatomy)" + d("builtin_layout"))
+    data.add_argument("--builtin-size", type=int, metavar="N",
+                      help="built-in data: slice side in pixels" + d("builtin_size"))
+    data.add_argument("--nd-offset-hu", type=float, metavar="HU",
+                      help="add this CT-number offset to the ND training slices (a known "
+                      "acquisition shift; soft tissue gets all of it, air none)" + d("nd_offset_hu"))
+    data.add_argument("--supervised", action="store_true", default=None,
+                      help="train G alone by L1 to the paired noiseless truth of the same "
+                      "crops (built-in same-anatomy layout, --loss none: an upper bound for "
+                      "the unsupervised runs; default: off)")
+    run = p.add_argument_group("run")
+    run.add_argument("--preset", choices=sorted(PRESETS),
+                     help="base settings: demo, paper or tiny (see below; default: demo)")
+    run.add_argument("--out", metavar="RUN_DIR",
+                     help="run folder (default: runs/<date>-<time>-<loss>)")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR from its checkpoints/last.pt (see below)")
+    run.add_argument("--steps", type=int, metavar="N",
+                     help="training steps, each a G step and a D step" + d("steps"))
+    run.add_argument("--decay-steps", type=int, metavar="N",
+                     help="the LR is constant, then decays linearly to 0 over these last "
+                     "steps" + d("decay_steps"))
+    run.add_argument("--batch-size", type=int, metavar="N",
+                     help="crops per rank and step" + d("batch_size"))
+    run.add_argument("--crop", type=int, metavar="PX", help="training crop side in pixels" + d("crop"))
+    run.add_argument("--lr", type=float, help="Adam learning rate of the generator and heads "
+                     "(and of D unless --lr-d)" + d("lr"))
+    run.add_argument("--lr-d", type=float, metavar="LR",
+                     help="the discriminator's Adam learning rate (default: --lr)")
+    run.add_argument("--seed", type=int, help="seed of every random number the run draws "
+                     "(weights, crops, patches)" + d("seed"))
+    run.add_argument("--log-every", type=int, metavar="N",
+                     help="steps between training records in metrics.jsonl" + d("log_every"))
+    run.add_argument("--eval-every", type=int, metavar="N",
+                     help="steps between evaluations (metrics, figure, best.pt)" + d("eval_every"))
+    run.add_argument("--ckpt-every", type=int, metavar="N",
+                     help="steps between checkpoints (last.pt)" + d("ckpt_every"))
+    run.add_argument("--max-minutes", type=float, metavar="MIN",
+                     help="stop (evaluate, checkpoint, summarise) after this many minutes of "
+                     "training in this session" + d("max_minutes"))
+    run.add_argument("--no-time-limit", action="store_true", help="lift --max-minutes")
+    run.add_argument("--val-slices", type=int, metavar="N",
+                     help="slices evaluated at each evaluation" + d("val_slices"))
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar (default: a bar on stderr)")
+    net = p.add_argument_group("networks")
+    net.add_argument("--arch", choices=ARCHS,
+                     help="networks: pdml's own, or the paper's reference code's (dmlct: shared "
+                          "dense block, attention in D, normal(0, 0.01) init)" + d("arch"))
+    net.add_argument("--features", type=int, metavar="N",
+                     help="generator width (feature channels)" + d("features"))
+    net.add_argument("--input-center-hu", type=float, metavar="HU",
+                     help="without the wavelet split: the HU the networks see as 0 (0 centres "
+                     "the input on water; default: the paper's [0, 1] window, -1000 HU is 0)")
+    loss = p.add_argument_group("losses")
+    loss.add_argument("--loss", choices=LOSSES, help="third loss term: the paper's patch-wise "
+                      "metric loss (dml), CUT's PatchNCE, or none" + d("loss"))
+    loss.add_argument("--tau", type=float, help="temperature of the patch loss (default: 0.15 "
+                      "with --loss dml, 0.07 with patchnce)")
+    loss.add_argument("--num-patches", type=int, metavar="N",
+                      help="patches sampled per loss layer" + d("num_patches"))
+    loss.add_argument("--lambda-gan", type=float, metavar="W",
+                      help="weight of the LSGAN loss" + d("lambda_gan"))
+    loss.add_argument("--lambda-identity", type=float, metavar="W",
+                      help="weight of the identity L1 loss on ND crops" + d("lambda_identity"))
+    loss.add_argument("--lambda-metric", type=float, metavar="W",
+                      help="weight of the patch loss" + d("lambda_metric"))
+    loss.add_argument("--no-wavelet", action="store_true",
+                      help="feed whole images instead of the wavelet high-frequency part "
+                      "(default: the db3, level-6 split is on)")
+    loss.add_argument("--d-input", choices=D_INPUTS,
+                      help="what the discriminator judges: the image (the paper), its 3x3 "
+                      "high-pass, where noise stands out, or both as two channels "
+                      "(image+highpass: noise and CT numbers at once)" + d("d_input"))
+    ex = p.add_argument_group("execution")
+    ex.add_argument("--precision", choices=PRECISIONS,
+                    help="autocast precision; fp16 adds a GradScaler" + d("precision"))
+    ex.add_argument("--loss-backend", choices=ops.BACKEND_NAMES,
+                    help="implementation of the fused patch loss (auto: the fastest that "
+                    "runs here)" + d("loss_backend"))
+    ex.add_argument("--compile", action="store_true", default=None,
+                    help="torch.compile the networks (default: off)")
+    ex.add_argument("--no-eval-figures", action="store_true",
+                    help="metrics only at each evaluation, no figure (default: a figure)")
+    ex.add_argument("--no-classical", action="store_true",
+                    help="no classical denoiser (BM3D, else non-local means, tuned on half the "
+                    "evaluated slices) beside the network in the final summary (default: "
+                    "beside it when the evaluated slices have references; tiny: off)")
+    ex.add_argument("--device", help="auto (a CUDA GPU when one is visible, else the CPU), cpu, "
+                    "cuda or cuda:N (default: auto)")
+    ex.add_argument("--threads", type=int, metavar="N", help="CPU intra-op threads (default: "
+                    "torch's, or 1 when the machine is already busy)")
+    return p
+
+
+def _interrupted_line(summary: dict, run_dir: str) -> str:
+    """The one line of a run stopped by a signal."""
+    step, saved = summary["steps"], summary.get("checkpoint_step")
+    if saved is None:
+        return f"interrupted at step {step}, before any checkpoint; nothing to resume"
+    kept = "" if saved == step else f" (checkpoints/last.pt holds step {saved})"
+    return f"interrupted at step {step}{kept}; continue with pdml-train --resume {run_dir}"
 
 
 def train_main(argv=None) -> int:
     """``pdml-train``: parse the arguments, train (or resume), print the summary table."""
     from pdml.training import TrainError, make_config, train
     from pdml.training.config import NonFiniteLossError
+    from pdml.training.distributed import launch_rank
+    from pdml.training.interrupt import exit_status
 
     args = _train_parser().parse_args(argv)
+    given = {k for k in (*_TRAIN_KEYS, "preset") if getattr(args, k) is not None}
+    given |= {k for k in _TRAIN_FLAGS if getattr(args, k)}
     try:
         if args.resume:
-            given = [k for k in _TRAIN_KEYS if getattr(args, k) is not None]
-            if given:
-                print(f"pdml-train: --resume continues with the run's saved config; ignoring "
-                      f"{', '.join('--' + k.replace('_', '-') for k in given)}", file=sys.stderr)
-            train(resume=args.resume)
-            return 0
-        overrides = {k: getattr(args, k) for k in _TRAIN_KEYS}
-        if args.no_wavelet:
-            overrides["wavelet"] = False
-        if args.no_progress:
-            overrides["progress"] = False
-        cfg = make_config(args.preset, **overrides)
-        if args.no_time_limit:
-            cfg.max_minutes = None
-        train(cfg)
-        return 0
+            # the run's own settings; what is given must match them, except RESUME_SETTINGS
+            changes = {k: getattr(args, k) for k in given if k in _TRAIN_KEYS + ("preset",)}
+            changes.update(_TRAIN_FLAGS[k] for k in given if k in _TRAIN_FLAGS)
+            changes["progress"] = not args.no_progress  # this session's choice
+            summary = train(resume=args.resume, changes=changes)
+        else:
+            overrides = {k: getattr(args, k) for k in _TRAIN_KEYS}
+            cfg = make_config(args.preset or "demo", **overrides)
+            for flag, (key, value) in _TRAIN_FLAGS.items():
+                if getattr(args, flag):
+                    setattr(cfg, key, value)
+            summary = train(cfg)
     except NonFiniteLossError as e:
         return _fail("pdml-train", e, code=1)
     except TrainError as e:
         return _fail("pdml-train", e)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step
+        print("pdml-train: interrupted; stopped at once (the run folder keeps its last "
+              "complete checkpoint)", file=sys.stderr)
+        return exit_status(signal.SIGINT)
+    if summary.get("interrupted"):
+        if launch_rank() == 0:
+            print(f"pdml-train: {_interrupted_line(summary, summary['run_dir'])}",
+                  file=sys.stderr)
+        return exit_status(getattr(signal, summary["interrupted"]))
+    return 0
 
 
 def _denoise_parser() -> argparse.ArgumentParser:
@@ -167,18 +287,31 @@ def _denoise_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="pdml-denoise",
         description="Denoise CT series with a pdml-train checkpoint and write them as new "
-                    "DICOM series (never into the input folder).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "DICOM series (never into the input folder, never over existing files "
+                    "unless --overwrite).",
+        epilog="A run folder given as --checkpoint means its checkpoints/best.pt (the best "
+               "validation PSNR) when it has one, else checkpoints/last.pt; the file used is "
+               "printed. exit status: 0 done, 2 a user error or a series not written (one "
+               "line each).")
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="a checkpoint file (last.pt, best.pt) or a run folder")
-    p.add_argument("--input", required=True, metavar="FILE_OR_DIR",
-                   help="a DICOM CT file or a folder (searched recursively)")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder for the new series")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
-    p.add_argument("--overwrite", action="store_true", help="replace files already in --output")
-    p.add_argument("--no-progress", action="store_true")
+                   help="a checkpoint file (best.pt, last.pt) or a pdml-train run folder")
+    p.add_argument("--input", required=True, metavar="PATH",
+                   help="a DICOM CT file or a folder (searched recursively; each series found "
+                   "is denoised)")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="folder for the new series (one series_NNN folder each when there are "
+                   "several)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="autocast precision of the generator (default: fp32)")
+    p.add_argument("--device", default="auto",
+                   help="auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda or "
+                   "cuda:N (default: auto)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N",
+                   help="slices per forward pass (default: 4)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files already in --output (default: refuse)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (default: a bar on stderr)")
     return p
 
 
@@ -188,17 +321,28 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def denoise_main(argv=None) -> int:
     """``pdml-denoise``: every CT series under ``--input`` -> a denoised series in ``--output``."""
+    from pdml.training.interrupt import exit_status
+
+    args = _denoise_parser().parse_args(argv)
+    try:
+        return _denoise(args)
+    except KeyboardInterrupt:  # save_ct removes the files of the series it was writing
+        print("pdml-denoise: interrupted; the series written before are complete, the one "
+              "being written was removed", file=sys.stderr)
+        return exit_status(signal.SIGINT)
+
+
+def _denoise(args) -> int:
     from tqdm.auto import tqdm
 
-    from pdml.data import (DicomHeaderWarning, DicomReadError, NoCTImagesError, load_ct,
-                           save_ct)
+    from pdml.data import (DicomHeaderWarning, DicomReadError, DuplicatePositionWarning,
+                           NoCTImagesError, derived_paths, load_ct, save_ct)
     from pdml.inference import denoise_hu, generator_from_checkpoint
-    from pdml.training.checkpoint import load_checkpoint
+    from pdml.training.checkpoint import find_checkpoint, load_checkpoint
     from pdml.training.config import TrainError
     from pdml.training.distributed import resolve_device
     from pdml.training.rundir import check_writable_folder
 
-    args = _denoise_parser().parse_args(argv)
     try:
         if args.batch_size < 1:
             raise TrainError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -211,20 +355,28 @@ def denoise_main(argv=None) -> int:
             raise TrainError(f"--output {args.output} is inside the input folder {in_root}; "
                              "pdml-denoise never writes into its input")
         check_writable_folder(out, "--output")
-        ckpt = load_checkpoint(args.checkpoint)
+        ckpt_path = find_checkpoint(args.checkpoint, ("best.pt", "last.pt"))
+        ckpt = load_checkpoint(ckpt_path)
         generator, cfg = generator_from_checkpoint(ckpt, device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # load_ct's per-file warnings: summarised below
             series_list = load_ct(inp)
-        if series_list.skipped:
-            print(f"pdml-denoise: skipped {len(series_list.skipped)} file(s) that are not "
-                  f"usable CT images (first: {series_list.skipped[0][1]})", file=sys.stderr)
-        header = [str(w.message) for w in caught if issubclass(w.category, DicomHeaderWarning)]
-        if header:
-            print(f"pdml-denoise: warning: {len(header)} file(s) with an incomplete header "
-                  f"(first: {header[0]})", file=sys.stderr)
     except (TrainError, DicomReadError, NoCTImagesError, FileNotFoundError, FileExistsError) as e:
         return _fail("pdml-denoise", e)
+    best = ckpt.get("best") or {}
+    print(f"pdml-denoise: checkpoint {ckpt_path} (step {ckpt['step']}"
+          + (f", best validation PSNR {best['psnr']:.2f} dB"
+             if best.get("step") == ckpt["step"] and best.get("psnr") is not None else "")
+          + ")", flush=True)
+    if series_list.skipped:
+        print(f"pdml-denoise: skipped {len(series_list.skipped)} file(s) that are not "
+              f"usable CT images (first: {series_list.skipped[0][1]})", file=sys.stderr)
+    for category, what in ((DicomHeaderWarning, "file(s) with an incomplete header"),
+                           (DuplicatePositionWarning, "position(s) holding several slices")):
+        found = [str(w.message) for w in caught if issubclass(w.category, category)]
+        if found:
+            print(f"pdml-denoise: warning: {len(found)} {what} (first: {found[0]})",
+                  file=sys.stderr)
 
     total = sum(len(s) for s in series_list)
     bar = tqdm(total=total, desc="pdml-denoise", unit="slice", disable=args.no_progress,
@@ -240,7 +392,13 @@ def denoise_main(argv=None) -> int:
             bar.update(n - _done[0])
             _done[0] = n
 
+        in_the_way = [] if args.overwrite else [t for t in derived_paths(series, target)
+                                                if t.exists()]
         try:
+            if in_the_way:  # said before the series is denoised, in the flag's words
+                raise FileExistsError(f"{in_the_way[0]} exists ({len(in_the_way)} of the "
+                                      f"{len(series)} file(s) to write); pass --overwrite "
+                                      f"to replace them")
             hu = denoise_hu(generator, series.hu, cfg, device, precision=args.precision,
                             batch_size=args.batch_size, progress=advance)
             written += save_ct(series, hu, target, overwrite=args.overwrite,
@@ -249,9 +407,11 @@ def denoise_main(argv=None) -> int:
             bar.update(len(series) - done[0])
             failed.append((k, series, e))
     bar.close()
-    print(f"pdml-denoise: wrote {len(written)} slice(s) of {len(series_list) - len(failed)} "
-          f"series to {out}")
     for k, series, e in failed:
-        _fail("pdml-denoise", f"series {k} ({series.slices[0].path}, {len(series)} slice(s)) "
-                              f"not written: {e}")
+        where = (f"series {k} ({series.slices[0].path}, {len(series)} slice(s)) not written"
+                 if len(series_list) > 1 else "not written")
+        _fail("pdml-denoise", f"{where}: {e}")
+    if written:
+        print(f"pdml-denoise: wrote {len(written)} slice(s) of {len(series_list) - len(failed)} "
+              f"series to {out}")
     return 2 if failed else 0

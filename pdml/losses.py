@@ -48,7 +48,7 @@ class _PatchLoss(nn.Module):
 class PatchNCELoss(_PatchLoss):
     """CUT's PatchNCELoss: ``PatchNCELoss(opt)`` reads ``opt.nce_T``, ``opt.batch_size``,
     ``opt.nce_includes_all_negatives_from_minibatch``; or give them as keywords
-    (``tau`` default 0.07).
+    (``tau`` 0.07 without either).
 
     ``forward(feat_q [B·N, C], feat_k [B·N, C]) -> [B·N]`` per-row loss (float32),
     equal to CUT's; ``feat_k`` is detached.
@@ -63,7 +63,8 @@ class PatchNCELoss(_PatchLoss):
 class PatchMetricLoss(_PatchLoss):
     """The paper's patch-wise metric loss, DML_CT's ``PatchMetricLoss(opt)``: reads
     ``opt.metric_T``, ``opt.batch_size``, ``opt.nce_includes_all_negatives_from_minibatch``;
-    or give them as keywords (``tau`` default 0.15). A ``tau`` too small for any dtype
+    or give them as keywords. Without either (an ``opt`` with no ``metric_T``, such as
+    CUT's), ``tau`` is the paper's 0.15. A ``tau`` too small for any dtype
     (``exp(1/tau)`` overflows float64's sums) is refused here, one too small for the
     features' dtype (float32: ``tau < 0.01503``) at the call (:func:`pdml._validation.check_metric_tau`).
 

@@ -3,6 +3,7 @@ import hashlib
 import shutil
 import subprocess
 import warnings
+from datetime import datetime
 
 import numpy as np
 import pydicom
@@ -12,7 +13,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, UID, generate_uid
 
-from pdml.data import DicomReadError, NoCTImagesError, load_ct, save_ct
+from pdml.data import (DicomReadError, DuplicatePositionWarning, NoCTImagesError, load_ct,
+                       save_ct)
 
 # docs/data.md: every real CT slice that installs offline
 REAL_CT = ["CT_small.dcm", "J2K_pixelrep_mismatch.dcm", "693_UNCR.dcm", "explicit_VR-UN.dcm",
@@ -316,3 +318,36 @@ def test_missing_rescale_intercept_warns_naming_the_file(tmp_path):
     assert ours[0].category.__name__ == "DicomHeaderWarning"
     expected = pydicom_hu(pydicom.dcmread(get_testdata_file("CT_small.dcm")))[0] - intercept
     assert np.array_equal(series[0].hu[0], expected)
+
+
+def test_written_files_carry_the_time_of_writing(tmp_path):
+    """InstanceCreationDate/Time (like the series and content date/time) are those of the
+    writing, not copied from the source; the files still validate."""
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    series = load_ct(get_testdata_file("CT_small.dcm"))[0]
+    before = datetime.now().replace(microsecond=0)
+    path = save_ct(series, series.hu, tmp_path / "out")[0]
+    after = datetime.now()
+    ds = pydicom.dcmread(path)
+    for date, time in (("InstanceCreationDate", "InstanceCreationTime"),
+                       ("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime")):
+        written = datetime.strptime(ds[date].value + ds[time].value[:6], "%Y%m%d%H%M%S")
+        assert before <= written <= after, (date, written)
+    assert src.get("InstanceCreationDate") != ds.InstanceCreationDate  # the source's is old
+    assert dciodvfy_errors(path) == []
+
+
+def test_slices_at_one_position_are_kept_with_a_warning_naming_the_files(tmp_path):
+    uid = generate_uid()
+    for name, pos in (("a", 0.0), ("b", 5.0), ("c", 5.0), ("d", 5.0), ("e", 10.0)):
+        write_slice(tmp_path / f"{name}.dcm", np.full((8, 8), int(pos)), uid, position=pos)
+    with pytest.warns(DuplicatePositionWarning) as caught:
+        series = load_ct(tmp_path)
+    assert len(series) == 1 and len(series[0]) == 5   # all kept
+    assert len(caught) == 1                            # one warning per shared position
+    message = str(caught[0].message)
+    assert all(f"{name}.dcm" in message for name in "bcd"), message
+    assert "a.dcm" not in message and "e.dcm" not in message and "[0.0, 0.0, 5.0]" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # distinct positions: no warning
+        load_ct(tmp_path / "a.dcm")

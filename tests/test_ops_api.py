@@ -122,6 +122,22 @@ def test_available_backends_lists_every_backend():
     assert all(v is None or (isinstance(v, str) and v) for v in table.values())
 
 
+def test_available_backends_without_a_tensor_says_what_runs_on_this_machine(monkeypatch):
+    """No tensor: whether a backend can run here at all. Triton needs a CUDA GPU (or its
+    interpreter, asked for with TRITON_INTERPRET=1)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    table = ops.available_backends()
+    assert table["reference"] is None
+    if torch.cuda.is_available():
+        assert table["triton"] is None or "triton" in table["triton"].lower()
+    else:
+        assert table["triton"] is not None and "no CUDA GPU" in table["triton"]
+        if pdml.backends.triton._IMPORT_ERROR is None:
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            assert ops.available_backends()["triton"] is None
+            assert ops.available_backends(torch.zeros(1))["triton"] is None
+
+
 def test_losses_read_cut_and_dml_options():
     cut_opt = SimpleNamespace(nce_T=0.05, batch_size=4, nce_includes_all_negatives_from_minibatch=True)
     crit = pdml.PatchNCELoss(cut_opt)
@@ -135,6 +151,7 @@ def test_losses_read_cut_and_dml_options():
     defaults = pdml.PatchNCELoss()
     assert (defaults.tau, defaults.batch_size, defaults.negatives) == (0.07, 1, "image")
     assert pdml.PatchMetricLoss().tau == 0.15
+    assert pdml.PatchMetricLoss(cut_opt).tau == 0.15  # CUT's options carry no metric_T
     with pytest.raises(ValueError, match="backend must be one of"):
         pdml.PatchNCELoss(backend="fast")
     with pytest.raises(ValueError, match="tau must be a positive"):

@@ -2,6 +2,7 @@
 run, exact resume after SIGKILL, and a 2-process torchrun (gloo) run."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,6 +72,34 @@ def test_presets_and_config_validation():
             make_config("tiny", **kwargs)
     with pytest.raises(TrainError, match="--preset"):
         make_config("huge")
+
+
+def test_config_records_resolved_values_and_old_configs_still_load():
+    """tau is stored as the value used; config.json's "resolved" record and the nulls of
+    configs written before (tau, threads, lr_d) are read back."""
+    cfg = make_config("tiny", loss="patchnce")
+    assert cfg.tau == 0.07 and make_config("tiny").tau == 0.15
+    old = dict(cfg.to_dict(), tau=None, threads=None, lr_d=None, device="auto")
+    back = TrainConfig.from_dict({**old, "resolved": {"device": "cpu", "cpu_threads": 2}})
+    back.validate()
+    assert back.tau is None and back.resolved_tau == 0.07 and back.threads is None
+    with pytest.raises(TrainError, match="unknown config keys"):
+        TrainConfig.from_dict({**old, "resolvd": {}})
+
+
+def test_resumed_config_changes_only_what_may_change(tmp_path):
+    from pdml.training.config import resumed_config
+
+    cfg = make_config("tiny", out=str(tmp_path))
+    assert resumed_config(cfg, 4, tmp_path, steps=10, progress=False).steps == 10
+    assert resumed_config(cfg, 4, tmp_path, lr=cfg.lr, preset="tiny", out=str(tmp_path)) == cfg
+    assert resumed_config(cfg, 4, tmp_path, max_minutes=None).max_minutes is None
+    for given, words in [({"lr": 1.0}, "--lr 1 differs from the run's 0.0002"),
+                         ({"steps": 3}, "below the step the run has reached (4)"),
+                         ({"steps": 5, "decay_steps": 6}, "--decay-steps"),
+                         ({"out": str(tmp_path / "x")}, "--out")]:
+        with pytest.raises(TrainError, match=re.escape(words)):
+            resumed_config(cfg, 4, tmp_path, **given)
 
 
 def test_shift_options_are_ordinary_settings():
@@ -312,6 +341,34 @@ def test_evaluate_slices_returns_metrics_only():
 
 # --------------------------------------------------------------------------- training
 
+def test_figures_carry_psnr_and_hu_shift(tmp_path, monkeypatch):
+    """The eval figure titles its LD and denoised panels with the numbers the run records
+    (PSNR, noise, HU shift); losses.png has a PSNR and an HU-shift panel per evaluation."""
+    from pdml.training import report
+    from pdml.training.data import ValItem
+
+    figures = []
+    monkeypatch.setattr(report, "_write_figure", lambda fig, path: figures.append(fig))
+    rng = np.random.default_rng(0)
+    nd = np.full((64, 64), 40.0, np.float32)
+    ld = nd + rng.normal(0, 20, nd.shape).astype(np.float32)
+    report.save_eval_figure(ValItem(ld, nd), ld * 0.5 + nd * 0.5, tmp_path / "e.png", step=7)
+    titles = [ax.get_title() for ax in figures[-1].axes]
+    assert "PSNR" in titles[0] and "HU shift" in titles[0] and "noise" in titles[0]
+    assert "step 7" in titles[1] and "PSNR" in titles[1] and "HU shift" in titles[1]
+    metrics = tmp_path / "metrics.jsonl"
+    for step in (1, 2):
+        report.append_metrics(metrics, {"kind": "train", "step": step, "loss_G": 1.0,
+                                        "loss_D": 0.2, "loss_gan": 0.5, "loss_idt": 0.1,
+                                        "loss_patch": 2.0})
+    report.append_metrics(metrics, {"kind": "eval", "step": 2, "psnr": 40.0, "ld_psnr": 38.0,
+                                    "hu_shift": 1.5, "ld_hu_shift": -0.5})
+    report.save_loss_figure(metrics, tmp_path / "losses.png")
+    assert [ax.get_ylabel() for ax in figures[-1].axes] == ["loss", "PSNR (dB)", "HU shift (HU)"]
+    psnr_lines = figures[-1].axes[1].get_lines()
+    assert [list(line.get_ydata()) for line in psnr_lines] == [[40.0], [38.0]]
+
+
 @pytest.mark.parametrize("precision,loss,backend", [
     ("fp32", "dml", "auto"), ("fp32", "patchnce", "auto"), ("fp32", "none", "auto"),
     ("bf16", "dml", "auto"), ("fp16", "dml", "auto"), ("fp32", "dml", "ext")])
@@ -381,7 +438,10 @@ def test_tiny_run_writes_the_run_folder(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "pdml-train summary" in printed and "denoised" in printed and "LD input" in printed
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["preset"] == "tiny" and cfg["loss"] == "dml"
+    assert cfg["preset"] == "tiny" and cfg["loss"] == "dml" and cfg["tau"] == 0.15
+    assert cfg["resolved"] == {"device": "cpu", "world_size": 1, "cpu_threads": 1,
+                               "loss_backend": pdml.ops.resolve_backend(
+                                   "auto", torch.zeros(1), "patch_metric_rows").name}
     train_recs, eval_recs = _records(out, "train"), _records(out, "eval")
     assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
     assert all(r["img_per_s"] > 0 and np.isfinite(r["loss_G"]) for r in train_recs)
@@ -439,6 +499,108 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
         sa, sb = a["optimizer"][group]["state"], b["optimizer"][group]["state"]
         assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     assert [r["step"] for r in _records(killed, "train")] == list(range(1, steps + 1))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_ends_the_step_saves_it_and_resume_matches_an_uninterrupted_run(
+        tmp_path, signum):
+    """Ctrl-C (SIGINT) or SIGTERM: one line, status 128 + signal, last.pt at the step the
+    line names (not a checkpoint step), summary.json marked; --resume then ends with the
+    numbers of an uninterrupted run."""
+    steps = 8
+    args = ["--preset", "tiny", "--steps", str(steps), "--decay-steps", "3", "--ckpt-every", "7",
+            "--eval-every", "3", "--no-progress"]
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen([PDML_TRAIN, *args, "--out", str(run)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    try:  # signal it right after step 1 is logged: mid-run, before its first checkpoint
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and '"step": 1,' in metrics.read_text():
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, err
+    assert out == "" and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    found = re.fullmatch(r"pdml-train: interrupted at step (\d+); continue with pdml-train "
+                         r"--resume (.+)\n", err)
+    assert found and found.group(2) == str(run), err
+    step = int(found.group(1))
+    assert 1 <= step < 7  # a step no --ckpt-every checkpoint falls on
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == step
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["interrupted"] == signal.Signals(signum).name
+    assert summary["steps"] == summary["checkpoint_step"] == step
+    assert not summary["stopped_early"]
+    if signum != signal.SIGINT:
+        return
+    assert train_main(["--resume", str(run), "--no-progress"]) == 0
+    straight = tmp_path / "straight"
+    assert train_main([*args, "--out", str(straight)]) == 0
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == steps
+    pa, pb = _params(a), _params(b)
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert [r["step"] for r in _records(run, "train")] == list(range(1, steps + 1))
+    assert json.loads((run / "summary.json").read_text())["interrupted"] is None
+
+
+def test_a_second_stop_signal_raises_at_once_and_handlers_come_back():
+    from pdml.training.interrupt import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGINT  # the first only asks
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_resume_with_more_steps_extends_a_finished_run(tmp_path):
+    out = tmp_path / "run"
+    assert train_main(["--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    finished = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert finished["step"] == 4 and _records(out, "train")[-1]["lr"] == 0.0  # decayed to 0
+    assert train_main(["--resume", str(out), "--steps", "7", "--no-progress"]) == 0
+    extended = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert extended["step"] == 7 and extended["config"]["steps"] == 7
+    assert json.loads((out / "config.json").read_text())["steps"] == 7
+    records = _records(out, "train")
+    assert [r["step"] for r in records] == list(range(1, 8))
+    # the 7-step schedule (decay over the last 2 steps): the LR after steps 5, 6, 7
+    lr = make_config("tiny").lr
+    assert [r["lr"] for r in records[4:]] == pytest.approx([lr, lr / 2, 0.0])
+    moved = _params(extended)
+    assert any(not torch.equal(moved[k], v) for k, v in _params(finished).items())
+    assert json.loads((out / "summary.json").read_text())["planned_steps"] == 7
+
+
+def test_no_progress_on_resume_and_no_bar_after_the_summary(tmp_path):
+    import contextlib
+    import io
+
+    out = tmp_path / "run"
+    both = io.StringIO()  # stdout and stderr in the order written
+    with contextlib.redirect_stdout(both), contextlib.redirect_stderr(both):
+        assert train_main(["--preset", "tiny", "--steps", "2", "--decay-steps", "1",
+                           "--out", str(out)]) == 0
+    text = both.getvalue()
+    assert "step/s" in text or "s/step" in text  # the bar was drawn
+    after = text[text.index("pdml-train summary"):]
+    assert "step/s" not in after and "s/step" not in after and "pdml-train:" not in after
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(quiet):
+        assert train_main(["--resume", str(out), "--steps", "3", "--no-progress"]) == 0
+    assert quiet.getvalue() == ""
 
 
 def _write_version_1_run(run_dir: Path, cfg) -> dict:

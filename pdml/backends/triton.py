@@ -349,7 +349,13 @@ def gather_project(fmap: Tensor, ids: Tensor, weight: Tensor, bias: Optional[Ten
 # --------------------------------------------------------------------------- registration
 
 def _unavailable() -> Optional[str]:
-    return _IMPORT_ERROR
+    """Why Triton cannot run here at all: not importable, or no CUDA GPU and no interpreter."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return ("no CUDA GPU is visible (on a CPU Triton runs only under its interpreter: "
+                "set TRITON_INTERPRET=1)")
+    return None
 
 
 def _unsupported(t: Tensor) -> Optional[str]:

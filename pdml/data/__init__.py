@@ -11,7 +11,8 @@ from pdml.data.builtin import BuiltinDataset, BuiltinRecipe, builtin_dataset, ca
 from pdml.data.datasets import (PairedCropDataset, PairedCTDataset, UnpairedCTDataset,
                                 random_crop_flip, read_slices)
 from pdml.data.dicom import (CTSeries, CTSeriesList, CTSlice, DicomHeaderWarning, DicomReadError,
-                             NoCTImagesError, load_ct, save_ct)
+                             DuplicatePositionWarning, NoCTImagesError, derived_paths, load_ct,
+                             save_ct)
 from pdml.data.hu import HU_WINDOW, hu_to_unit, unit_to_hu
 from pdml.data.shift import (BUILTIN_ND_SHIFT, KVP_120_TO_80, KVP_120_TO_100,
                              AcquisitionShift)
@@ -20,8 +21,8 @@ from pdml.data.simulate import (MU_WATER_PER_MM, fbp, projection_angles, radon,
 from pdml.data.wavelet import wavelet_split
 
 __all__ = [
-    "load_ct", "save_ct", "CTSeries", "CTSeriesList", "CTSlice", "DicomReadError",
-    "NoCTImagesError", "DicomHeaderWarning",
+    "load_ct", "save_ct", "derived_paths", "CTSeries", "CTSeriesList", "CTSlice",
+    "DicomReadError", "NoCTImagesError", "DicomHeaderWarning", "DuplicatePositionWarning",
     "HU_WINDOW", "hu_to_unit", "unit_to_hu",
     "simulate_low_dose", "radon", "fbp", "projection_angles", "MU_WATER_PER_MM",
     "AcquisitionShift", "BUILTIN_ND_SHIFT", "KVP_120_TO_100", "KVP_120_TO_80",

@@ -18,11 +18,13 @@ warning line per file and a final count; the skipped files and their reasons are
 ``ValueError``) naming the file. A folder without any CT image raises
 :class:`NoCTImagesError` (a ``FileNotFoundError``). A CT image without RescaleIntercept
 is read with intercept 0 and a :class:`DicomHeaderWarning` naming the file (HU of such a
-file are likely off by the usual -1024).
+file are likely off by the usual -1024). Slices of one series at the same
+ImagePositionPatient are all kept, with a :class:`DuplicatePositionWarning` naming them.
 
 Writing (:func:`save_ct`): one new single-frame CT image per slice, derived from its
 source slice (same patient, study, frame of reference and geometry; new series and SOP
-instance UIDs; ImageType DERIVED\\SECONDARY; a SeriesDescription naming what made it),
+instance UIDs; ImageType DERIVED\\SECONDARY; a SeriesDescription naming what made it;
+the series, content and instance-creation date and time of the writing),
 stored as signed 16-bit integers with RescaleSlope 1 and RescaleIntercept 0 (HU rounded to
 the nearest integer, clipped to [-32768, 32767]), Explicit VR Little Endian. Each file is
 written to a temporary name in the output folder, flushed, then linked to its final name,
@@ -69,6 +71,12 @@ class NoCTImagesError(FileNotFoundError):
 class DicomHeaderWarning(UserWarning):
     """A CT image was read, but its header lacks a value the HU depend on (a default was
     used). The message names the file."""
+
+
+class DuplicatePositionWarning(UserWarning):
+    """Several slices of one series lie at the same ImagePositionPatient (the same slice
+    copied twice, or two acquisitions in one series). All are kept; the message names the
+    files."""
 
 
 @dataclass
@@ -341,6 +349,25 @@ def _sort_key(item):
             str(sl.path), sl.frame if sl.frame is not None else 0)
 
 
+def _warn_duplicate_positions(uid: str, slices: List[CTSlice], shown: int = 4) -> None:
+    """One :class:`DuplicatePositionWarning` per position that several slices of series
+    ``uid`` share (to 0.001 mm), naming their files."""
+    at: dict = {}
+    for sl in slices:
+        if sl.position is not None:
+            at.setdefault(tuple(round(v, 3) for v in sl.position), []).append(sl)
+    for position, same in at.items():
+        if len(same) < 2:
+            continue
+        names = [str(sl.path) + (f" (frame {sl.frame})" if sl.frame is not None else "")
+                 for sl in same]
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        warnings.warn(f"load_ct: {len(same)} slices of series {uid or '(no UID)'} lie at the "
+                      f"same ImagePositionPatient {list(position)}: {', '.join(names[:shown])}"
+                      f"{more}; all are kept (one slice copied twice?)",
+                      DuplicatePositionWarning, stacklevel=4)
+
+
 def _group(items, root: Path) -> List[CTSeries]:
     groups = {}
     for sl, hu in items:
@@ -349,6 +376,7 @@ def _group(items, root: Path) -> List[CTSeries]:
     series = []
     for (uid, _), members in groups.items():
         members.sort(key=_sort_key)
+        _warn_duplicate_positions(uid, [sl for sl, _ in members])
         series.append(CTSeries(
             hu=np.stack([hu for _, hu in members]).astype(np.float32, copy=False),
             slices=[sl for sl, _ in members], series_uid=uid, source_root=root,
@@ -452,8 +480,8 @@ def _derived_dataset(sl: CTSlice, stored: np.ndarray, series_uid: str, index: in
     ds.DerivationDescription = description[:1024]
     ds.SeriesNumber = int(src.get("SeriesNumber", 0) or 0) + 1000
     ds.InstanceNumber = index + 1
-    ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-    ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
     # Geometry: a single-frame source's own strings are kept (exact); for a frame of an
     # enhanced CT the values come from its functional groups, written as valid DS.
     for keyword, value in (("ImagePositionPatient", sl.position),
@@ -559,7 +587,8 @@ def save_ct(series: CTSeries, hu, out_dir: PathLike, *,
     """Write ``hu`` (``[S, H, W]`` HU, NumPy or torch; S, H, W as ``series.hu``) as a new
     CT series derived from ``series`` in ``out_dir`` (created if missing).
 
-    File ``s`` is ``out_dir / f"{s:04d}_{source stem}[_f{frame}].dcm"``. Returns the
+    File ``s`` is ``out_dir / f"{s:04d}_{source stem}[_f{frame}].dcm"``
+    (:func:`derived_paths`). Returns the
     written paths. Raises ``FileExistsError`` (before writing anything) when a target
     exists and ``overwrite`` is False, and ``ValueError`` when ``out_dir`` is the folder
     the series was read from (or inside it, or holds one of its files) unless
@@ -590,10 +619,7 @@ def save_ct(series: CTSeries, hu, out_dir: PathLike, *,
             if out == folder or folder in out.parents:
                 raise ValueError(f"refusing to write into the input folder {folder}; "
                                  "pass allow_input_dir=True to do so")
-    targets = []
-    for i, sl in enumerate(series.slices):
-        suffix = f"_f{sl.frame:03d}" if sl.frame is not None else ""
-        targets.append(out / f"{i:04d}_{sl.path.stem}{suffix}.dcm")
+    targets = derived_paths(series, out)
     if not overwrite:
         existing = [t for t in targets if t.exists()]
         if existing:
@@ -615,6 +641,15 @@ def save_ct(series: CTSeries, hu, out_dir: PathLike, *,
             path.unlink(missing_ok=True)
         raise
     return targets
+
+
+def derived_paths(series: CTSeries, out_dir: PathLike) -> List[Path]:
+    """The files :func:`save_ct` writes for ``series`` into ``out_dir``, in slice order:
+    ``out_dir / f"{s:04d}_{source stem}[_f{frame}].dcm"``."""
+    out = Path(out_dir)
+    return [out / (f"{i:04d}_{sl.path.stem}" + (f"_f{sl.frame:03d}" if sl.frame is not None
+                                                 else "") + ".dcm")
+            for i, sl in enumerate(series.slices)]
 
 
 def _real_array(name: str, value) -> np.ndarray:

@@ -26,7 +26,13 @@ finished run computed (a run stopped by its time limit is excluded by the experi
 
 
 def _comparable(config: dict) -> dict:
-    d = {k: v for k, v in config.items() if k not in EXECUTION_ONLY}
+    """A run's settings that decide what it computed (``config.json`` and a new config
+    alike: what "auto" resolved to is left out, an unset τ is the loss's default)."""
+    from pdml.training.config import DEFAULT_TAU, RESOLVED_KEY
+
+    d = {k: v for k, v in config.items() if k not in EXECUTION_ONLY and k != RESOLVED_KEY}
+    if d.get("tau") is None:
+        d["tau"] = DEFAULT_TAU.get(d.get("loss"))
     d["loss_layers"] = list(d.get("loss_layers", []))
     return d
 

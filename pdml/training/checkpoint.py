@@ -60,23 +60,33 @@ def save_checkpoint(obj: dict, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a pdml-train checkpoint with ``weights_only=True``; TrainError if it is not one
-    or its weights (``model``) hold NaN or inf."""
+def find_checkpoint(path, names=("last.pt",)) -> Path:
+    """The checkpoint file ``path`` means: ``path`` itself when it is a file; for a run
+    folder (or its ``checkpoints`` folder) the first of ``names`` found in it (``--resume``:
+    last.pt; ``pdml-denoise``: best.pt, then last.pt). TrainError when there is none."""
     path = Path(path)
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
-            if candidate.is_file():
-                path = candidate
-                break
-        else:
-            raise TrainError(f"{path} is a folder without checkpoints/last.pt")
+        for name in names:
+            for candidate in (path / "checkpoints" / name, path / name):
+                if candidate.is_file():
+                    return candidate
+        raise TrainError(f"{path} is a folder without {' or '.join('checkpoints/' + n for n in names)}")
     if not path.is_file():
         raise TrainError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a pdml-train checkpoint (a file, or a run folder's ``last.pt``:
+    :func:`find_checkpoint`) with ``weights_only=True``; TrainError if it is not one or its
+    weights (``model``) hold NaN or inf."""
+    path = find_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated file, another format, pickled objects...
-        raise TrainError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        # one short line: torch's own message runs to several sentences
+        raise TrainError(f"cannot read checkpoint {path}: not a checkpoint file, or a "
+                         f"truncated one ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"{path} is not a pdml-train checkpoint (no format tag "
                          f"{CHECKPOINT_FORMAT!r}); it was written by another program or model")
@@ -93,6 +103,32 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise TrainError(f"{path}: weight {bad} holds NaN or inf (a diverged run?); "
                          "use an earlier checkpoint")
     return ckpt
+
+
+def checkpoint_dict(*, step: int, world_size: int, elapsed_s: float, config: dict, model: dict,
+                    optimizer: dict, scheduler: dict, scaler: dict, rng: list, best: dict) -> dict:
+    """A checkpoint of a run at ``step``: ``model`` / ``optimizer`` / ``scheduler``: state
+    dicts by network name; ``rng``: one RNG state per rank; ``best``: the best evaluation's
+    ``{"step", "psnr"}``."""
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "pdml_version": __import__("pdml").__version__, "step": step,
+            "world_size": world_size, "elapsed_s": elapsed_s, "config": config, "model": model,
+            "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "rng": rng,
+            "best": best}
+
+
+def load_training_state(ckpt: dict, networks: dict, optimizers: dict, schedulers: dict,
+                        scaler) -> None:
+    """Load a checkpoint's state dicts into the run's modules (dicts by name, as
+    :func:`checkpoint_dict` stores them); TrainError when they do not fit."""
+    try:
+        for group, modules in (("model", networks), ("optimizer", optimizers),
+                               ("scheduler", schedulers)):
+            for name, module in modules.items():
+                module.load_state_dict(ckpt[group][name])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise TrainError(f"checkpoint does not match this run's networks: {e}") from None
 
 
 def checkpoint_config(ckpt: dict, where: str) -> TrainConfig:

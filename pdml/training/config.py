@@ -12,6 +12,7 @@ import math
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -32,6 +33,14 @@ D_HIGHPASS_HU = 20.0
 is then about one unit, whatever the networks' scale)."""
 DEFAULT_TAU = {"dml": 0.15, "patchnce": 0.07, "none": 0.15}
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+RESOLVED_KEY = "resolved"
+"""The key of ``config.json`` that records what "auto" settings came to where the run ran."""
+RESUME_SETTINGS = ("steps", "decay_steps", "max_minutes", "progress", "device", "threads")
+"""What ``--resume`` may change (:func:`resumed_config`): the run's length and so its LR
+schedule, its time budget, the progress bar, and where it runs. Every other setting is
+the run's own."""
 
 
 class TrainError(Exception):
@@ -183,14 +192,16 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """The config of a dict (``config.json``, a checkpoint's ``config``); TrainError for
-        anything but a dict of known keys. Values are checked by :meth:`validate`."""
+        anything but a dict of known keys. Values are checked by :meth:`validate`.
+        ``config.json``'s ``"resolved"`` (what the settings came to on the machine that
+        ran: device, threads, loss backend) is a record, not a setting: passed over."""
         if not isinstance(d, dict):
             raise TrainError(f"a config must be a dict of settings, got {type(d).__name__}")
+        kwargs = {k: v for k, v in d.items() if k != RESOLVED_KEY}
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(map(str, d)) - names)
+        unknown = sorted(set(map(str, kwargs)) - names)
         if unknown:
             raise TrainError(f"unknown config keys {unknown}")
-        kwargs = dict(d)
         if isinstance(kwargs.get("loss_layers"), list):
             kwargs["loss_layers"] = tuple(kwargs["loss_layers"])
         return cls(**kwargs)
@@ -249,6 +260,9 @@ class TrainConfig:
             raise TrainError(f"--decay-steps must be in [0, steps={self.steps}], got {self.decay_steps}")
         if self.crop < 8:
             raise TrainError(f"--crop must be >= 8 (the discriminator downsamples 8x), got {self.crop}")
+        if self.ldct is None and self.crop > self.builtin_size:
+            raise TrainError(f"--crop {self.crop} is larger than the built-in slices "
+                             f"(--builtin-size {self.builtin_size})")
         if self.crop_margin < 0:
             raise TrainError(f"crop_margin must be >= 0, got {self.crop_margin}")
         if not 0 <= self.seed < 2 ** 32:
@@ -320,8 +334,48 @@ def make_config(preset: str = "demo", **overrides) -> TrainConfig:
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["preset"] = preset
     cfg = TrainConfig.from_dict(values)
+    if cfg.tau is None and cfg.loss in DEFAULT_TAU:  # recorded as the value the run uses
+        cfg.tau = DEFAULT_TAU[cfg.loss]
     cfg.validate()
     return cfg
+
+
+def resumed_config(cfg: TrainConfig, step: int, run_dir, **given) -> TrainConfig:
+    """The config a resumed run continues with: the run's own ``cfg`` (at ``step``, in
+    ``run_dir``) with the settings ``given`` again (a key present is set, a None value
+    included: ``max_minutes=None`` lifts the time limit).
+
+    The settings in :data:`RESUME_SETTINGS` may change; any other may be given only with
+    the run's own value (the command that started the run, repeated with ``--resume``),
+    and ``out`` only as ``run_dir``. ``steps`` extends (or shortens, not below ``step``)
+    the run: the LR schedule is that of the new length (:func:`lr_factor`: constant until
+    ``steps - decay_steps``, then linear to 0 at ``steps``), so a finished run's LR rises
+    again unless ``decay_steps`` grows too. TrainError naming the settings otherwise.
+    """
+    given = dict(given)
+    out = given.pop("out", None)
+    own = {k: cfg.resolved_tau if k == "tau" else getattr(cfg, k) for k in given}
+    changed = [k for k, v in given.items() if k not in RESUME_SETTINGS and own[k] != v]
+    if changed:
+        raise TrainError(
+            "--resume continues the run with its own settings; "
+            + ", ".join(f"{_flag(k)} {format_setting(given[k])} differs from the run's "
+                        f"{format_setting(own[k])}" for k in changed)
+            + f" (with --resume only {', '.join(map(_flag, RESUME_SETTINGS))} may change)")
+    if out is not None and Path(out).resolve() != Path(run_dir).resolve():
+        raise TrainError(f"--out {out} is not the folder of the resumed run {run_dir}")
+    new = dataclasses.replace(cfg, **{k: v for k, v in given.items() if k in RESUME_SETTINGS})
+    new.validate()
+    if new.steps < step:
+        raise TrainError(f"--steps {new.steps} is below the step the run has reached ({step})")
+    return new
+
+
+def format_setting(value) -> str:
+    """A setting's value as the messages and ``pdml-train --help`` write it."""
+    return "none" if value is None else ("on" if value is True else "off" if value is False
+                                         else f"{value:g}" if isinstance(value, float)
+                                         else str(value))
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -28,10 +28,14 @@ class RunData:
 
     ``train``: ``len()`` and ``get(epoch, index) -> (ld, nd)`` crops ``[1, crop, crop]``
     float32 in the networks' scale (the high-frequency part when the wavelet split is on),
-    the two unpaired (:class:`HighFrequencyCrops`); ``val``: held-out slices in HU.
+    the two unpaired (:class:`HighFrequencyCrops`); ``val``: the slices evaluated, in HU;
+    ``val_source``: where they come from: "held-out" (the built-in dataset's test split,
+    with its truth), "validation" (``--val-ldct/--val-ndct``, paired) or "training" (LD
+    training slices, without a reference).
     """
     train: Any
     val: list = field(default_factory=list)
+    val_source: str = "held-out"
 
 
 class HighFrequencyCrops:
@@ -72,14 +76,15 @@ class HighFrequencyCrops:
 
 
 def _read_folder(flag: str, folder: Optional[str]) -> np.ndarray:
-    """All CT slices of a DICOM (or .npy) folder as float32 [S, H, W] HU; TrainError if
-    unusable. Files skipped by the reader are passed over quietly; header warnings
-    (a missing RescaleIntercept) are summarised in one warning per folder."""
-    from pdml.data import DicomHeaderWarning, read_slices
+    """All CT slices of a DICOM (or .npy) folder or file as float32 [S, H, W] HU;
+    TrainError if unusable. Files skipped by the reader are passed over quietly; header
+    warnings (a missing RescaleIntercept) are summarised in one warning per folder; slices
+    at the same position are warned about, naming the folder and the files."""
+    from pdml.data import DicomHeaderWarning, DuplicatePositionWarning, read_slices
 
     path = Path(folder)
     if not path.exists():
-        raise TrainError(f"{flag} {folder}: no such folder")
+        raise TrainError(f"{flag} {folder}: no such folder or file")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # load_ct's per-file warnings: summarised below
         try:
@@ -92,6 +97,9 @@ def _read_folder(flag: str, folder: Optional[str]) -> np.ndarray:
     if header:
         warnings.warn(f"{flag} {folder}: {len(header)} file(s) with an incomplete header "
                       f"(first: {header[0]})", DicomHeaderWarning, stacklevel=2)
+    for w in caught:
+        if issubclass(w.category, DuplicatePositionWarning):
+            warnings.warn(f"{flag} {folder}: {w.message}", DuplicatePositionWarning, stacklevel=2)
     return slices
 
 
@@ -116,6 +124,7 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> RunData:
     from pdml.data import builtin_dataset
 
     val: list[ValItem] = []
+    val_source = "held-out"
     if cfg.ldct is None:
         if info.is_main:
             builtin_dataset(size=cfg.builtin_size, progress=cfg.progress,
@@ -136,20 +145,25 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> RunData:
             if v_ld.shape != v_nd.shape:
                 raise TrainError(f"--val-ldct and --val-ndct must hold paired slices of the same "
                                  f"shape, got {v_ld.shape} and {v_nd.shape}")
+            val_source = "validation"
             for i in _spread(cfg.val_slices, len(v_ld)):
                 val.append(ValItem(v_ld[i], v_nd[i], f"val {i}"))
         else:
+            val_source = "training"
             for i in _spread(cfg.val_slices, len(ld)):
                 val.append(ValItem(ld[i], None, f"train LD {i}"))
     if cfg.nd_offset_hu != 0:
         from pdml.data import AcquisitionShift
 
         nd = AcquisitionShift(offset_hu=cfg.nd_offset_hu)(nd)
-    for flag, arr in (("--ldct", ld), ("--ndct", nd)):
+    sources = ((f"the built-in {side} slices (--builtin-size {cfg.builtin_size})", arr)
+               for side, arr in (("LD", ld), ("ND", nd))) if cfg.ldct is None else \
+        ((f"--ldct {cfg.ldct}", ld), (f"--ndct {cfg.ndct}", nd))
+    for what, arr in sources:
         if min(arr.shape[1:]) < cfg.crop:
-            raise TrainError(f"{flag}: slices of {arr.shape[1]}x{arr.shape[2]} px are smaller "
-                             f"than --crop {cfg.crop}")
-    return RunData(train=HighFrequencyCrops(ld, nd, cfg), val=val)
+            raise TrainError(f"--crop {cfg.crop} is larger than {what}: "
+                             f"{arr.shape[1]}x{arr.shape[2]} px")
+    return RunData(train=HighFrequencyCrops(ld, nd, cfg), val=val, val_source=val_source)
 
 
 class IndexStream:

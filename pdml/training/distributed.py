@@ -86,3 +86,35 @@ def cpu_threads(requested: Optional[int]) -> int:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` without DDP); a collective."""
+    if not info.enabled:
+        return [obj]
+    gathered = [None] * info.world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def any_rank(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    """The element-wise maximum of ``values`` over the ranks (``values`` without DDP), so
+    that every rank takes the same decision (stop or go on); a collective on ``device``
+    (the rank's own: NCCL reduces CUDA tensors only)."""
+    if not info.enabled:
+        return list(values)
+    flags = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.tolist()
+
+
+def ranks_hold_same_parameters(modules, info: DistInfo) -> Optional[bool]:
+    """True when every rank holds bit-identical parameters in ``modules`` (None entries
+    passed over); None without DDP. A collective."""
+    if not info.enabled:
+        return None
+    flat = torch.cat([p.detach().float().flatten() for m in modules if m is not None
+                      for p in m.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(info.world)]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])

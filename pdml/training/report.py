@@ -10,10 +10,15 @@ from typing import Sequence
 import numpy as np
 
 from pdml.training.checkpoint import atomic_write_bytes
-from pdml.training.config import TrainConfig
+from pdml.training.config import RESOLVED_KEY, TrainConfig
 
 DISPLAY_WINDOW = (-160.0, 240.0)
 """Soft-tissue display window (HU) of the figures (W 400, L 40)."""
+
+SLICE_SOURCES = {"held-out": "held-out slices", "validation": "validation slices",
+                 "training": "training LD slices"}
+"""How the summary names the evaluated slices, by their source
+(:attr:`pdml.training.data.RunData.val_source`)."""
 
 
 def _write_figure(fig, path: Path) -> None:
@@ -29,13 +34,13 @@ def _write_figure(fig, path: Path) -> None:
 
 def save_eval_figure(val_item, denoised: np.ndarray, path: Path, step: int,
                      extra: Sequence[tuple[str, np.ndarray]] = ()) -> None:
-    """PNG of one held-out slice: LD | denoised | each of ``extra`` | ND (when known) |
+    """PNG of one evaluated slice: LD | denoised | each of ``extra`` | ND (when known) |
     denoised − LD (HU).
 
     ``extra``: ``(title, image [H, W] HU)`` panels of other methods (the summary's
     classical comparison). With a reference, the LD, denoised and extra panels are titled
-    with their noise std and HU shift against it (:mod:`pdml.metrics`, homogeneous ROIs),
-    the run's own numbers.
+    with their PSNR, noise std and HU shift against it (:mod:`pdml.metrics`, homogeneous
+    ROIs), the numbers the run records for that slice; without one, with their noise std.
     """
     import matplotlib
 
@@ -48,17 +53,18 @@ def save_eval_figure(val_item, denoised: np.ndarray, path: Path, step: int,
 
     def scored(title, img):
         if nd is None:
-            return title
+            return f"{title}\nnoise {float(np.mean(metrics.noise_std(img))):.1f} HU"
+        psnr = float(np.mean(metrics.psnr(img, nd)))
         noise = float(np.mean(metrics.noise_std(img, nd)))
         shift = float(np.mean(metrics.hu_shift(img, nd)))
-        return f"{title}\nnoise {noise:.1f} HU, shift {shift:+.1f} HU"
+        return f"{title}\nPSNR {psnr:.2f} dB, noise {noise:.1f} HU\nHU shift {shift:+.1f} HU"
 
     panels = [(scored("LD input", ld), ld), (scored(f"denoised (step {step})", denoised), denoised)]
     panels += [(scored(title, img), img) for title, img in extra]
-    if nd is not None:
-        panels.append(("ND reference", nd))
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
     lo, hi = DISPLAY_WINDOW
+    if nd is not None:
+        panels.append((f"reference\nwindow [{lo:.0f}, {hi:.0f}] HU", nd))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.6))
     for ax, (title, img) in zip(axes, panels):
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
         ax.set_title(title, fontsize=9)
@@ -67,7 +73,6 @@ def save_eval_figure(val_item, denoised: np.ndarray, path: Path, step: int,
     axes[-1].set_title("denoised − LD (HU)", fontsize=9)
     axes[-1].axis("off")
     fig.colorbar(diff, ax=axes[-1], fraction=0.046, pad=0.04)
-    fig.suptitle(f"window [{lo:.0f}, {hi:.0f}] HU", fontsize=9)
     _write_figure(fig, path)
 
 
@@ -121,33 +126,70 @@ def trim_metrics(path: Path, step: int) -> None:
 
 
 def save_loss_figure(metrics_path: Path, path: Path) -> None:
-    """PNG of the training losses over steps, from ``metrics.jsonl`` (resumed runs included)."""
+    """PNG of the run over its steps, from ``metrics.jsonl`` (resumed runs included): the
+    training losses and, when the run evaluated, the PSNR and HU shift of each evaluation
+    (denoised and LD input)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    records = []
+    records = {"train": [], "eval": []}
     for line in Path(metrics_path).read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if rec.get("kind") == "train":
-            records.append(rec)
-    if not records:
+        if rec.get("kind") in records:
+            records[rec["kind"]].append(rec)
+    if not records["train"]:
         return
-    steps = [r["step"] for r in records]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for key in ("loss_G", "loss_D", "loss_gan", "loss_idt", "loss_patch"):
-        # a non-finite loss is logged as null: a gap in the line
-        ax.plot(steps, [np.nan if r.get(key) is None else r[key] for r in records], label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("symlog", linthresh=1e-3)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    evals = records["eval"]
+    panels = [("loss", ("loss_G", "loss_D", "loss_gan", "loss_idt", "loss_patch"), records["train"])]
+    if any(r.get("psnr") is not None for r in evals):
+        panels.append(("PSNR (dB)", ("psnr", "ld_psnr"), evals))
+    if any(r.get("hu_shift") is not None for r in evals):
+        panels.append(("HU shift (HU)", ("hu_shift", "ld_hu_shift"), evals))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(6.4, 2.6 + 2.0 * len(panels)),
+                             sharex=True, squeeze=False)
+    for ax, (label, keys, recs) in zip(axes[:, 0], panels):
+        steps = [r["step"] for r in recs]
+        for key in keys:
+            # a non-finite value is logged as null: a gap in the line
+            values = [np.nan if r.get(key) is None else r[key] for r in recs]
+            name = {"psnr": "denoised", "hu_shift": "denoised", "ld_psnr": "LD input",
+                    "ld_hu_shift": "LD input"}.get(key, key)
+            ax.plot(steps, values, label=name, marker="o" if recs is evals else None,
+                    markersize=3)
+        ax.set_ylabel(label)
+        if label == "loss":
+            ax.set_yscale("symlog", linthresh=1e-3)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
     _write_figure(fig, path)
+
+
+def write_config(run_dir: Path, cfg: TrainConfig, resolved: dict) -> None:
+    """``config.json``: every setting and, under ``"resolved"``
+    (:data:`pdml.training.config.RESOLVED_KEY`), what the run's "auto" settings came to
+    here (device, threads, loss backend); :meth:`TrainConfig.from_dict` passes it over."""
+    record = {**cfg.to_dict(), RESOLVED_KEY: resolved}
+    atomic_write_bytes(run_dir / "config.json", (json.dumps(record, indent=2) + "\n").encode())
+
+
+def write_report(run_dir: Path, summary: dict, cfg: TrainConfig, stream=None) -> None:
+    """The end of a run: ``figures/losses.png``, ``summary.json`` and, on ``stream`` when
+    given, the summary table (:func:`format_summary`)."""
+    import warnings
+
+    try:
+        save_loss_figure(run_dir / "metrics.jsonl", run_dir / "figures" / "losses.png")
+    except Exception as e:  # a figure must never lose the summary
+        warnings.warn(f"loss figure not written: {e}")
+    atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    if stream is not None:
+        print(format_summary(summary, cfg), file=stream, flush=True)
 
 
 def format_summary(summary: dict, cfg: TrainConfig) -> str:
@@ -170,7 +212,8 @@ def format_summary(summary: dict, cfg: TrainConfig) -> str:
         rows = [("LD input", ev, "ld_"), ("denoised", ev, "")]
         if classical:
             rows.append((classical["name"].split(",")[0], classical, ""))
-        head = f"  {'held-out slices':<16}{'PSNR dB':>9}{'SSIM':>8}{'noise HU':>10}{'HU shift':>10}"
+        label = SLICE_SOURCES.get(ev.get("slices_from", "held-out"), "evaluated slices")
+        head = f"  {label:<19}{'PSNR dB':>9}{'SSIM':>8}{'noise HU':>10}{'HU shift':>10}"
         lines += [head, "  " + "-" * (len(head) - 2)]
         for name, values, prefix in rows:
             cells = []
@@ -178,12 +221,13 @@ def format_summary(summary: dict, cfg: TrainConfig) -> str:
                                      ("noise_std", ".1f", 10), ("hu_shift", "+.1f", 10)):
                 v = values.get(prefix + key)
                 cells.append(format(v, spec).rjust(width) if v is not None else "-".rjust(width))
-            lines.append(f"  {name:<16}" + "".join(cells))
-        ref = "truth/ND" if ev.get("psnr") is not None else "the LD input (no reference)"
+            lines.append(f"  {name:<19}" + "".join(cells))
+        ref = ("the reference" if ev.get("psnr") is not None
+               else "the LD input (no reference: give --val-ldct/--val-ndct)")
         lines.append(f"  ({ev.get('slices')} slice(s); noise = std in homogeneous ROIs, "
                      f"HU shift = mean difference to {ref})")
         if classical:
-            lines.append(f"  ({classical['name']}: strength tuned on held-out slices "
+            lines.append(f"  ({classical['name']}: strength tuned on evaluated slices "
                          f"{classical['tuning_slices']}; figures/comparison.png)")
     best = summary.get("best") or {}
     if best.get("psnr") is not None:

@@ -8,7 +8,6 @@ while the run lives (:mod:`pdml.training.rundir`). Losses that stay non-finite s
 """
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
@@ -19,20 +18,24 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from pdml.training.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_write_bytes,
-                                      checkpoint_config, load_checkpoint, save_checkpoint)
-from pdml.training.config import NonFiniteLossError, TrainConfig, TrainError, autocast, lr_factor
+from pdml.training.checkpoint import (checkpoint_config, checkpoint_dict, load_checkpoint,
+                                      load_training_state, save_checkpoint)
+from pdml.training.config import (NonFiniteLossError, TrainConfig, TrainError, autocast,
+                                  lr_factor, resumed_config)
 from pdml.training.data import IndexStream, build_data
-from pdml.training.distributed import barrier, cpu_threads, init_distributed, launch_rank
+from pdml.training.distributed import (any_rank, barrier, cpu_threads, gather_objects,
+                                       init_distributed, launch_rank, ranks_hold_same_parameters)
 from pdml.training.evaluate import denoise_slices, evaluate_slices
 from pdml.training.guard import NonFiniteGuard
+from pdml.training.interrupt import StopRequest, signal_name
 from pdml.training.networks import build_networks
-from pdml.training.report import (append_metrics, classical_comparison, format_summary,
-                                  save_eval_figure, save_loss_figure, trim_metrics)
+from pdml.training.report import (append_metrics, classical_comparison, save_eval_figure,
+                                  trim_metrics, write_config, write_report)
 from pdml.training.rng import capture_rng_state, restore_rng_state
 from pdml.training.rundir import RunLock, check_writable_folder, remove_stale_temp_files
-from pdml.training.step import build_step, check_loss_backend
+from pdml.training.step import build_step, loss_backend_used
 from pdml.training.telemetry import GpuTelemetry
 
 
@@ -40,11 +43,16 @@ class TrainingRun:
     """One run of ``pdml-train`` (all ranks construct one; rank 0 alone writes).
 
     ``TrainingRun(cfg).run() -> summary dict``; ``TrainingRun(None, resume=RUN_DIR)``
-    continues a run from ``RUN_DIR/checkpoints/last.pt`` with the run's own config.
+    continues a run from ``RUN_DIR/checkpoints/last.pt`` with the run's own config, where
+    ``changes`` may set what :data:`pdml.training.config.RESUME_SETTINGS` names (``steps``
+    extends a finished or interrupted run) and repeat the others
+    (:func:`pdml.training.config.resumed_config`).
+    A first SIGINT / SIGTERM during :meth:`run` stops it after the current step with
+    ``last.pt`` of that step (:mod:`pdml.training.interrupt`).
     """
 
     def __init__(self, cfg: Optional[TrainConfig], resume: Optional[str] = None,
-                 stream=None):
+                 stream=None, changes: Optional[dict] = None):
         self.stream = stream if stream is not None else sys.stdout
         self.lock: Optional[RunLock] = None
         self.info = None
@@ -69,7 +77,8 @@ class TrainingRun:
             if resume is not None:  # read under the lock: no other trainer writes it now
                 ckpt = load_checkpoint(Path(resume) / "checkpoints" / "last.pt"
                                        if Path(resume).is_dir() else resume)
-                cfg = checkpoint_config(ckpt, f"--resume {resume}")
+                cfg = resumed_config(checkpoint_config(ckpt, f"--resume {resume}"),
+                                     int(ckpt["step"]), run_dir, **(changes or {}))
             self.cfg = cfg
             self.info, self.device = init_distributed(cfg.device)
             self._setup(ckpt)
@@ -87,7 +96,7 @@ class TrainingRun:
             remove_stale_temp_files(self.run_dir)  # a killed run's leftovers (we hold the lock)
         if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise TrainError("--precision bf16 needs a GPU with bfloat16 support")
-        check_loss_backend(cfg, device)
+        self.loss_backend = loss_backend_used(cfg, device)
         if device.type == "cpu":
             torch.set_num_threads(cpu_threads(cfg.threads))
         # identical initial weights on every rank (DDP also broadcasts rank 0's)
@@ -137,25 +146,21 @@ class TrainingRun:
         if info.is_main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "figures").mkdir(exist_ok=True)
-            atomic_write_bytes(self.run_dir / "config.json",
-                               (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+            write_config(self.run_dir, cfg, {"device": str(device), "world_size": info.world,
+                                             "cpu_threads": torch.get_num_threads(),
+                                             "loss_backend": self.loss_backend})
             trim_metrics(self.run_dir / "metrics.jsonl", self.step)
 
     def _load_state(self, ckpt: dict) -> None:
-        try:
-            self.generator.load_state_dict(ckpt["model"]["generator"])
-            self.discriminator.load_state_dict(ckpt["model"]["discriminator"])
-            if self.heads is not None:
-                self.heads.load_state_dict(ckpt["model"]["heads"])
-            self.opt_g.load_state_dict(ckpt["optimizer"]["generator"])
-            self.opt_d.load_state_dict(ckpt["optimizer"]["discriminator"])
-            self.sched_g.load_state_dict(ckpt["scheduler"]["generator"])
-            self.sched_d.load_state_dict(ckpt["scheduler"]["discriminator"])
-            self.scaler.load_state_dict(ckpt["scaler"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise TrainError(f"checkpoint does not match this run's networks: {e}") from None
+        load_training_state(ckpt, self._networks(), {"generator": self.opt_g, "discriminator": self.opt_d},
+                            {"generator": self.sched_g, "discriminator": self.sched_d}, self.scaler)
         self.step = int(ckpt["step"])
         self.saved_step = self.step
+        # The LR of this step under this run's schedule: the stored one unless --resume
+        # changed --steps or --decay-steps (LambdaLR computes the same product).
+        for opt, sched in ((self.opt_g, self.sched_g), (self.opt_d, self.sched_d)):
+            for group, base in zip(opt.param_groups, sched.base_lrs):
+                group["lr"] = base * lr_factor(self.step, self.cfg)
         self.best = dict(ckpt["best"])
         self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
         states = ckpt["rng"]
@@ -187,7 +192,8 @@ class TrainingRun:
             return None
         denoised = denoise_slices(self.generator, self.data.val, self.cfg, self.device)
         self.generator.train()
-        record = {"kind": "eval", "step": step, **evaluate_slices(self.data.val, denoised)}
+        record = {"kind": "eval", "step": step, "slices_from": self.data.val_source,
+                  **evaluate_slices(self.data.val, denoised)}
         self._log(record)
         if self.cfg.eval_figures:
             try:
@@ -199,28 +205,19 @@ class TrainingRun:
 
     # ---------------------------------------------------------------- checkpoint
     def _checkpoint_obj(self, step: int, elapsed: float) -> dict:
-        states = capture_rng_state()
-        if self.info.enabled:
-            gathered = [None] * self.info.world
-            dist.all_gather_object(gathered, states)
-            states = gathered
-        else:
-            states = [states]
-        return {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-            "pdml_version": __import__("pdml").__version__,
-            "step": step, "world_size": self.info.world, "elapsed_s": elapsed,
-            "config": self.cfg.to_dict(),
-            "model": {"generator": self.generator.state_dict(),
-                      "discriminator": self.discriminator.state_dict(),
-                      "heads": self.heads.state_dict() if self.heads is not None else {}},
-            "optimizer": {"generator": self.opt_g.state_dict(),
-                          "discriminator": self.opt_d.state_dict()},
-            "scheduler": {"generator": self.sched_g.state_dict(),
-                          "discriminator": self.sched_d.state_dict()},
-            "scaler": self.scaler.state_dict(),
-            "rng": states, "best": dict(self.best),
-        }
+        return checkpoint_dict(
+            step=step, world_size=self.info.world, elapsed_s=elapsed, config=self.cfg.to_dict(),
+            model={k: v.state_dict() for k, v in self._networks().items()},
+            optimizer={"generator": self.opt_g.state_dict(), "discriminator": self.opt_d.state_dict()},
+            scheduler={"generator": self.sched_g.state_dict(),
+                       "discriminator": self.sched_d.state_dict()},
+            scaler=self.scaler.state_dict(), best=dict(self.best),
+            rng=gather_objects(capture_rng_state(), self.info))  # one state per rank
+
+    def _networks(self) -> dict[str, nn.Module]:
+        """The networks a checkpoint holds (heads: an empty module without a patch loss)."""
+        return {"generator": self.generator, "discriminator": self.discriminator,
+                "heads": self.heads if self.heads is not None else nn.Module()}
 
     def checkpoint(self, step: int, elapsed: float, is_best: bool) -> None:
         obj = self._checkpoint_obj(step, elapsed)  # collective: every rank takes part
@@ -246,85 +243,88 @@ class TrainingRun:
         self._log({"kind": "stopped", "step": self.step, "reason": problem})
         raise NonFiniteLossError(f"stopped: {problem}; {kept} in {self.run_dir}")
 
-    # ---------------------------------------------------------------- logging
     def _log(self, record: dict) -> None:
         if self.info.is_main:
             append_metrics(self.run_dir / "metrics.jsonl", record)
 
-    def _ranks_in_sync(self) -> Optional[bool]:
-        """True when every rank holds bit-identical networks (None without DDP)."""
-        if not self.info.enabled:
-            return None
-        modules = [self.generator, self.discriminator] + ([self.heads] if self.heads else [])
-        flat = torch.cat([p.detach().float().flatten() for m in modules for p in m.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(self.info.world)]
-        dist.all_gather(gathered, flat)
-        return all(torch.equal(gathered[0], g) for g in gathered[1:])
-
     def _stop_now(self, started: float) -> bool:
-        """Time budget reached? Rank 0 decides for every rank."""
-        if self.cfg.max_minutes is None:
-            return False
-        flag = torch.tensor([float(time.time() - started > 60.0 * self.cfg.max_minutes)])
-        if self.info.enabled:
-            dist.broadcast(flag, 0)
-        return bool(flag.item())
+        """This rank's time budget used up?"""
+        return self.cfg.max_minutes is not None and time.time() - started > 60 * self.cfg.max_minutes
+
+    def _stop_reason(self, started: float, stop: StopRequest) -> Optional[str]:
+        """"time" (the budget is used up), the name of a stop signal ("SIGINT",
+        "SIGTERM") or None; with DDP every rank gets the same answer (any rank's reason)."""
+        timed_out, signum = any_rank([float(self._stop_now(started)), float(stop.signum or 0)],
+                                     self.info, self.device)
+        if signum:
+            return signal_name(int(signum))
+        return "time" if timed_out else None
 
     # ---------------------------------------------------------------- main loop
     def run(self) -> dict:
+        """Train to ``cfg.steps`` (or the time budget, or a stop signal); -> the summary."""
         from tqdm.auto import tqdm
 
-        cfg, info = self.cfg, self.info
-        start_step = self.step
-        started = time.time()
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="pdml-train", unit="step",
-                   dynamic_ncols=True, disable=not (info.is_main and cfg.progress),
+        start_step, started = self.step, time.time()
+        bar = tqdm(total=self.cfg.steps, initial=start_step, desc="pdml-train", unit="step",
+                   dynamic_ncols=True, disable=not (self.info.is_main and self.cfg.progress),
                    file=sys.stderr)
-        sums: dict[str, torch.Tensor] = {}
-        window_steps, window_start = 0, time.time()
-        stopped_early = False
         try:
-            while self.step < cfg.steps:
-                if self._stop_now(started):
-                    stopped_early = True
-                    break
-                x, y = self._batch(self.step)
-                losses = self.train_step(x, y)
-                self.step += 1
-                window_steps += 1
-                self.guard.update(self.step, losses)
-                self._stop_if_nonfinite(self.guard.problem())
-                for k, v in losses.items():
-                    sums[k] = sums[k] + v if k in sums else v
-                bar.update(1)
-                last_step = self.step == cfg.steps
-                if self.step % cfg.log_every == 0 or last_step:
-                    dt = max(time.time() - window_start, 1e-9)
-                    rec = {"kind": "train", "step": self.step,
-                           **{k: float(v) / window_steps for k, v in sums.items()},
-                           "lr": self.opt_g.param_groups[0]["lr"],
-                           "img_per_s": window_steps * cfg.batch_size * info.world / dt,
-                           **self.telemetry.sample()}
-                    self._log(rec)
-                    bar.set_postfix(G=f"{rec['loss_G']:.3f}", D=f"{rec['loss_D']:.3f}",
-                                    P=f"{rec['loss_patch']:.3f}", img_s=f"{rec['img_per_s']:.1f}")
-                    sums, window_steps, window_start = {}, 0, time.time()
-                paused = time.time()
-                if self._maybe_eval_and_checkpoint(started, force=last_step):
-                    window_start += time.time() - paused  # img/s counts training time only
-            if stopped_early and self.step > start_step:
-                self._maybe_eval_and_checkpoint(started, force=True)
-            return self._summary(start_step, started, stopped_early)
+            with StopRequest() as stop:  # a second signal raises KeyboardInterrupt
+                reason = self._loop(bar, started, stop)
+                bar.close()  # before the summary: the bar is not drawn again after it
+                if reason == "time" and self.step > start_step:
+                    self._maybe_eval_and_checkpoint(started, force=True)
+                elif reason not in (None, "time") and self.step != self.saved_step:
+                    self._maybe_eval_and_checkpoint(started, force=True, evaluate=False)
+                return self._summary(start_step, started, reason)
         finally:
             bar.close()
             self.close()
 
-    def _maybe_eval_and_checkpoint(self, started: float, force: bool) -> bool:
-        """Evaluate and/or checkpoint when due; -> whether anything ran."""
+    def _loop(self, bar, started: float, stop: StopRequest) -> Optional[str]:
+        """The steps; -> why they stopped before ``cfg.steps`` (:meth:`_stop_reason`) or None."""
+        cfg, info = self.cfg, self.info
+        sums: dict[str, torch.Tensor] = {}
+        window_steps, window_start = 0, time.time()
+        while self.step < cfg.steps:
+            reason = self._stop_reason(started, stop)
+            if reason is not None:
+                return reason
+            x, y = self._batch(self.step)
+            losses = self.train_step(x, y)
+            self.step += 1
+            window_steps += 1
+            self.guard.update(self.step, losses)
+            self._stop_if_nonfinite(self.guard.problem())
+            for k, v in losses.items():
+                sums[k] = sums[k] + v if k in sums else v
+            bar.update(1)
+            last_step = self.step == cfg.steps
+            if self.step % cfg.log_every == 0 or last_step:
+                dt = max(time.time() - window_start, 1e-9)
+                rec = {"kind": "train", "step": self.step,
+                       **{k: float(v) / window_steps for k, v in sums.items()},
+                       "lr": self.opt_g.param_groups[0]["lr"],
+                       "img_per_s": window_steps * cfg.batch_size * info.world / dt,
+                       **self.telemetry.sample()}
+                self._log(rec)
+                bar.set_postfix(G=f"{rec['loss_G']:.3f}", D=f"{rec['loss_D']:.3f}",
+                                P=f"{rec['loss_patch']:.3f}", img_s=f"{rec['img_per_s']:.1f}")
+                sums, window_steps, window_start = {}, 0, time.time()
+            paused = time.time()
+            if self._maybe_eval_and_checkpoint(started, force=last_step):
+                window_start += time.time() - paused  # img/s counts training time only
+        return None
+
+    def _maybe_eval_and_checkpoint(self, started: float, force: bool,
+                                   evaluate: bool = True) -> bool:
+        """Evaluate and/or checkpoint when due (``force``: both now; without ``evaluate``
+        only the checkpoint); -> whether anything ran."""
         cfg = self.cfg
         is_best, ran = False, False
-        due_eval = self.step % cfg.eval_every == 0 or force
-        if not (due_eval or self.step % cfg.ckpt_every == 0):
+        due_eval = evaluate and (self.step % cfg.eval_every == 0 or force)
+        if not (due_eval or force or self.step % cfg.ckpt_every == 0):
             return False
         if not self._state_is_finite():  # never evaluate or save a step of non-finite losses
             return False
@@ -345,33 +345,30 @@ class TrainingRun:
             ran = True
         return ran
 
-    def _summary(self, start_step: int, started: float, stopped_early: bool) -> dict:
-        in_sync = self._ranks_in_sync()
+    def _summary(self, start_step: int, started: float, reason: Optional[str]) -> dict:
+        """summary.json (``interrupted``: the stop signal or None; ``checkpoint_step``: the
+        step of ``last.pt``) and, unless a signal stopped the run, the table on ``stream``."""
         elapsed = time.time() - started
         summary = {
             "run_dir": str(self.run_dir), "steps": self.step, "planned_steps": self.cfg.steps,
-            "stopped_early": stopped_early, "world_size": self.info.world,
+            "stopped_early": reason == "time", "world_size": self.info.world,
+            "interrupted": reason if reason not in (None, "time") else None,
+            "checkpoint_step": self.saved_step,
             "elapsed_s": elapsed, "total_elapsed_s": self.elapsed_before + elapsed,
             "img_per_s": (self.step - start_step) * self.cfg.batch_size * self.info.world
             / max(elapsed, 1e-9),
-            "ranks_in_sync": in_sync, "best": self.best,
+            "ranks_in_sync": ranks_hold_same_parameters(list(self._networks().values()), self.info),
+            "best": self.best,
             "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
             "final_eval": self.last_eval,
         }
-        if self.info.is_main:
+        if self.info.is_main:  # the table only for a run that was not stopped by a signal
             summary["classical"] = None
-            if self.cfg.compare_classical and self.last_eval is not None:
+            if self.cfg.compare_classical and self.last_eval is not None and not summary["interrupted"]:
                 summary["classical"] = classical_comparison(
                     self.generator, self.data.val, self.cfg, self.device,
                     self.run_dir / "figures" / "comparison.png", self.step)
-            try:
-                save_loss_figure(self.run_dir / "metrics.jsonl",
-                                 self.run_dir / "figures" / "losses.png")
-            except Exception as e:
-                warnings.warn(f"loss figure not written: {e}")
-            atomic_write_bytes(self.run_dir / "summary.json",
-                               (json.dumps(summary, indent=2) + "\n").encode())
-            print(format_summary(summary, self.cfg), file=self.stream, flush=True)
+            write_report(self.run_dir, summary, self.cfg, None if summary["interrupted"] else self.stream)
         return summary
 
     def close(self, failed_setup: bool = False) -> None:
@@ -385,6 +382,9 @@ class TrainingRun:
             self.lock = None
 
 
-def train(cfg: Optional[TrainConfig] = None, resume: Optional[str] = None, stream=None) -> dict:
-    """Run (or with ``resume=RUN_DIR`` continue) a training; -> the summary dict."""
-    return TrainingRun(cfg, resume=resume, stream=stream).run()
+def train(cfg: Optional[TrainConfig] = None, resume: Optional[str] = None, stream=None,
+          changes: Optional[dict] = None) -> dict:
+    """Run (or with ``resume=RUN_DIR`` continue, with ``changes`` such as ``{"steps": N}``)
+    a training; -> the summary dict (``summary["interrupted"]``: the signal that stopped
+    it, else None)."""
+    return TrainingRun(cfg, resume=resume, stream=stream, changes=changes).run()

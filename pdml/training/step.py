@@ -119,17 +119,23 @@ def patch_loss(cfg: TrainConfig, q: torch.Tensor, k: torch.Tensor, batch_size: i
                                      backend=cfg.loss_backend).mean()
 
 
-def check_loss_backend(cfg: TrainConfig, device: torch.device) -> None:
-    """TrainError when ``cfg.loss_backend`` (asked for by name) cannot run the run's patch
-    loss on ``device`` in its precision (Triton on a CPU, an extension not built, ...)."""
-    if cfg.loss == "none" or cfg.loss_backend == "auto":
-        return
+def loss_backend_used(cfg: TrainConfig, device: torch.device) -> Optional[str]:
+    """The backend that runs the run's patch loss on ``device`` in its precision ("auto"
+    and ``PDML_BACKEND`` resolved; None with ``--loss none``); TrainError when the one
+    asked for by name cannot (Triton on a CPU, an extension not built, ...)."""
+    if cfg.loss == "none":
+        return None
     op = "patch_metric_rows" if cfg.loss == "dml" else "patch_nce_rows"
     rows = torch.empty(0, device=device, dtype=AUTOCAST_DTYPES.get(cfg.precision, torch.float32))
-    why = ops.available_backends(rows, op)[cfg.loss_backend]
-    if why is not None:
-        raise TrainError(f"--loss-backend {cfg.loss_backend} cannot run the {cfg.loss} loss "
-                         f"on {device} ({cfg.precision}): {why}")
+    if cfg.loss_backend != "auto":
+        why = ops.available_backends(rows, op)[cfg.loss_backend]
+        if why is not None:
+            raise TrainError(f"--loss-backend {cfg.loss_backend} cannot run the {cfg.loss} "
+                             f"loss on {device} ({cfg.precision}): {why}")
+    try:
+        return ops.resolve_backend(cfg.loss_backend, rows, op).name
+    except (RuntimeError, ValueError) as e:  # PDML_BACKEND naming one that cannot run
+        raise TrainError(f"the {cfg.loss} loss cannot run on {device} ({cfg.precision}): {e}") from None
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
