@@ -115,33 +115,21 @@ class UnpairedCTDataset(Dataset):
         return {"ld": to_tensor(ld), "nd": to_tensor(nd)}
 
 
-class PairedCropDataset(Dataset):
+class PairedCropDataset(UnpairedCTDataset):
     """Paired training patches: item ``i`` = ``{"ld": [1, crop, crop], "nd": [1, crop,
     crop]}`` float32 unit scale (see module doc), the SAME place (and flips) of LD slice
     ``i % S`` and of its reference ``nd[i % S]`` (same shape). For supervised training
-    (an upper bound); randomness as in :class:`UnpairedCTDataset`.
+    (an upper bound); arguments and randomness as in :class:`UnpairedCTDataset`
+    (``length`` default: ``S``).
     """
 
     def __init__(self, ld: SliceSource, nd: SliceSource, crop: int = 128, margin: int = 30,
                  flip: bool = True, window=HU_WINDOW, length: Optional[int] = None,
                  seed: int = 0):
-        self.ld, self.nd = read_slices(ld), read_slices(nd)
+        super().__init__(ld, nd, crop, margin, flip, window, length, seed)
         if self.ld.shape != self.nd.shape:
             raise ValueError(f"paired slices must have one shape, got ld {self.ld.shape} and "
                              f"nd {self.nd.shape}")
-        if len(self.ld) == 0:
-            raise ValueError("ld: no slices")
-        if min(self.ld.shape[1:]) < crop:
-            raise ValueError(f"ld: slices {self.ld.shape[1:]} smaller than crop {crop}")
-        self.crop, self.margin, self.flip, self.window = crop, margin, flip, window
-        self.length = length or len(self.ld)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.length
 
     def __getitem__(self, i: int):
         if not 0 <= i < self.length:
