@@ -51,8 +51,11 @@ def test_every_arm_and_seed_of_the_plan_is_trained_once_with_its_settings(quick)
     got = sorted((r["role"], r["arm"], r["seed"]) for r in doc["runs"])
     assert got == want
     for run in doc["runs"]:
-        cfg = json.loads((Path(run["run_dir"]) / "config.json").read_text())
-        assert cfg.pop("resolved")["device"] == "cpu" and cfg == run["config"]
+        assert not Path(run["run_dir"]).is_absolute() and run["config"]["out"] == run["run_dir"]
+        cfg = json.loads((out / run["run_dir"] / "config.json").read_text())
+        assert cfg.pop("resolved")["device"] == "cpu"
+        assert Path(cfg.pop("out")) == out / run["run_dir"]
+        assert cfg == {k: v for k, v in run["config"].items() if k != "out"}
         arm = next(a for a in arms if a.key == run["arm"] and a.role == run["role"])
         assert cfg["seed"] == run["seed"] and cfg["nd_offset_hu"] == arm.nd_offset_hu
         assert cfg["loss"] == arm.loss and cfg["supervised"] == arm.supervised
@@ -68,7 +71,7 @@ def test_every_arm_and_seed_of_the_plan_is_trained_once_with_its_settings(quick)
         # the commit each run was trained at
         session = run["provenance"]["sessions"][0]
         assert session["how"] == "trained" and set(session) >= {"commit", "pdml_modified"}
-        assert json.loads((Path(run["run_dir"]) / "provenance.json").read_text()) == \
+        assert json.loads((out / run["run_dir"] / "provenance.json").read_text()) == \
             run["provenance"]
 
 
@@ -104,6 +107,14 @@ def test_the_tables_follow_from_the_runs_and_the_rules(quick):
 
 def test_a_repeated_command_reuses_every_run_and_other_settings_are_refused(quick, capsys):
     out, before = quick
+    # a run folder written before a setting existed (here: supervised, "resolved") and
+    # before τ was recorded: read as pdml-train reads it, still the same run
+    old = out / before["runs"][0]["run_dir"] / "config.json"
+    config = json.loads(old.read_text())
+    for key in ("supervised", "resolved"):
+        config.pop(key)
+    config["tau"] = None
+    old.write_text(json.dumps(config))
     code, printed = _main(["--preset", "quick", "--out", str(out), "--no-progress",
                            "--no-classical"])
     assert code == 0, printed[-2000:]

@@ -16,6 +16,7 @@ interrupted ones (:func:`pdml.experiments.runner.train_or_reuse`).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -128,8 +129,14 @@ class Experiment:
         return {"role": role, "setting": setting, "ld": ld, "rows": rows,
                 "classical": classical, "validity": check, "verdicts": verdicts}
 
+    def _portable(self, record: dict) -> dict:
+        """``record`` with its run folder relative to the experiment's folder (results
+        move with their folder)."""
+        where = os.path.relpath(record["run_dir"], self.out)
+        return {**record, "run_dir": where, "config": {**record["config"], "out": where}}
+
     def result(self, complete: bool) -> dict:
-        runs = [{"arm": a.key, "role": a.role, "setting": a.setting, **r}
+        runs = [{"arm": a.key, "role": a.role, "setting": a.setting, **self._portable(r)}
                 for a, rs in self.records.items() for r in rs]
         doc = {
             "format": FORMAT, "version": VERSION, "complete": complete,

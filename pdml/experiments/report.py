@@ -230,10 +230,12 @@ def save_curves(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def example_images(doc: dict, items: Sequence, index: int = 0) -> list[tuple[str, np.ndarray]]:
+def example_images(doc: dict, items: Sequence, out: Path, index: int = 0
+                   ) -> list[tuple[str, np.ndarray]]:
     """``(title, image [H, W] HU)`` of held-out slice ``index``: the LD input, then the
-    first seed's run of each main-table arm at the offset (last checkpoint), then the
-    classical methods at their tuned strengths."""
+    first seed's run of each main-table arm at the offset (last checkpoint; run folders
+    relative to the experiment's folder ``out``), then the classical methods at their
+    tuned strengths."""
     import torch
 
     from pdml import classical
@@ -241,7 +243,7 @@ def example_images(doc: dict, items: Sequence, index: int = 0) -> list[tuple[str
     from pdml.training import denoise_slices, load_checkpoint
 
     main = doc["tables"]["main"]
-    out = [("LD input", items[index].ld)]
+    images = [("LD input", items[index].ld)]
     device = torch.device("cpu")
     for row in main["rows"]:
         if "hu_shift" not in row or (row["nd_offset_hu"] == 0 and not row["supervised"]):
@@ -249,13 +251,13 @@ def example_images(doc: dict, items: Sequence, index: int = 0) -> list[tuple[str
         run = next(r for r in doc["runs"] if r["role"] == "main" and r["arm"] == row["key"]
                    and r["seed"] == row["seeds"][0])
         generator, cfg = generator_from_checkpoint(
-            load_checkpoint(Path(run["run_dir"]) / "checkpoints" / "last.pt"), device)
-        out.append((f"{row['title']} (seed {run['seed']})",
-                    denoise_slices(generator, [items[index]], cfg, device)[0]))
+            load_checkpoint(Path(out) / run["run_dir"] / "checkpoints" / "last.pt"), device)
+        images.append((f"{row['title']} (seed {run['seed']})",
+                       denoise_slices(generator, [items[index]], cfg, device)[0]))
     for row in doc["classical"]:
-        out.append((row["name"], classical.denoise(row["method"], items[index].ld,
-                                                   row["strength"])))
-    return out
+        images.append((row["name"], classical.denoise(row["method"], items[index].ld,
+                                                      row["strength"])))
+    return images
 
 
 def save_examples(images: Sequence[tuple[str, np.ndarray]], truth: np.ndarray, path: Path) -> None:
@@ -293,6 +295,6 @@ def write_report(doc: dict, items: Sequence, out: Path) -> dict:
     out = Path(out)
     save_tradeoff(doc, out / FIGURES["tradeoff"])
     save_curves(doc, out / FIGURES["curves"])
-    save_examples(example_images(doc, items), items[0].nd, out / FIGURES["examples"])
+    save_examples(example_images(doc, items, out), items[0].nd, out / FIGURES["examples"])
     (out / "ablation.md").write_text(markdown(doc))
     return dict(FIGURES)

@@ -20,20 +20,24 @@ from typing import Any, Optional
 from pdml.experiments.endpoints import eval_records, run_values
 from pdml.experiments.provenance import source_commit
 
-EXECUTION_ONLY = ("progress", "threads", "device", "max_minutes")
+EXECUTION_ONLY = ("progress", "threads", "device", "max_minutes", "eval_figures",
+                  "compare_classical")
 """Config keys that may differ between a run and its reuse: they do not change what a
-finished run computed (a run stopped by its time limit is excluded by the experiment)."""
+finished run computed (a run stopped by its time limit is excluded by the experiment;
+figures and the summary's classical row are not training)."""
 
 
 def _comparable(config: dict) -> dict:
-    """A run's settings that decide what it computed (``config.json`` and a new config
-    alike: what "auto" resolved to is left out, an unset τ is the loss's default)."""
-    from pdml.training.config import DEFAULT_TAU, RESOLVED_KEY
+    """A run's settings that decide what it computed, from ``config.json`` or a new
+    config alike: read as :class:`pdml.training.TrainConfig` reads it (a setting added
+    since the run was trained takes its default, which is how the run behaved; what "auto"
+    resolved to is left out), an unset τ the loss's default."""
+    from pdml.training.config import DEFAULT_TAU, TrainConfig
 
-    d = {k: v for k, v in config.items() if k not in EXECUTION_ONLY and k != RESOLVED_KEY}
+    d = {k: v for k, v in TrainConfig.from_dict(config).to_dict().items()
+         if k not in EXECUTION_ONLY}
     if d.get("tau") is None:
         d["tau"] = DEFAULT_TAU.get(d.get("loss"))
-    d["loss_layers"] = list(d.get("loss_layers", []))
     return d
 
 
