@@ -137,6 +137,24 @@ def test_a_repeated_command_reuses_every_run_and_other_settings_are_refused(quic
     assert ablation is not None
 
 
+def test_a_results_folder_without_the_weights_is_reused_from_its_records(quick, tmp_path):
+    """Results shared or kept without the checkpoints: every run is reused, same values."""
+    import shutil
+
+    out, before = quick
+    copy = tmp_path / "results"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints", "*.log"))
+    assert not list(copy.rglob("*.pt"))
+    code, printed = _main(["--preset", "quick", "--out", str(copy), "--no-progress",
+                           "--no-classical"])
+    assert code == 0, printed[-2000:]
+    after = json.loads((copy / "ablation.json").read_text())
+    assert {r["how"] for r in after["runs"]} == {"reused"}
+    assert [r["values"] for r in after["runs"]] == [r["values"] for r in before["runs"]]
+    assert [r["provenance"] for r in after["runs"]] == [r["provenance"] for r in before["runs"]]
+    assert (copy / "examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_the_result_file_is_written_as_runs_finish_and_ctrl_c_is_one_line(tmp_path, monkeypatch,
                                                                          capsys):
     from pdml.experiments import runner

@@ -233,9 +233,9 @@ def save_curves(doc: dict, path: Path) -> None:
 def example_images(doc: dict, items: Sequence, out: Path, index: int = 0
                    ) -> list[tuple[str, np.ndarray]]:
     """``(title, image [H, W] HU)`` of held-out slice ``index``: the LD input, then the
-    first seed's run of each main-table arm at the offset (last checkpoint; run folders
-    relative to the experiment's folder ``out``), then the classical methods at their
-    tuned strengths."""
+    first seed's run of each main-table arm at the offset whose last checkpoint is kept (run
+    folders relative to the experiment's folder ``out``; an arm with none is left out),
+    then the classical methods at their tuned strengths."""
     import torch
 
     from pdml import classical
@@ -248,10 +248,14 @@ def example_images(doc: dict, items: Sequence, out: Path, index: int = 0
     for row in main["rows"]:
         if "hu_shift" not in row or (row["nd_offset_hu"] == 0 and not row["supervised"]):
             continue
-        run = next(r for r in doc["runs"] if r["role"] == "main" and r["arm"] == row["key"]
-                   and r["seed"] == row["seeds"][0])
-        generator, cfg = generator_from_checkpoint(
-            load_checkpoint(Path(out) / run["run_dir"] / "checkpoints" / "last.pt"), device)
+        runs = sorted((r for r in doc["runs"] if r["role"] == "main" and r["arm"] == row["key"]),
+                      key=lambda r: r["seed"])
+        kept = [(r, Path(out) / r["run_dir"] / "checkpoints" / "last.pt") for r in runs]
+        kept = [(r, path) for r, path in kept if path.exists()]
+        if not kept:  # results kept without the weights (pdml.experiments.runner)
+            continue
+        run, path = kept[0]
+        generator, cfg = generator_from_checkpoint(load_checkpoint(path), device)
         images.append((f"{row['title']} (seed {run['seed']})",
                        denoise_slices(generator, [items[index]], cfg, device)[0]))
     for row in doc["classical"]:

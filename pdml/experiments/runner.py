@@ -2,8 +2,9 @@
 at a time, each with the commit and the full config it was trained at.
 
 A run is a pdml-train run folder (:func:`pdml.training.train`). :func:`train_or_reuse`
-trains it, reuses it when it finished with the same settings, resumes it exactly when it
-was interrupted, and refuses a folder that holds other settings. ``provenance.json`` in
+trains it, reuses it when it finished with the same settings (from its records alone: the
+checkpoints are not needed), resumes it exactly when it was interrupted, and refuses a
+folder that holds other settings. ``provenance.json`` in
 the folder records the source commit (and whether ``pdml/`` was modified) of every
 session that trained it. :class:`RunPool` trains ``jobs`` runs at a time in worker
 processes (one CPU thread each unless the config says otherwise) and hands back each
@@ -20,11 +21,12 @@ from typing import Any, Optional
 from pdml.experiments.endpoints import eval_records, run_values
 from pdml.experiments.provenance import source_commit
 
-EXECUTION_ONLY = ("progress", "threads", "device", "max_minutes", "eval_figures",
+EXECUTION_ONLY = ("out", "progress", "threads", "device", "max_minutes", "eval_figures",
                   "compare_classical")
 """Config keys that may differ between a run and its reuse: they do not change what a
-finished run computed (a run stopped by its time limit is excluded by the experiment;
-figures and the summary's classical row are not training)."""
+finished run computed (a results folder may have been moved; a run stopped by its time
+limit is excluded by the experiment; figures and the summary's classical row are not
+training)."""
 
 
 def _comparable(config: dict) -> dict:
@@ -54,14 +56,28 @@ def _record_session(run_dir: Path, how: str) -> dict:
     return record
 
 
+def _finished_summary(run_dir: Path, steps: int) -> Optional[dict]:
+    """``run_dir``'s ``summary.json`` when the run finished (its planned ``steps``, or
+    stopped early by its time limit), else None."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("steps") == steps or summary.get("stopped_early") else None
+
+
 def train_or_reuse(cfg, stream) -> tuple[dict, str, dict]:
     """Train ``cfg`` into ``cfg.out``; a finished run there with the same settings is
-    reused, an interrupted one resumed exactly. -> ``(summary, "trained" | "reused" |
-    "resumed", provenance)``; TrainError for a folder holding other settings."""
+    reused (its records suffice: ``config.json``, ``summary.json``, ``metrics.jsonl``,
+    ``provenance.json``; the checkpoints may have been removed to share or keep the results
+    without the weights), an interrupted one resumed exactly. -> ``(summary, "trained" |
+    "reused" | "resumed", provenance)``; TrainError for a folder holding other settings."""
     from pdml.training import TrainError, train
 
     run_dir = Path(cfg.out)
-    if not (run_dir / "checkpoints" / "last.pt").exists():
+    finished = _finished_summary(run_dir, cfg.steps)
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    if finished is None and not checkpoint.exists():
         provenance = _record_session(run_dir, "trained")
         return train(cfg, stream=stream), "trained", provenance
     saved = _comparable(json.loads((run_dir / "config.json").read_text()))
@@ -70,14 +86,11 @@ def train_or_reuse(cfg, stream) -> tuple[dict, str, dict]:
         differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         raise TrainError(f"{run_dir} holds a run with other settings ({', '.join(differ)}); "
                          f"choose another --out")
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("steps") == cfg.steps or summary.get("stopped_early"):
-            provenance_path = run_dir / "provenance.json"
-            provenance = (json.loads(provenance_path.read_text()) if provenance_path.exists()
-                          else {"sessions": []})
-            return summary, "reused", provenance
+    if finished is not None:
+        provenance_path = run_dir / "provenance.json"
+        provenance = (json.loads(provenance_path.read_text()) if provenance_path.exists()
+                      else {"sessions": []})
+        return finished, "reused", provenance
     provenance = _record_session(run_dir, "resumed")
     return train(resume=str(run_dir), stream=stream), "resumed", provenance
 
