@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from pdml.classical import METHODS as CLASSICAL_METHODS
-from pdml.experiments.design import PLANS, PRESET_JOBS
+from pdml.experiments.design import ND_OFFSET_HU, PLANS, PRESET_JOBS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,9 +22,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m pdml.experiments.hu_shift",
         description="The HU-shift experiment (docs/hu-shift.md): GAN only, metric learning "
                     "and PatchNCE on same-anatomy domains whose ND side carries a known "
-                    "+100 HU acquisition offset, a λ sweep, the confirmation on fresh seeds, "
-                    "controls at 0 HU, a supervised bound, TV / NLM / BM3D, and the paper's "
-                    "own design as a second table; verdicts by rules declared before the runs.")
+                    f"{ND_OFFSET_HU:+g} HU acquisition offset, a λ sweep, the confirmation on "
+                    "fresh seeds, controls at 0 HU, a supervised bound, TV / NLM / BM3D, and "
+                    "the paper's own design as a second table; verdicts by rules declared "
+                    "before the runs.")
     p.add_argument("--preset", choices=sorted(PLANS), default="shift",
                    help="shift: the whole experiment on a CPU (2 runs at a time, one thread "
                         "each); shift-gpu: the same runs on one GPU, 12 at a time, each capped "
