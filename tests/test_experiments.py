@@ -155,6 +155,37 @@ def test_a_results_folder_without_the_weights_is_reused_from_its_records(quick, 
     assert (copy / "examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_run_stopped_by_its_time_limit_is_resumed_when_its_checkpoint_is_kept(
+        tmp_path, monkeypatch):
+    """A later invocation continues a capped run; without its weights it is kept as it is
+    (and the experiment excludes it)."""
+    from pdml import training
+    from pdml.experiments import runner
+
+    cfg = training.make_config("tiny", out=str(tmp_path / "run"), steps=8)
+    run = Path(cfg.out)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    capped = {"steps": 5, "planned_steps": 8, "stopped_early": True, "elapsed_s": 1.0}
+    calls = []
+
+    def fake_train(cfg=None, resume=None, stream=None):
+        calls.append(resume)
+        return dict(capped, steps=8, stopped_early=False)
+
+    monkeypatch.setattr(training, "train", fake_train)
+    summary, how, _ = runner.train_or_reuse(cfg, io.StringIO())
+    assert how == "trained" and calls == [None]  # no checkpoint, no summary: a new run
+    (run / "summary.json").write_text(json.dumps(capped))
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    summary, how, provenance = runner.train_or_reuse(cfg, io.StringIO())
+    assert how == "resumed" and calls[-1] == str(run) and summary["steps"] == 8
+    assert [s["how"] for s in provenance["sessions"]] == ["trained", "resumed"]
+    (run / "checkpoints" / "last.pt").unlink()
+    summary, how, _ = runner.train_or_reuse(cfg, io.StringIO())
+    assert how == "reused" and summary == capped and len(calls) == 2
+
+
 def test_the_result_file_is_written_as_runs_finish_and_ctrl_c_is_one_line(tmp_path, monkeypatch,
                                                                          capsys):
     from pdml.experiments import runner

@@ -56,28 +56,28 @@ def _record_session(run_dir: Path, how: str) -> dict:
     return record
 
 
-def _finished_summary(run_dir: Path, steps: int) -> Optional[dict]:
-    """``run_dir``'s ``summary.json`` when the run finished (its planned ``steps``, or
-    stopped early by its time limit), else None."""
+def _summary(run_dir: Path) -> Optional[dict]:
+    """``run_dir/summary.json`` (written when a run ends, however it ends), else None."""
     path = run_dir / "summary.json"
-    if not path.exists():
-        return None
-    summary = json.loads(path.read_text())
-    return summary if summary.get("steps") == steps or summary.get("stopped_early") else None
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def train_or_reuse(cfg, stream) -> tuple[dict, str, dict]:
     """Train ``cfg`` into ``cfg.out``; a finished run there with the same settings is
     reused (its records suffice: ``config.json``, ``summary.json``, ``metrics.jsonl``,
     ``provenance.json``; the checkpoints may have been removed to share or keep the results
-    without the weights), an interrupted one resumed exactly. -> ``(summary, "trained" |
-    "reused" | "resumed", provenance)``; TrainError for a folder holding other settings."""
+    without the weights); a run interrupted or stopped by its time limit is resumed exactly
+    from its last checkpoint (one stopped by the limit whose checkpoints are gone is reused
+    as it is: the experiment excludes it). -> ``(summary, "trained" | "reused" |
+    "resumed", provenance)``; TrainError for a folder holding other settings."""
     from pdml.training import TrainError, train
 
     run_dir = Path(cfg.out)
-    finished = _finished_summary(run_dir, cfg.steps)
-    checkpoint = run_dir / "checkpoints" / "last.pt"
-    if finished is None and not checkpoint.exists():
+    summary = _summary(run_dir)
+    finished = summary is not None and summary.get("steps") == cfg.steps
+    capped = summary is not None and bool(summary.get("stopped_early"))
+    checkpoint = (run_dir / "checkpoints" / "last.pt").exists()
+    if not (finished or capped or checkpoint):
         provenance = _record_session(run_dir, "trained")
         return train(cfg, stream=stream), "trained", provenance
     saved = _comparable(json.loads((run_dir / "config.json").read_text()))
@@ -86,11 +86,11 @@ def train_or_reuse(cfg, stream) -> tuple[dict, str, dict]:
         differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         raise TrainError(f"{run_dir} holds a run with other settings ({', '.join(differ)}); "
                          f"choose another --out")
-    if finished is not None:
+    if finished or not checkpoint:
         provenance_path = run_dir / "provenance.json"
         provenance = (json.loads(provenance_path.read_text()) if provenance_path.exists()
                       else {"sessions": []})
-        return finished, "reused", provenance
+        return summary, "reused", provenance
     provenance = _record_session(run_dir, "resumed")
     return train(resume=str(run_dir), stream=stream), "resumed", provenance
 
