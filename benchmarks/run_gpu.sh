@@ -269,7 +269,13 @@ part3() {
     step hu-shift 560 hu-shift.log $PY -m pdml.experiments.hu_shift --preset shift-gpu \
       --no-progress --out "$exp"
   fi
-  rm -rf "$exp"/runs/*/*/checkpoints  # 89 runs' weights: not results
+  # weights are not results (the records are), except a capped run's: the same command,
+  # given this folder again, resumes it
+  local run
+  for run in "$exp"/runs/*/*/; do
+    $PY -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get('stopped_early') else 1)" \
+      "$run/summary.json" 2>/dev/null || rm -rf "$run/checkpoints"
+  done
 }
 
 # ---------------------------------------------------------------------------- main
