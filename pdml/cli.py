@@ -135,16 +135,18 @@ def _train_parser() -> argparse.ArgumentParser:
     data.add_argument("--patients", metavar="PATH", nargs="+",
                       help="instead of --ldct/--ndct: folders holding one folder per patient "
                       "(the AAPM/Mayo challenge, TCIA LDCT-and-Projection-data); each dose's "
-                      "series is picked by --ld-series / --nd-series")
+                      "series is picked by --ld-series / --nd-series (default: none)")
     data.add_argument("--ld-series", metavar="REGEX", help="--patients: a low-dose series is one "
                       "whose folder path or SeriesDescription matches this (case-insensitive; "
                       "default: quarter, low dose, low, ld)")
     data.add_argument("--nd-series", metavar="REGEX", help="--patients: the normal-dose series "
                       "(default: full, normal dose, routine, standard, nd)")
     data.add_argument("--val-patients", metavar="NAME", nargs="+",
-                      help="patients held out for validation (LD and ND paired by position)")
+                      help="patients held out for validation, LD and ND paired by position "
+                      "(default: none)")
     data.add_argument("--test-patients", metavar="NAME", nargs="+",
-                      help="patients held out for testing (never read by the run; for pdml-eval)")
+                      help="patients held out for testing: never read by the run, for pdml-eval "
+                      "(default: none)")
     data.add_argument("--val-fraction", type=float, metavar="F",
                       help="hold out this fraction of the patients for validation, drawn with "
                       "--seed (default: 0)")

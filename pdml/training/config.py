@@ -20,9 +20,8 @@ import torch
 from pdml import ops
 from pdml._validation import check_metric_tau
 from pdml.data.builtin import LAYOUTS as BUILTIN_LAYOUTS
-from pdml.data.layouts import LD_SERIES, ND_SERIES
-from pdml.data.pairing import TOLERANCE_MM
 from pdml.models import FEATURE_LAYERS
+from pdml.training.sources import SourceSettings, check_sources, uses_dicom
 
 LOSSES = ("dml", "patchnce", "none")
 ARCHS = ("pdml", "dmlct")
@@ -39,8 +38,6 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 RESOLVED_KEY = "resolved"
 """The key of ``config.json`` that records what "auto" settings came to where the run ran."""
-PATH_LISTS = ("ldct", "ndct", "val_ldct", "val_ndct", "patients", "val_patients", "test_patients")
-"""Settings that are lists of sources or names (one or more; the CLI takes several)."""
 RESUME_SETTINGS = ("steps", "decay_steps", "max_minutes", "progress", "device", "threads")
 """What ``--resume`` may change (:func:`resumed_config`): the run's length and so its LR
 schedule, its time budget, the progress bar, and where it runs. Every other setting is
@@ -82,29 +79,11 @@ _KIND_CHECKS = {
 
 
 @dataclass
-class TrainConfig:
-    """Every setting of a run; ``config.json`` and the checkpoints store ``to_dict()``."""
+class TrainConfig(SourceSettings):
+    """Every setting of a run; ``config.json`` and the checkpoints store ``to_dict()``.
+    The data sources (``ldct``, ``patients``, the patient split, ...) are
+    :class:`pdml.training.sources.SourceSettings`; none of them: the built-in dataset."""
     preset: str = "demo"
-    # data (pdml.data.layouts): unpaired LD / ND sources (folders, files, globs), or
-    # ``patients``: folders of patient folders whose series are picked by the ``ld_series``
-    # / ``nd_series`` patterns; optional paired validation sources. With none of them the
-    # built-in dataset (simulated LD from real CT slices) is used.
-    ldct: Optional[tuple] = None
-    ndct: Optional[tuple] = None
-    val_ldct: Optional[tuple] = None
-    val_ndct: Optional[tuple] = None
-    patients: Optional[tuple] = None
-    ld_series: str = LD_SERIES
-    nd_series: str = ND_SERIES
-    # The patient split of DICOM sources: named patients, or fractions of all patients
-    # drawn with ``seed``; the split a run used is in config.json under "resolved".
-    val_patients: Optional[tuple] = None
-    test_patients: Optional[tuple] = None
-    val_fraction: float = 0.0
-    test_fraction: float = 0.0
-    # LD/ND validation pairs: same patient, same position along the slice normal to this
-    # many mm (pdml.data.pairing)
-    pair_tolerance_mm: float = TOLERANCE_MM
     out: Optional[str] = None
     # schedule: ``steps`` generator+discriminator steps; the LR is constant, then decays
     # linearly to 0 over the last ``decay_steps``.
@@ -188,21 +167,6 @@ class TrainConfig:
     compare_classical: bool = True
     progress: bool = True
 
-    def __post_init__(self):
-        # a source given as one string (config.json of runs before several sources, a
-        # Python caller) is a source list of one; JSON lists become tuples
-        for name in PATH_LISTS:
-            value = getattr(self, name)
-            if isinstance(value, str):
-                setattr(self, name, (value,))
-            elif isinstance(value, list):
-                setattr(self, name, tuple(value))
-
-    @property
-    def uses_dicom(self) -> bool:
-        """True when the run reads the user's data (not the built-in dataset)."""
-        return self.ldct is not None or self.patients is not None
-
     @property
     def resolved_net_scale(self) -> float:
         if self.net_scale is not None:
@@ -277,9 +241,9 @@ class TrainConfig:
                              "give both, or neither for the built-in dataset")
         if (self.val_ldct is None) != (self.val_ndct is None):
             raise TrainError("--val-ldct and --val-ndct go together (a paired validation set)")
-        self._validate_sources()
+        check_sources(self, TrainError)
         if self.supervised:
-            if self.uses_dicom or self.builtin_layout != "same-anatomy":
+            if uses_dicom(self) or self.builtin_layout != "same-anatomy":
                 raise TrainError("--supervised trains on paired noiseless references: only the "
                                  "built-in data's --builtin-layout same-anatomy has them")
             if self.loss != "none" or self.nd_offset_hu != 0:
@@ -294,7 +258,7 @@ class TrainConfig:
             raise TrainError(f"--decay-steps must be in [0, steps={self.steps}], got {self.decay_steps}")
         if self.crop < 8:
             raise TrainError(f"--crop must be >= 8 (the discriminator downsamples 8x), got {self.crop}")
-        if not self.uses_dicom and self.crop > self.builtin_size:
+        if not uses_dicom(self) and self.crop > self.builtin_size:
             raise TrainError(f"--crop {self.crop} is larger than the built-in slices "
                              f"(--builtin-size {self.builtin_size})")
         if self.crop_margin < 0:
@@ -341,45 +305,6 @@ class TrainConfig:
             if self.wavelet_name not in pywt.wavelist(kind="discrete"):
                 raise TrainError(f"wavelet_name must be a discrete wavelet of PyWavelets "
                                  f"(db3, ...), got {self.wavelet_name!r}")
-
-
-    def _validate_sources(self) -> None:
-        """The DICOM sources, layout patterns and the patient split (TrainError)."""
-        for name in PATH_LISTS:
-            value = getattr(self, name)
-            if value is not None and (not value or not all(v.strip() for v in value)):
-                raise TrainError(f"{_flag(name)} needs at least one non-empty value")
-        if self.patients is not None and self.ldct is not None:
-            raise TrainError("--patients (folders of patient folders) and --ldct/--ndct (folders "
-                             "of one dose) are two layouts; give one of them")
-        if self.val_ldct is not None and not self.uses_dicom:
-            raise TrainError("--val-ldct/--val-ndct validate a run on DICOM data: give "
-                             "--ldct/--ndct or --patients too")
-        if self.nd_offset_hu != 0 and self.uses_dicom:
-            raise TrainError("--nd-offset-hu is an experiment option of the built-in data; "
-                             "it is not applied to DICOM sources (--ldct/--ndct/--patients)")
-        for name in ("ld_series", "nd_series"):
-            try:
-                re.compile(getattr(self, name))
-            except re.error as e:
-                raise TrainError(f"{_flag(name)} {getattr(self, name)!r} is not a regular "
-                                 f"expression ({e})") from None
-        for name in ("val_fraction", "test_fraction"):
-            if not 0 <= getattr(self, name) < 1:
-                raise TrainError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
-        if self.val_fraction + self.test_fraction >= 1:
-            raise TrainError("--val-fraction and --test-fraction leave no patient for training")
-        split = (self.val_patients, self.test_patients, self.val_fraction or None,
-                 self.test_fraction or None)
-        if any(v is not None for v in split) and not self.uses_dicom:
-            raise TrainError("--val-patients, --test-patients and the fractions split DICOM "
-                             "sources by patient; the built-in data has its own test split")
-        if self.val_ldct is not None and (self.val_patients or self.val_fraction):
-            raise TrainError("validate either on --val-ldct/--val-ndct or on --val-patients / "
-                             "--val-fraction, not both")
-        if not 0 <= self.pair_tolerance_mm <= 10:
-            raise TrainError(f"--pair-tolerance-mm must be in [0, 10] mm, "
-                             f"got {self.pair_tolerance_mm}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -446,9 +371,8 @@ def resumed_config(cfg: TrainConfig, step: int, run_dir, **given) -> TrainConfig
 
 def format_setting(value) -> str:
     """A setting's value as the messages and ``pdml-train --help`` write it."""
-    if isinstance(value, (tuple, list)):
-        return " ".join(map(str, value))
-    return "none" if value is None else ("on" if value is True else "off" if value is False
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else \
+        "none" if value is None else ("on" if value is True else "off" if value is False
                                          else f"{value:g}" if isinstance(value, float)
                                          else str(value))
 

@@ -259,7 +259,9 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> RunData:
     """
     from pdml.data import builtin_dataset
 
-    if cfg.uses_dicom:
+    from pdml.training.sources import uses_dicom
+
+    if uses_dicom(cfg):
         return _dicom_data(cfg, info)
     val: list[ValItem] = []
     if info.is_main:
