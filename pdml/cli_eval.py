@@ -245,6 +245,14 @@ def _eval(args) -> int:
         if there and not args.overwrite:
             raise _UserError(f"--out {out} already holds a report ({there[0]}); pass --overwrite "
                              "or choose another folder")
+        for flag, sources in (("--reference", args.reference or []),
+                              ("--input", args.input or []),
+                              *((f"--method {n}", v) for n, v in dicom_methods.items())):
+            for source in sources:
+                folder = Path(source).resolve()
+                if folder.is_dir() and (out.resolve() == folder or folder in out.resolve().parents):
+                    raise _UserError(f"--out {out} is inside {flag} {source}; pdml-eval never "
+                                     "writes into its inputs")
         run_dir = args.run or args.held_out or next(
             (r for r in map(_run_folder, ckpt_methods.values()) if r is not None), None)
         split = _split_of(run_dir)

@@ -157,7 +157,9 @@ def test_bad_layouts_and_pairing_give_one_line(tmp_path, capsys):
                          (["--reference", str(root), "--input", str(root), "--classical", "xyz",
                            "--out", "x"], "'xyz'"),
                          (["--reference", str(root), "--input", str(root), "--out", "x"],
-                          "nothing to score")):
+                          "nothing to score"),
+                         (["--reference", str(root), "--input", str(root), "--classical", "tv",
+                           "--out", str(root / "P001" / "report")], "never writes into")):
         rc = 2
         try:
             rc = eval_main(argv)
@@ -180,3 +182,16 @@ def test_pdml_eval_ctrl_c_is_130(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 130 and err.count("\n") == 1 and "interrupted" in err
     assert not list((tmp_path / "r").glob("*")) if (tmp_path / "r").exists() else True
+
+
+def test_pdml_eval_help_names_every_option(capsys):
+    from pdml.cli_eval import _parser
+
+    with pytest.raises(SystemExit) as done:
+        eval_main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for action in _parser()._actions:
+        assert action.help and action.help.strip(), action.option_strings
+        assert action.option_strings[0] in text
+    assert "exit status" in text and "--held-out" in text

@@ -120,7 +120,11 @@ def _store(cfg: TrainConfig, info: DistInfo, roots: list[Path]):
                   disable=not cfg.progress, leave=False) as bar:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", StoreWarning)
-                store = open_store(files, roots, wavelet, progress=lambda n: bar.update(n - bar.n))
+                try:
+                    store = open_store(files, roots, wavelet,
+                                       progress=lambda n: bar.update(n - bar.n))
+                except OSError as e:   # an unwritable or full cache folder
+                    raise TrainError(f"data cache (PDML_CACHE_DIR): {e}") from None
     barrier(info)
     if store is None:
         store = open_store(files, roots, wavelet, build=False)

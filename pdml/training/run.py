@@ -149,8 +149,9 @@ class TrainingRun:
             write_config(self.run_dir, cfg, {"device": str(device), "world_size": info.world,
                                              "cpu_threads": torch.get_num_threads(),
                                              "loss_backend": self.loss_backend,
-                                             "patients": self.data.patients,
-                                             "data_cache": self.data.cache})
+                                             **({"patients": self.data.patients,
+                                                 "data_cache": self.data.cache}
+                                                if self.data.cache else {})})
             trim_metrics(self.run_dir / "metrics.jsonl", self.step)
 
     def _load_state(self, ckpt: dict) -> None:
