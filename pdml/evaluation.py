@@ -211,6 +211,9 @@ def markdown(summary: dict, context: dict, split: Optional[dict] = None) -> str:
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 would hide the report from others
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
