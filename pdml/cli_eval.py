@@ -278,8 +278,10 @@ def _eval(args) -> int:
                    "input": " ".join(args.input) if args.input else "their LD input",
                    **{f"method {n}": described.get(n) or " ".join(dicom_methods[n])
                       for n in methods},
-                   "HU window (PSNR, SSIM)": f"{lo:g} .. {hi:g}",
-                   "pairing": f"same patient, position along the slice normal within {tolerance:g} mm"}
+                   "HU window (PSNR, SSIM)": f"{lo:g} .. {hi:g}"}
+        if args.held_out is None:
+            context["pairing"] = (f"same patient, position along the slice normal within "
+                                  f"{tolerance:g} mm")
         if classic:
             if len(shapes) > 1:
                 raise _UserError("--classical: the scored slices differ in size")
