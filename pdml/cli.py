@@ -39,7 +39,9 @@ def _fail(prog: str, error, code: int = 2) -> int:
 
 
 # The options of pdml-train that are settings of TrainConfig (same names, "-" for "_").
-_TRAIN_KEYS = ("ldct", "ndct", "val_ldct", "val_ndct", "builtin_layout", "builtin_size",
+_TRAIN_KEYS = ("ldct", "ndct", "val_ldct", "val_ndct", "patients", "ld_series", "nd_series",
+               "val_patients", "test_patients", "val_fraction", "test_fraction",
+               "pair_tolerance_mm", "builtin_layout", "builtin_size",
                "nd_offset_hu", "out", "steps", "decay_steps", "batch_size", "crop", "lr", "lr_d",
                "seed", "log_every", "eval_every", "ckpt_every", "max_minutes", "val_slices",
                "loss", "tau", "num_patches", "lambda_gan", "lambda_identity", "lambda_metric",
@@ -124,16 +126,40 @@ def _train_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     # Every option defaults to None, "the preset's value" (pdml.training.config.PRESETS);
     # its help says what that value is.
-    data = p.add_argument_group("data (DICOM, read recursively; without --ldct/--ndct: the "
-                                "built-in dataset)")
-    data.add_argument("--ldct", metavar="PATH", help="low-dose CT: a folder of DICOM files, "
-                      "or one DICOM file (a multi-frame series)")
-    data.add_argument("--ndct", metavar="PATH", help="normal-dose CT, unpaired with --ldct "
-                      "(other patients are fine): a folder or one file")
-    data.add_argument("--val-ldct", metavar="PATH", help="validation, low dose: paired slice by "
-                      "slice with --val-ndct (same count and size, in reading order); without "
-                      "them the run evaluates a few --ldct slices, with no reference")
-    data.add_argument("--val-ndct", metavar="PATH", help="validation, normal dose (the reference)")
+    data = p.add_argument_group("data (DICOM, read recursively, decoded once into a cache; "
+                                "without --ldct/--ndct or --patients: the built-in dataset)")
+    data.add_argument("--ldct", metavar="PATH", nargs="+", help="low-dose CT: folders, DICOM "
+                      "files or glob patterns (quoted); the patient is each slice's PatientID")
+    data.add_argument("--ndct", metavar="PATH", nargs="+", help="normal-dose CT, unpaired with "
+                      "--ldct (other patients are fine): folders, files or globs")
+    data.add_argument("--patients", metavar="PATH", nargs="+",
+                      help="instead of --ldct/--ndct: folders holding one folder per patient "
+                      "(the AAPM/Mayo challenge, TCIA LDCT-and-Projection-data); each dose's "
+                      "series is picked by --ld-series / --nd-series (default: none)")
+    data.add_argument("--ld-series", metavar="REGEX", help="--patients: a low-dose series is one "
+                      "whose folder path or SeriesDescription matches this (case-insensitive; "
+                      "default: quarter, low dose, low, ld)")
+    data.add_argument("--nd-series", metavar="REGEX", help="--patients: the normal-dose series "
+                      "(default: full, normal dose, routine, standard, nd)")
+    data.add_argument("--val-patients", metavar="NAME", nargs="+",
+                      help="patients held out for validation, LD and ND paired by position "
+                      "(default: none)")
+    data.add_argument("--test-patients", metavar="NAME", nargs="+",
+                      help="patients held out for testing: never read by the run, for pdml-eval "
+                      "(default: none)")
+    data.add_argument("--val-fraction", type=float, metavar="F",
+                      help="hold out this fraction of the patients for validation, drawn with "
+                      "--seed (default: 0)")
+    data.add_argument("--test-fraction", type=float, metavar="F",
+                      help="hold out this fraction of the patients for testing (default: 0)")
+    data.add_argument("--val-ldct", metavar="PATH", nargs="+", help="validation, low dose: "
+                      "paired with --val-ndct by patient and slice position; without validation "
+                      "data the run evaluates a few --ldct slices, with no reference")
+    data.add_argument("--val-ndct", metavar="PATH", nargs="+",
+                      help="validation, normal dose (the reference)")
+    data.add_argument("--pair-tolerance-mm", type=float, metavar="MM",
+                      help="largest distance along the slice normal of a validation pair"
+                      + d("pair_tolerance_mm"))
     data.add_argument("--builtin-layout", choices=BUILTIN_LAYOUTS,
                       help="built-in data: LD and ND from different sources (domains), or "
                       "one pool whose ND domain is the LD slices' noiseless reconstruction "
@@ -254,7 +280,9 @@ def train_main(argv=None) -> int:
     try:
         if args.resume:
             # the run's own settings; what is given must match them, except RESUME_SETTINGS
-            changes = {k: getattr(args, k) for k in given if k in _TRAIN_KEYS + ("preset",)}
+            changes = {k: tuple(v) if isinstance(v, list) else v
+                       for k, v in ((k, getattr(args, k)) for k in given)
+                       if k in _TRAIN_KEYS + ("preset",)}
             changes.update(_TRAIN_FLAGS[k] for k in given if k in _TRAIN_FLAGS)
             changes["progress"] = not args.no_progress  # this session's choice
             summary = train(resume=args.resume, changes=changes)

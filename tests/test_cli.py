@@ -14,7 +14,7 @@ from pdml.cli import denoise_main, train_main
 from pdml.models import RRDNGenerator
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")  # the data cache too
 
 
 def _folder_hash(folder: Path) -> dict:

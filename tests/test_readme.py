@@ -8,6 +8,7 @@ length of training is cut: `--preset tiny` is added to a new pdml-train run and
 `pip` lines are not run here (they install; CI runs `make test` itself). docs/data.md's
 snippet runs too.
 """
+import json
 import re
 import shlex
 import subprocess
@@ -21,6 +22,7 @@ from pydicom.data import get_testdata_file
 
 import pdml
 from pdml.cli import denoise_main, train_main
+from pdml.cli_eval import eval_main
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
@@ -44,7 +46,8 @@ def commands(block: str) -> list[str]:
 
 def make_own_data(root: Path) -> None:
     """README's own-data layout, as DICOM: two LD patients, one ND patient, and paired
-    validation slices (one slice per series, CT_small's anatomy with different noise)."""
+    validation slices (one slice per series, CT_small's anatomy with different noise); and
+    a small tree in the public AAPM-Mayo layout (tests/ct_trees.py)."""
     from pdml.data import load_ct, save_ct
 
     series = load_ct(get_testdata_file("CT_small.dcm"))[0]
@@ -54,6 +57,10 @@ def make_own_data(root: Path) -> None:
     for folder, noise in folders.items():
         hu = series.hu + rng.normal(0.0, noise, series.hu.shape).astype(np.float32)
         save_ct(series, hu, root / "my_data" / folder)
+    from tests.ct_trees import write_tree
+
+    # README's public collection: the AAPM-Mayo layout, three patients
+    write_tree(root / "mayo", "mayo", patients=("L067", "L096", "L109"), slices=3, size=64)
 
 
 def run_command(command: str, root: Path) -> None:
@@ -66,6 +73,8 @@ def run_command(command: str, root: Path) -> None:
         assert train_main(args + ["--no-progress"]) == 0, command
     elif name == "pdml-denoise":
         assert denoise_main(args + ["--no-progress"]) == 0, command
+    elif name == "pdml-eval":
+        assert eval_main(args) == 0, command
     elif name == "python" and args[:1] == ["-m"]:
         done = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True,
                               timeout=300)
@@ -109,13 +118,14 @@ def test_every_readme_command_and_snippet_runs_as_written(tmp_path, monkeypatch,
     for k, (lang, text) in enumerate(blocks):
         if lang == "bash":
             for command in commands(text):
-                assert command.split()[0] in (*NOT_RUN, "pdml-train", "pdml-denoise", "python")
+                assert command.split()[0] in (*NOT_RUN, "pdml-train", "pdml-denoise", "pdml-eval",
+                                              "python")
                 run_command(command, tmp_path)
                 ran["bash"] += 1
         elif lang == "python":
             run_snippet(text, f"README.md python block {k}")
             ran["python"] += 1
-    assert ran["python"] >= 2 and ran["bash"] >= 8
+    assert ran["python"] >= 1 and ran["bash"] >= 8
     printed = capsys.readouterr().out
     # what README says the steps do
     assert "pdml-train summary: runs/smoke" in printed
@@ -124,7 +134,12 @@ def test_every_readme_command_and_snippet_runs_as_written(tmp_path, monkeypatch,
     last = torch.load(tmp_path / "runs" / "mine" / "checkpoints" / "last.pt", weights_only=True)
     assert last["step"] > 4 and last["config"]["steps"] == 800  # extended by --resume --steps
     assert len(list((tmp_path / "denoised" / "val").glob("*.dcm"))) == 1
-    assert "last evaluation:" in printed and "PSNR dB" in printed
+    # the public collection: split by patient, the test patient denoised and scored
+    split = json.loads((tmp_path / "runs" / "mayo" / "config.json").read_text())["resolved"]
+    assert split["patients"]["test"] == ["L096"] and split["patients"]["val"] == ["L067"]
+    report = (tmp_path / "reports" / "L096" / "report.md").read_text()
+    assert "test patient of the run" in report and "| nlm |" in report
+    assert "pdml-eval: wrote" in printed and "p PSNR" in printed
     for lang, text in fenced_blocks(REPO / "docs" / "data.md"):
         if lang == "python":
             run_snippet(text, "docs/data.md")

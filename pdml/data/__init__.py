@@ -5,7 +5,9 @@ Units: images are float32 arrays in HU; the networks' scale is the paper's windo
 ``[-1000, 1000]`` HU -> ``[0, 1]`` (:func:`hu_to_unit`, :func:`unit_to_hu`).
 Each module's docstring gives its details: ``dicom`` (reading, writing), ``hu``,
 ``simulate`` (projector, FBP, low dose), ``shift`` (acquisition shift and its numbers),
-``wavelet``, ``builtin`` (the built-in dataset), ``datasets`` (torch datasets).
+``wavelet``, ``builtin`` (the built-in dataset), ``datasets`` (torch datasets),
+``layouts`` (sources, the patient-folder layout, the patient split), ``pairing`` (slices
+paired by position), ``store`` (the decoded-slice cache).
 """
 from pdml.data.builtin import BuiltinDataset, BuiltinRecipe, builtin_dataset, cache_dir, phantom
 from pdml.data.datasets import (PairedCropDataset, PairedCTDataset, UnpairedCTDataset,

@@ -25,7 +25,13 @@ SliceSource = Union[np.ndarray, str, os.PathLike, Sequence]
 
 
 def read_slices(source: SliceSource) -> np.ndarray:
-    """All slices of ``source`` (see the module doc) as float32 ``[S, H, W]`` HU."""
+    """All slices of ``source`` (see the module doc) as float32 ``[S, H, W]`` HU; a
+    :class:`pdml.data.store.SliceStack` (mapped slices of the decoded-slice store) is
+    returned as it is, so crops read the store and nothing is loaded."""
+    from pdml.data.store import SliceStack
+
+    if isinstance(source, SliceStack):
+        return source
     if isinstance(source, np.ndarray):
         arr = source[None] if source.ndim == 2 else source
         if arr.ndim != 3:

@@ -21,6 +21,7 @@ from pdml import ops
 from pdml._validation import check_metric_tau
 from pdml.data.builtin import LAYOUTS as BUILTIN_LAYOUTS
 from pdml.models import FEATURE_LAYERS
+from pdml.training.sources import SourceSettings, check_sources, uses_dicom
 
 LOSSES = ("dml", "patchnce", "none")
 ARCHS = ("pdml", "dmlct")
@@ -78,15 +79,11 @@ _KIND_CHECKS = {
 
 
 @dataclass
-class TrainConfig:
-    """Every setting of a run; ``config.json`` and the checkpoints store ``to_dict()``."""
+class TrainConfig(SourceSettings):
+    """Every setting of a run; ``config.json`` and the checkpoints store ``to_dict()``.
+    The data sources (``ldct``, ``patients``, the patient split, ...) are
+    :class:`pdml.training.sources.SourceSettings`; none of them: the built-in dataset."""
     preset: str = "demo"
-    # data: unpaired LD / ND DICOM folders; optional paired validation folders. With no
-    # ``ldct``/``ndct`` the built-in dataset (simulated LD from real CT slices) is used.
-    ldct: Optional[str] = None
-    ndct: Optional[str] = None
-    val_ldct: Optional[str] = None
-    val_ndct: Optional[str] = None
     out: Optional[str] = None
     # schedule: ``steps`` generator+discriminator steps; the LR is constant, then decays
     # linearly to 0 over the last ``decay_steps``.
@@ -244,8 +241,9 @@ class TrainConfig:
                              "give both, or neither for the built-in dataset")
         if (self.val_ldct is None) != (self.val_ndct is None):
             raise TrainError("--val-ldct and --val-ndct go together (a paired validation set)")
+        check_sources(self, TrainError)
         if self.supervised:
-            if self.ldct is not None or self.builtin_layout != "same-anatomy":
+            if uses_dicom(self) or self.builtin_layout != "same-anatomy":
                 raise TrainError("--supervised trains on paired noiseless references: only the "
                                  "built-in data's --builtin-layout same-anatomy has them")
             if self.loss != "none" or self.nd_offset_hu != 0:
@@ -260,7 +258,7 @@ class TrainConfig:
             raise TrainError(f"--decay-steps must be in [0, steps={self.steps}], got {self.decay_steps}")
         if self.crop < 8:
             raise TrainError(f"--crop must be >= 8 (the discriminator downsamples 8x), got {self.crop}")
-        if self.ldct is None and self.crop > self.builtin_size:
+        if not uses_dicom(self) and self.crop > self.builtin_size:
             raise TrainError(f"--crop {self.crop} is larger than the built-in slices "
                              f"(--builtin-size {self.builtin_size})")
         if self.crop_margin < 0:
@@ -373,7 +371,8 @@ def resumed_config(cfg: TrainConfig, step: int, run_dir, **given) -> TrainConfig
 
 def format_setting(value) -> str:
     """A setting's value as the messages and ``pdml-train --help`` write it."""
-    return "none" if value is None else ("on" if value is True else "off" if value is False
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else \
+        "none" if value is None else ("on" if value is True else "off" if value is False
                                          else f"{value:g}" if isinstance(value, float)
                                          else str(value))
 

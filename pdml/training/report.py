@@ -226,6 +226,11 @@ def format_summary(summary: dict, cfg: TrainConfig) -> str:
                else "the LD input (no reference: give --val-ldct/--val-ndct)")
         lines.append(f"  ({ev.get('slices')} slice(s); noise = std in homogeneous ROIs, "
                      f"HU shift = mean difference to {ref})")
+        patients = summary.get("patients")
+        if patients:
+            lines.append("  patients: " + "; ".join(
+                f"{split} {', '.join(patients[split]) or '-'}"
+                for split in ("train", "val", "test")) + " (config.json, resolved.patients)")
         if classical:
             lines.append(f"  ({classical['name']}: strength tuned on evaluated slices "
                          f"{classical['tuning_slices']}; figures/comparison.png)")

@@ -148,7 +148,10 @@ class TrainingRun:
             (self.run_dir / "figures").mkdir(exist_ok=True)
             write_config(self.run_dir, cfg, {"device": str(device), "world_size": info.world,
                                              "cpu_threads": torch.get_num_threads(),
-                                             "loss_backend": self.loss_backend})
+                                             "loss_backend": self.loss_backend,
+                                             **({"patients": self.data.patients,
+                                                 "data_cache": self.data.cache}
+                                                if self.data.cache else {})})
             trim_metrics(self.run_dir / "metrics.jsonl", self.step)
 
     def _load_state(self, ckpt: dict) -> None:
@@ -361,6 +364,7 @@ class TrainingRun:
             "best": self.best,
             "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
             "final_eval": self.last_eval,
+            "patients": self.data.patients,
         }
         if self.info.is_main:  # the table only for a run that was not stopped by a signal
             summary["classical"] = None
