@@ -282,7 +282,7 @@ def train_main(argv=None) -> int:
 
 
 def _denoise_parser() -> argparse.ArgumentParser:
-    from pdml.training.config import PRECISIONS
+    from pdml.inference import DENOISE_PRECISIONS
 
     p = _Parser(
         prog="pdml-denoise",
@@ -301,13 +301,18 @@ def _denoise_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR",
                    help="folder for the new series (one series_NNN folder each when there are "
                    "several)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="autocast precision of the generator (default: fp32)")
+    p.add_argument("--precision", choices=DENOISE_PRECISIONS, default="auto",
+                   help="autocast precision of the generator; auto: bf16 where the device "
+                   "computes it natively (a CPU with AVX512-BF16 or AMX, a GPU with bf16), "
+                   "else fp32 (default: auto)")
     p.add_argument("--device", default="auto",
                    help="auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda or "
                    "cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, default=4, metavar="N",
                    help="slices per forward pass (default: 4)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU intra-op threads (default: torch's, fewer when other work keeps "
+                   "the cores busy at start)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace files already in --output (default: refuse)")
     p.add_argument("--no-progress", action="store_true",

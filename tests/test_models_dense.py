@@ -120,6 +120,24 @@ def test_bf16_autocast_matches_the_baseline_to_bf16_rounding(arch):
     torch.testing.assert_close(got.float(), fp32, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("arch", ["pdml", "dmlct"])
+def test_float32_fused_activation_matches_the_baseline(arch):
+    """fp32 on a CPU runs the activation inside oneDNN's conv (float64 runs it apart)."""
+    new = _generators()[arch].train()
+    old = copy.deepcopy(new)
+    x = torch.randn(2, 1, 19, 15)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    out_new = new(xs[0])
+    with baseline_blocks(old):
+        out_old = old(xs[1])
+    torch.testing.assert_close(out_new, out_old, rtol=1e-4, atol=1e-5)
+    out_new.square().sum().backward()
+    out_old.square().sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-3, atol=1e-5)
+    for (key, a), b in zip(new.named_parameters(), old.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
 def test_dense_convs_bad_weights_are_named():
     x = torch.randn(1, 4, 5, 5)
     with pytest.raises(ValueError, match=r"weights\[1\] must be \[out, 6, 3, 3\]"):

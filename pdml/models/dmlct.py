@@ -116,6 +116,11 @@ class DmlCtGenerator(FeatureGenerator):
     def blocks(self) -> list[nn.Module]:
         return [self.rdb] * REPEATS
 
+    def receptive_radius(self) -> int:
+        """How far (pixels) an output pixel's inputs reach: one per 3×3 conv (head, every
+        dense conv of every application, tail); no global operation."""
+        return 2 + REPEATS * len(self.rdb.convs)
+
     def _output(self, x: torch.Tensor, head: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
         return self.tail(self.act(fusion))
 

@@ -65,6 +65,12 @@ class FeatureGenerator(nn.Module):
     def blocks(self) -> Sequence[nn.Module]:
         raise NotImplementedError
 
+    def receptive_radius(self) -> Optional[int]:
+        """How far (pixels) the inputs of an output pixel reach; None when the network has
+        a global operation (every output depends on the whole image, as with pdml's
+        squeeze-excitation means). :func:`pdml.inference.forward_tiled` uses it."""
+        return None
+
     def _output(self, x: torch.Tensor, head: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
