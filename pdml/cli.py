@@ -338,20 +338,24 @@ def denoise_main(argv=None) -> int:
 
 
 def _denoise(args) -> int:
+    import torch
     from tqdm.auto import tqdm
 
     from pdml.data import (DicomHeaderWarning, DicomReadError, DuplicatePositionWarning,
                            NoCTImagesError, derived_paths, load_ct, save_ct)
-    from pdml.inference import denoise_hu, generator_from_checkpoint
+    from pdml.inference import DENOISE_TILE, denoise_hu, denoise_precision, generator_from_checkpoint
     from pdml.training.checkpoint import find_checkpoint, load_checkpoint
     from pdml.training.config import TrainError
-    from pdml.training.distributed import resolve_device
+    from pdml.training.distributed import choose_cpu_threads, resolve_device
     from pdml.training.rundir import check_writable_folder
 
     try:
         if args.batch_size < 1:
             raise TrainError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.threads is not None and args.threads < 1:
+            raise TrainError(f"--threads must be >= 1, got {args.threads}")
         device = resolve_device(args.device)
+        precision = denoise_precision(args.precision, device)
         inp, out = Path(args.input).resolve(), Path(args.output).resolve()
         if not inp.exists():
             raise TrainError(f"--input {args.input}: no such file or folder")
@@ -373,6 +377,12 @@ def _denoise(args) -> int:
           + (f", best validation PSNR {best['psnr']:.2f} dB"
              if best.get("step") == ckpt["step"] and best.get("psnr") is not None else "")
           + ")", flush=True)
+    how = f"precision {precision}" + (" (auto)" if args.precision == "auto" else "")
+    if device.type == "cpu":
+        choice = choose_cpu_threads(args.threads)
+        torch.set_num_threads(choice.threads)
+        how += f", {choice.describe()}"
+    print(f"pdml-denoise: {how}", flush=True)
     if series_list.skipped:
         print(f"pdml-denoise: skipped {len(series_list.skipped)} file(s) that are not "
               f"usable CT images (first: {series_list.skipped[0][1]})", file=sys.stderr)
@@ -404,8 +414,8 @@ def _denoise(args) -> int:
                 raise FileExistsError(f"{in_the_way[0]} exists ({len(in_the_way)} of the "
                                       f"{len(series)} file(s) to write); pass --overwrite "
                                       f"to replace them")
-            hu = denoise_hu(generator, series.hu, cfg, device, precision=args.precision,
-                            batch_size=args.batch_size, progress=advance)
+            hu = denoise_hu(generator, series.hu, cfg, device, precision=precision,
+                            batch_size=args.batch_size, progress=advance, tile=DENOISE_TILE)
             written += save_ct(series, hu, target, overwrite=args.overwrite,
                                description=f"pdml denoised ({cfg.loss}, step {ckpt['step']})")
         except (TrainError, ValueError, OSError) as e:

@@ -66,6 +66,10 @@ def forward_tiled(generator: torch.nn.Module, x: torch.Tensor, tile: Optional[in
     return out
 
 
+DENOISE_TILE = 256
+"""Tile side of ``pdml-denoise`` for networks without a global operation
+(:func:`forward_tiled`; measured by ``benchmarks/bench_generator.py``)."""
+
 DENOISE_PRECISIONS = ("auto", *PRECISIONS)
 """``precision`` of :func:`denoise_hu` and ``pdml-denoise --precision``."""
 
@@ -83,6 +87,7 @@ def denoise_precision(request: str, device: torch.device) -> str:
 
 
 
+@torch.no_grad()
 def denoise_hu(generator: FeatureGenerator, hu, cfg: TrainConfig, device: torch.device,
                precision: str = "fp32", batch_size: int = 4, progress=None,
                tile: Optional[int] = None) -> np.ndarray:

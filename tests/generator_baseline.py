@@ -48,3 +48,15 @@ def baseline_blocks(generator: torch.nn.Module):
     finally:
         for module in patched:
             del module.forward
+
+
+@contextlib.contextmanager
+def baseline_block_classes():
+    """Inside: every dense block, of any generator built before or inside, runs the
+    concatenating forward (for code that builds its own generator, e.g. pdml-denoise)."""
+    saved = DmlCtDenseBlock.forward, ResidualDenseBlock.forward
+    DmlCtDenseBlock.forward, ResidualDenseBlock.forward = dmlct_block_forward, rrdn_block_forward
+    try:
+        yield
+    finally:
+        DmlCtDenseBlock.forward, ResidualDenseBlock.forward = saved
