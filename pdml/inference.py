@@ -11,7 +11,7 @@ import torch
 
 from pdml.models import FeatureGenerator
 from pdml.training.checkpoint import checkpoint_config
-from pdml.training.config import PRECISIONS, TrainConfig, TrainError, autocast
+from pdml.training.config import AUTOCAST_DTYPES, PRECISIONS, TrainConfig, TrainError, autocast
 from pdml.training.distributed import native_bf16
 from pdml.training.networks import build_generator, from_network, to_network
 
@@ -38,7 +38,8 @@ def generator_from_checkpoint(ckpt: dict, device: torch.device, which: str = "ge
     return generator.to(device).eval(), cfg
 
 
-def forward_tiled(generator: torch.nn.Module, x: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
+def forward_tiled(generator: torch.nn.Module, x: torch.Tensor, tile: Optional[int],
+                  **forward_kwargs) -> torch.Tensor:
     """``generator(x)`` for ``x [B, C, H, W]``, computed ``tile × tile`` pixels at a time.
 
     Each tile runs with a halo of ``generator.receptive_radius()`` pixels of the image
@@ -53,13 +54,14 @@ def forward_tiled(generator: torch.nn.Module, x: torch.Tensor, tile: Optional[in
     radius = radius_of() if radius_of is not None else None
     H, W = x.shape[-2:]
     if tile is None or radius is None or (H <= tile and W <= tile):
-        return generator(x)
+        return generator(x, **forward_kwargs)
     out = None
     for top in range(0, H, tile):
         for left in range(0, W, tile):
             bottom, right = min(top + tile, H), min(left + tile, W)
             y0, x0 = max(top - radius, 0), max(left - radius, 0)
-            part = generator(x[..., y0:min(bottom + radius, H), x0:min(right + radius, W)])
+            part = generator(x[..., y0:min(bottom + radius, H), x0:min(right + radius, W)],
+                             **forward_kwargs)
             if out is None:
                 out = part.new_empty((*x.shape[:-3], part.shape[-3], H, W))
             out[..., top:bottom, left:right] = part[..., top - y0:bottom - y0, left - x0:right - x0]
@@ -98,7 +100,9 @@ def denoise_hu(generator: FeatureGenerator, hu, cfg: TrainConfig, device: torch.
     (values outside [-1000, 1000] HU pass through linearly) and to the networks' scale
     (:func:`pdml.training.networks.to_network`: ``net_scale``, the input centre), the
     generator replaces it, and the low-frequency part is added back.
-    ``precision``: "fp32", "bf16", "fp16" (autocast) or "auto" (:func:`denoise_precision`);
+    ``precision``: "fp32", "bf16", "fp16" or "auto" (:func:`denoise_precision`); a
+    :class:`FeatureGenerator` runs its dense blocks in that precision and the rest in fp32
+    (``block_dtype`` of its ``forward``), another module runs under autocast;
     ``tile``: compute in tiles of that many pixels a side (:func:`forward_tiled`; the same
     output), None: whole slices. ``progress``: optional callable ``(slices_done)`` for a
     progress bar.
@@ -115,7 +119,12 @@ def denoise_hu(generator: FeatureGenerator, hu, cfg: TrainConfig, device: torch.
     if tile is not None and tile < 1:
         raise ValueError(f"tile must be >= 1 or None, got {tile}")
     generator.eval()
-    context = autocast(device, denoise_precision(precision, device))
+    precision = denoise_precision(precision, device)
+    # a FeatureGenerator runs only its dense blocks in a lower precision (its input and
+    # output keep fp32's resolution of the HU); another module runs under autocast
+    block_dtype = (AUTOCAST_DTYPES.get(precision) if isinstance(generator, FeatureGenerator)
+                   else None)
+    context = autocast(device, precision)
     out = np.empty_like(hu)
     for start in range(0, hu.shape[0], batch_size):
         chunk = hu[start:start + batch_size]
@@ -126,8 +135,11 @@ def denoise_hu(generator: FeatureGenerator, hu, cfg: TrainConfig, device: torch.
             low, high = np.zeros_like(chunk), chunk
         x = to_network(hu_to_unit(high, clip=False).astype(np.float32), cfg)
         x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).unsqueeze(1).to(device)
-        with context:
-            y = forward_tiled(generator, x, tile)
+        if block_dtype is not None:
+            y = forward_tiled(generator, x, tile, block_dtype=block_dtype)
+        else:
+            with context:
+                y = forward_tiled(generator, x, tile)
         y = from_network(y.float().squeeze(1).cpu().numpy(), cfg)
         out[start:start + batch_size] = low + unit_to_hu(y)
         if progress is not None:

@@ -3,6 +3,7 @@ say whether the device computes bf16 natively."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -93,8 +94,6 @@ def _proc_stat_times(cpus: Optional[set] = None) -> Optional[tuple[float, float]
 def busy_cpus(cpus: Optional[set] = None, interval: float = BUSY_SAMPLE_S) -> Optional[float]:
     """How many of ``cpus`` are busy now: the busy share of their time over ``interval``
     seconds of /proc/stat, times their number; None where /proc/stat cannot be read."""
-    import time
-
     first = _proc_stat_times(cpus)
     if first is None:
         return None
