@@ -8,9 +8,10 @@ Cases (each timed once per round, all cases in every round, so that a load chang
 shared machine affects baseline and new alike; medians over the rounds):
 
 - ``denoise``: ``generator(x)`` on ``[4, 1, 512, 512]`` (no grad), each architecture in
-  fp32 and bf16 (autocast): the baseline blocks on whole slices, the one-buffer blocks on
+  fp32 and bf16 (the baseline: autocast over the whole network; the new blocks: bf16 in
+  the dense blocks only, as ``denoise_hu`` runs them): the baseline on whole slices, the one-buffer blocks on
   whole slices, and for the paper's network (``dmlct``) in tiles
-  (:func:`pdml.inference.forward_tiled`, :data:`pdml.inference.DENOISE_TILE`).
+  of :data:`TILE` pixels (:func:`pdml.inference.forward_tiled`, ``pdml-denoise --tile``).
 - ``train fwd+bwd``: forward with the loss layers' maps and backward of the generator
   alone on ``[8, 1, 128, 128]`` (training mode: spectral norm's power iteration included).
 - ``train step``: pdml-train's whole step (G + heads + loss, then D) at the paper's
@@ -18,7 +19,7 @@ shared machine affects baseline and new alike; medians over the rounds):
   default loss backend, fp32), with its peak resident memory over the resting process
   (a fresh process each, VmHWM after a warm-up step).
 - ``pdml-denoise``: the console script on a generated 512² DICOM series, today's settings
-  (fp32, baseline blocks, whole slices) against the defaults (``--precision auto``, tiles).
+  (fp32, baseline blocks) against its defaults (``--precision auto``).
 
 The floor: the case's convolution FLOPs (counted by hooks on every ``Conv2d`` call of a
 baseline pass; a backward counts twice its forward) at the matmul rate of the same round
@@ -45,13 +46,14 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness  # noqa: E402
-from pdml.inference import DENOISE_TILE, forward_tiled  # noqa: E402
+from pdml.inference import forward_tiled  # noqa: E402
 from pdml.models import DmlCtGenerator, RRDNGenerator  # noqa: E402
 from tests.generator_baseline import baseline_block_classes, baseline_blocks  # noqa: E402
 
 DENOISE_SHAPE = (4, 1, 512, 512)
 TRAIN_SHAPE = (8, 1, 128, 128)
 MATMUL_N = 2048
+TILE = 256
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -133,15 +135,20 @@ def denoise_cases(archs, precisions) -> list[Case]:
             base = f"{group} baseline {precision}"
 
             def run(tile=None, old=False, net=net, precision=precision):
-                with torch.no_grad(), _autocast(precision), \
-                        (baseline_blocks(net) if old else contextlib.nullcontext()):
-                    forward_tiled(net, x, tile)
+                # the baseline's bf16: autocast over the whole network (what denoise_hu
+                # did); the new one: the dense blocks only (what denoise_hu does now)
+                if old:
+                    with torch.no_grad(), _autocast(precision), baseline_blocks(net):
+                        net(x)
+                    return
+                with torch.no_grad():
+                    forward_tiled(net, x, tile, block_dtype=AUTOCAST[precision])
 
             cases.append(Case(group, base, precision, lambda run=run: run(old=True), flops, base))
             cases.append(Case(group, f"{group} one-buffer {precision}", precision, run, flops, base))
             if net.receptive_radius() is not None:
-                cases.append(Case(group, f"{group} one-buffer tiles {DENOISE_TILE} {precision}",
-                                  precision, lambda run=run: run(tile=DENOISE_TILE), flops, base))
+                cases.append(Case(group, f"{group} one-buffer tiles {TILE} {precision}",
+                                  precision, lambda run=run: run(tile=TILE), flops, base))
     return cases
 
 
@@ -298,7 +305,6 @@ def write_checkpoint(path: Path, arch: str) -> None:
 
 
 def cli_cases(arch: str, slices: int, tmp: str) -> list[Case]:
-    from pdml import inference
     from pdml.cli import denoise_main
 
     root = Path(tmp) / "cli"
@@ -311,21 +317,16 @@ def cli_cases(arch: str, slices: int, tmp: str) -> list[Case]:
         argv = ["--checkpoint", str(root / "ckpt.pt"), "--input", str(root / "in"), "--output",
                 str(root / f"out{counter[0]}"), "--no-progress", "--threads",
                 str(torch.get_num_threads())]
-        tile = inference.DENOISE_TILE
+        if old:
+            argv += ["--precision", "fp32"]
         with contextlib.redirect_stdout(open(os.devnull, "w")), \
                 (baseline_block_classes() if old else contextlib.nullcontext()):
-            if old:
-                inference.DENOISE_TILE = None
-                argv += ["--precision", "fp32"]
-            try:
-                assert denoise_main(argv) == 0
-            finally:
-                inference.DENOISE_TILE = tile
+            assert denoise_main(argv) == 0
 
     group = f"pdml-denoise {arch} {slices}x512²"
-    base = f"{group} today (fp32, baseline blocks, whole slices)"
+    base = f"{group} today (fp32, baseline blocks)"
     return [Case(group, base, "fp32", lambda: run(True), 0, base),
-            Case(group, f"{group} defaults (auto precision, tiles)", "auto", lambda: run(False), 0, base)]
+            Case(group, f"{group} defaults (auto precision)", "auto", lambda: run(False), 0, base)]
 
 
 # ------------------------------------------------------------------------------ main

@@ -310,6 +310,10 @@ def _denoise_parser() -> argparse.ArgumentParser:
                    "cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, default=4, metavar="N",
                    help="slices per forward pass (default: 4)")
+    p.add_argument("--tile", type=int, metavar="N",
+                   help="compute N×N pixels at a time with a halo of the network's receptive "
+                   "field (the same output; --arch dmlct only, pdml's network takes means "
+                   "over the whole slice) (default: whole slices)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU intra-op threads (default: torch's, fewer when other work keeps "
                    "the cores busy at start)")
@@ -343,7 +347,7 @@ def _denoise(args) -> int:
 
     from pdml.data import (DicomHeaderWarning, DicomReadError, DuplicatePositionWarning,
                            NoCTImagesError, derived_paths, load_ct, save_ct)
-    from pdml.inference import DENOISE_TILE, denoise_hu, denoise_precision, generator_from_checkpoint
+    from pdml.inference import denoise_hu, denoise_precision, generator_from_checkpoint
     from pdml.training.checkpoint import find_checkpoint, load_checkpoint
     from pdml.training.config import TrainError
     from pdml.training.distributed import choose_cpu_threads, resolve_device
@@ -352,6 +356,8 @@ def _denoise(args) -> int:
     try:
         if args.batch_size < 1:
             raise TrainError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.tile is not None and args.tile < 1:
+            raise TrainError(f"--tile must be >= 1, got {args.tile}")
         if args.threads is not None and args.threads < 1:
             raise TrainError(f"--threads must be >= 1, got {args.threads}")
         device = resolve_device(args.device)
@@ -415,7 +421,7 @@ def _denoise(args) -> int:
                                       f"{len(series)} file(s) to write); pass --overwrite "
                                       f"to replace them")
             hu = denoise_hu(generator, series.hu, cfg, device, precision=precision,
-                            batch_size=args.batch_size, progress=advance, tile=DENOISE_TILE)
+                            batch_size=args.batch_size, progress=advance, tile=args.tile)
             written += save_ct(series, hu, target, overwrite=args.overwrite,
                                description=f"pdml denoised ({cfg.loss}, step {ckpt['step']})")
         except (TrainError, ValueError, OSError) as e:

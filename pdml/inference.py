@@ -68,10 +68,6 @@ def forward_tiled(generator: torch.nn.Module, x: torch.Tensor, tile: Optional[in
     return out
 
 
-DENOISE_TILE = 256
-"""Tile side of ``pdml-denoise`` for networks without a global operation
-(:func:`forward_tiled`; measured by ``benchmarks/bench_generator.py``)."""
-
 DENOISE_PRECISIONS = ("auto", *PRECISIONS)
 """``precision`` of :func:`denoise_hu` and ``pdml-denoise --precision``."""
 

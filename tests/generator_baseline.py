@@ -15,6 +15,7 @@ import torch
 
 from pdml.models import DmlCtDenseBlock, ResidualDenseBlock
 from pdml.models import dmlct as dmlct_module
+from pdml.models.feature_generator import FeatureGenerator, FeatureTap
 from pdml.models import generator as generator_module
 
 
@@ -33,10 +34,34 @@ def rrdn_block_forward(block: ResidualDenseBlock, x: torch.Tensor) -> torch.Tens
     return x + generator_module.RESIDUAL_SCALE * out
 
 
+def baseline_run(generator: FeatureGenerator, x: torch.Tensor, tap: FeatureTap,
+                 block_dtype=None):
+    """``FeatureGenerator._run`` as it was: NCHW maps, ``head + β·h`` in two ops."""
+    head = generator.head(x)
+    if tap("head", head):
+        return None
+    h = head
+    for i, block in enumerate(generator.blocks(), start=1):
+        h = block(h)
+        if tap(f"rdb{i}", h):
+            return None
+    trunk = head + generator.trunk_scale * h
+    if tap("trunk", trunk):
+        return None
+    fusion = generator.fusion(trunk)
+    if tap("fusion", fusion):
+        return None
+    return generator._output(x, head, fusion)
+
+
 @contextlib.contextmanager
 def baseline_blocks(generator: torch.nn.Module):
-    """Inside: every dense block of ``generator`` runs the concatenating forward."""
+    """Inside: ``generator`` runs as before the one-buffer blocks (its dense blocks
+    concatenate, its maps are NCHW)."""
     patched = []
+    if isinstance(generator, FeatureGenerator):
+        generator._run = types.MethodType(baseline_run, generator)
+        patched.append(generator)
     for module in generator.modules():
         forward = {DmlCtDenseBlock: dmlct_block_forward,
                    ResidualDenseBlock: rrdn_block_forward}.get(type(module))
@@ -47,16 +72,17 @@ def baseline_blocks(generator: torch.nn.Module):
         yield generator
     finally:
         for module in patched:
-            del module.forward
+            del module.__dict__["_run" if isinstance(module, FeatureGenerator) else "forward"]
 
 
 @contextlib.contextmanager
 def baseline_block_classes():
     """Inside: every dense block, of any generator built before or inside, runs the
     concatenating forward (for code that builds its own generator, e.g. pdml-denoise)."""
-    saved = DmlCtDenseBlock.forward, ResidualDenseBlock.forward
+    saved = DmlCtDenseBlock.forward, ResidualDenseBlock.forward, FeatureGenerator._run
     DmlCtDenseBlock.forward, ResidualDenseBlock.forward = dmlct_block_forward, rrdn_block_forward
+    FeatureGenerator._run = baseline_run
     try:
         yield
     finally:
-        DmlCtDenseBlock.forward, ResidualDenseBlock.forward = saved
+        DmlCtDenseBlock.forward, ResidualDenseBlock.forward, FeatureGenerator._run = saved

@@ -90,7 +90,7 @@ class DmlCtDenseBlock(nn.Module):
         # one buffer instead of a concatenation and a padded copy per conv (pdml.models.dense)
         last = dense_convs(x, [c.weight for c in self.convs], [c.bias for c in self.convs],
                            self.act.negative_slope, activate_last=True)
-        return x + RESIDUAL_SCALE * last
+        return torch.add(x, last, alpha=RESIDUAL_SCALE)
 
 
 class DmlCtGenerator(FeatureGenerator):

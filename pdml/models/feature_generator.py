@@ -77,7 +77,10 @@ class FeatureGenerator(nn.Module):
 
     def _run(self, x: torch.Tensor, tap: FeatureTap,
              block_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
-        head = self.head(x)
+        # channels-last from here on: the layout of the dense blocks' buffer
+        # (pdml.models.dense), so that the sums and the 1×1 fusion conv between them do
+        # not convert layouts (oneDNN's convs are several times slower on NCHW)
+        head = self.head(x).contiguous(memory_format=torch.channels_last)
         if tap("head", head):
             return None
         h = head
@@ -87,7 +90,7 @@ class FeatureGenerator(nn.Module):
                 h = block(h)
             if tap(f"rdb{i}", h):
                 return None
-        trunk = head + self.trunk_scale * h
+        trunk = torch.add(head, h, alpha=self.trunk_scale)
         if tap("trunk", trunk):
             return None
         fusion = self.fusion(trunk)

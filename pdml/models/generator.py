@@ -53,7 +53,7 @@ class ResidualDenseBlock(nn.Module):
         convs = [*self.convs, self.fuse]
         fused = dense_convs(x, [c.weight for c in convs], [c.bias for c in convs],
                             self.act.negative_slope, activate_last=False)
-        return x + RESIDUAL_SCALE * self.attention(fused)
+        return torch.add(x, self.attention(fused), alpha=RESIDUAL_SCALE)
 
 
 class RRDNGenerator(FeatureGenerator):
