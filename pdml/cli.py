@@ -346,7 +346,7 @@ def _denoise(args) -> int:
     from tqdm.auto import tqdm
 
     from pdml.data import (DicomHeaderWarning, DicomReadError, DuplicatePositionWarning,
-                           NoCTImagesError, derived_paths, load_ct, save_ct)
+                           NoCTImagesError, SeriesWriter, derived_paths, load_ct)
     from pdml.inference import denoise_hu, denoise_precision, generator_from_checkpoint
     from pdml.training.checkpoint import find_checkpoint, load_checkpoint
     from pdml.training.config import TrainError
@@ -375,7 +375,7 @@ def _denoise(args) -> int:
         generator, cfg = generator_from_checkpoint(ckpt, device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # load_ct's per-file warnings: summarised below
-            series_list = load_ct(inp)
+            series_list = load_ct(inp, lazy=True)
     except (TrainError, DicomReadError, NoCTImagesError, FileNotFoundError, FileExistsError) as e:
         return _fail("pdml-denoise", e)
     best = ckpt.get("best") or {}
@@ -420,10 +420,20 @@ def _denoise(args) -> int:
                 raise FileExistsError(f"{in_the_way[0]} exists ({len(in_the_way)} of the "
                                       f"{len(series)} file(s) to write); pass --overwrite "
                                       f"to replace them")
-            hu = denoise_hu(generator, series.hu, cfg, device, precision=precision,
-                            batch_size=args.batch_size, progress=advance, tile=args.tile)
-            written += save_ct(series, hu, target, overwrite=args.overwrite,
-                               description=f"pdml denoised ({cfg.loss}, step {ckpt['step']})")
+            # slices in, slices out: one batch read, denoised and written at a time
+            writer = SeriesWriter(series, target, overwrite=args.overwrite,
+                                  description=f"pdml denoised ({cfg.loss}, step {ckpt['step']})")
+            try:
+                for start in range(0, len(series), args.batch_size):
+                    hu = denoise_hu(generator, series.hu[start:start + args.batch_size], cfg,
+                                    device, precision=precision, batch_size=args.batch_size,
+                                    tile=args.tile)
+                    writer.write(start, hu)
+                    advance(start + hu.shape[0])
+            except BaseException:
+                writer.remove_written()   # no partial series
+                raise
+            written += writer.targets
         except (TrainError, ValueError, OSError) as e:
             bar.update(len(series) - done[0])
             failed.append((k, series, e))
