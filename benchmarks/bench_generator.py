@@ -19,7 +19,9 @@ shared machine affects baseline and new alike; medians over the rounds):
   default loss backend, fp32), with its peak resident memory over the resting process
   (a fresh process each, VmHWM after a warm-up step).
 - ``pdml-denoise``: the console script on a generated 512² DICOM series, today's settings
-  (fp32, baseline blocks) against its defaults (``--precision auto``).
+  (fp32, baseline blocks, whole slices) against its defaults (``--precision auto``,
+  ``--tile 256``); and (``--only rss``) its peak resident memory on series of
+  ``--rss-slices`` slices, each in a fresh process.
 
 The floor: the case's convolution FLOPs (counted by hooks on every ``Conv2d`` call of a
 baseline pass; a backward counts twice its forward) at the matmul rate of the same round
@@ -318,15 +320,42 @@ def cli_cases(arch: str, slices: int, tmp: str) -> list[Case]:
                 str(root / f"out{counter[0]}"), "--no-progress", "--threads",
                 str(torch.get_num_threads())]
         if old:
-            argv += ["--precision", "fp32"]
+            argv += ["--precision", "fp32", "--tile", "0"]
         with contextlib.redirect_stdout(open(os.devnull, "w")), \
                 (baseline_block_classes() if old else contextlib.nullcontext()):
             assert denoise_main(argv) == 0
 
     group = f"pdml-denoise {arch} {slices}x512²"
-    base = f"{group} today (fp32, baseline blocks)"
+    base = f"{group} today (fp32, baseline blocks, whole slices)"
     return [Case(group, base, "fp32", lambda: run(True), 0, base),
-            Case(group, f"{group} defaults (auto precision)", "auto", lambda: run(False), 0, base)]
+            Case(group, f"{group} defaults (auto precision, tiles)", "auto", lambda: run(False), 0, base)]
+
+
+_RSS_PROBE = r"""
+import json, resource, sys
+sys.path.insert(0, {repo!r})
+from pdml.cli import denoise_main
+rc = denoise_main({argv!r})
+print(json.dumps({{"rc": rc, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+"""
+
+
+def denoise_peak_rss(slices: int, tmp: str, arch: str = "dmlct") -> dict:
+    """Peak resident memory of one ``pdml-denoise`` process (defaults) on a generated
+    ``slices``-slice 512² series, and its wall time."""
+    root = Path(tmp) / f"rss{slices}"
+    write_series(root / "in", slices, 512)
+    write_checkpoint(root / "ckpt.pt", arch)
+    argv = ["--checkpoint", str(root / "ckpt.pt"), "--input", str(root / "in"), "--output",
+            str(root / "out"), "--no-progress", "--threads", str(torch.get_num_threads())]
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE.format(repo=harness.REPO, argv=argv)],
+                         capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        raise RuntimeError(f"pdml-denoise failed: {out.stderr[-2000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"slices": slices, "peak_rss_bytes": result["peak_rss_bytes"], "wall_s": wall}
 
 
 # ------------------------------------------------------------------------------ main
@@ -367,6 +396,9 @@ def to_markdown(result: dict) -> str:
         lines.append(f"\ntrain step {arch}: peak memory over the resting process: baseline "
                      f"{m['baseline'] / 2**20:.0f} MiB, one-buffer {m['new'] / 2**20:.0f} MiB "
                      f"(× {m['new'] / m['baseline']:.2f})")
+    for r in result.get("denoise_rss", []):
+        lines.append(f"\npdml-denoise (defaults) on {r['slices']} slices 512²: peak resident "
+                     f"memory {r['peak_rss_bytes'] / 2**30:.2f} GiB, {r['wall_s']:.0f} s")
     return "\n".join(lines) + "\n"
 
 
@@ -375,9 +407,10 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--archs", default="dmlct,pdml")
     p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--only", default="denoise,train,step,memory,cli",
+    p.add_argument("--only", default="denoise,train,step,memory,cli,rss",
                    help="comma-separated parts to run")
     p.add_argument("--cli-slices", type=int, default=8)
+    p.add_argument("--rss-slices", default="40,200")
     p.add_argument("--out", default=os.path.join(harness.REPO, ".benchmarks", "generator"))
     args = p.parse_args(argv)
     archs, precisions = args.archs.split(","), args.precisions.split(",")
@@ -406,6 +439,9 @@ def main(argv=None) -> int:
         if row["group"].startswith("pdml-denoise"):
             slices = int(row["group"].split()[2].split("x")[0])
             row["slices_per_s"] = slices / row["median_s"]
+    if "rss" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["denoise_rss"] = [denoise_peak_rss(int(n), tmp) for n in args.rss_slices.split(",")]
     if "memory" in parts:
         result["step_memory"] = {arch: {"baseline": step_peak_extra_bytes(arch, True),
                                         "new": step_peak_extra_bytes(arch, False)}

@@ -282,7 +282,7 @@ def train_main(argv=None) -> int:
 
 
 def _denoise_parser() -> argparse.ArgumentParser:
-    from pdml.inference import DENOISE_PRECISIONS
+    from pdml.inference import DENOISE_PRECISIONS, DENOISE_TILE
 
     p = _Parser(
         prog="pdml-denoise",
@@ -310,10 +310,11 @@ def _denoise_parser() -> argparse.ArgumentParser:
                    "cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, default=4, metavar="N",
                    help="slices per forward pass (default: 4)")
-    p.add_argument("--tile", type=int, metavar="N",
+    p.add_argument("--tile", type=int, default=DENOISE_TILE, metavar="N",
                    help="compute N×N pixels at a time with a halo of the network's receptive "
-                   "field (the same output; --arch dmlct only, pdml's network takes means "
-                   "over the whole slice) (default: whole slices)")
+                   "field: the same output with cache-sized maps; networks with a global "
+                   "operation (pdml's own, with its squeeze-excitation means) always run "
+                   "whole slices; 0: whole slices (default: %(default)s)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU intra-op threads (default: torch's, fewer when other work keeps "
                    "the cores busy at start)")
@@ -356,8 +357,8 @@ def _denoise(args) -> int:
     try:
         if args.batch_size < 1:
             raise TrainError(f"--batch-size must be >= 1, got {args.batch_size}")
-        if args.tile is not None and args.tile < 1:
-            raise TrainError(f"--tile must be >= 1, got {args.tile}")
+        if args.tile < 0:
+            raise TrainError(f"--tile must be >= 0 (0: whole slices), got {args.tile}")
         if args.threads is not None and args.threads < 1:
             raise TrainError(f"--threads must be >= 1, got {args.threads}")
         device = resolve_device(args.device)
@@ -427,7 +428,7 @@ def _denoise(args) -> int:
                 for start in range(0, len(series), args.batch_size):
                     hu = denoise_hu(generator, series.hu[start:start + args.batch_size], cfg,
                                     device, precision=precision, batch_size=args.batch_size,
-                                    tile=args.tile)
+                                    tile=args.tile or None)
                     writer.write(start, hu)
                     advance(start + hu.shape[0])
             except BaseException:
