@@ -351,7 +351,7 @@ def _denoise(args) -> int:
     from pdml.inference import denoise_hu, denoise_precision, generator_from_checkpoint
     from pdml.training.checkpoint import find_checkpoint, load_checkpoint
     from pdml.training.config import TrainError
-    from pdml.training.distributed import choose_cpu_threads, resolve_device
+    from pdml.training.distributed import choose_cpu_threads, keep_freed_memory, resolve_device
     from pdml.training.rundir import check_writable_folder
 
     try:
@@ -386,6 +386,7 @@ def _denoise(args) -> int:
           + ")", flush=True)
     how = f"precision {precision}" + (" (auto)" if args.precision == "auto" else "")
     if device.type == "cpu":
+        keep_freed_memory()
         choice = choose_cpu_threads(args.threads)
         torch.set_num_threads(choice.threads)
         how += f", {choice.describe()}"

@@ -139,3 +139,12 @@ def test_proc_stat_is_read_here():
         assert distributed._proc_stat_times() is None
     else:
         assert 0.0 <= busy <= (distributed.os.cpu_count() or 1) + 1e-6
+
+
+def test_keep_freed_memory_takes_effect_on_glibc():
+    import platform
+    kept = distributed.keep_freed_memory()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert kept is True
+    else:
+        assert kept is False
