@@ -18,17 +18,19 @@ shared machine affects baseline and new alike; medians over the rounds):
   shapes (``benchmarks/bench_train.py``'s config: batch 8, 128² crops, 128 patches,
   default loss backend, fp32), with its peak resident memory over the resting process
   (a fresh process each, VmHWM after a warm-up step).
-- ``pdml-denoise``: the console script on a generated 512² DICOM series, today's settings
-  (fp32, baseline blocks, whole slices) against its defaults (``--precision auto``,
-  ``--tile 256``); and (``--only rss``) its peak resident memory on series of
-  ``--rss-slices`` slices, each in a fresh process.
+- ``pdml-denoise``: the console script on a generated 512² DICOM series, each call in a
+  fresh process: today's (fp32, baseline blocks, whole slices, glibc's default allocator)
+  against its defaults; and (``--only rss``) its peak resident memory on series of
+  ``--rss-slices`` slices.
 
 The floor: the case's convolution FLOPs (counted by hooks on every ``Conv2d`` call of a
 baseline pass; a backward counts twice its forward) at the matmul rate of the same round
 (2048² fp32 / bf16 ``@``, best of 3). ``× floor`` is time / floor time, a median over the
-rounds; 1 would be convolutions at the matmul rate with nothing else. Every case runs with
-the allocator setting pdml-denoise makes (:func:`pdml.training.distributed.keep_freed_memory`),
-the baselines too, so their ratios understate what today's code to the defaults gains.
+rounds; 1 would be convolutions at the matmul rate with nothing else. Every case in this
+process runs with the allocator setting pdml-denoise makes
+(:func:`pdml.training.distributed.keep_freed_memory`), the baselines too (their ratios
+show what the code changes gain, not the allocator's share); the pdml-denoise cases run in
+fresh processes, today's without it.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import harness  # noqa: E402
 from pdml.inference import forward_tiled  # noqa: E402
 from pdml.models import DmlCtGenerator, RRDNGenerator  # noqa: E402
-from tests.generator_baseline import baseline_block_classes, baseline_blocks  # noqa: E402
+from tests.generator_baseline import baseline_blocks  # noqa: E402
 
 DENOISE_SHAPE = (4, 1, 512, 512)
 TRAIN_SHAPE = (8, 1, 128, 128)
@@ -104,8 +106,11 @@ def matmul_seconds(dtype: torch.dtype) -> float:
 
 
 class Case:
-    def __init__(self, group: str, name: str, precision: str, fn, flops: int, baseline: str | None):
+    def __init__(self, group: str, name: str, precision: str, fn, flops: int, baseline: str | None,
+                 timed_inside: bool = False):
+        """``fn()`` runs the case; with ``timed_inside`` it returns its own seconds."""
         self.group, self.name, self.precision, self.fn = group, name, precision, fn
+        self.timed_inside = timed_inside
         self.flops, self.baseline = flops, baseline
         self.times: list[float] = []
         self.floor_ratios: list[float] = []
@@ -308,29 +313,52 @@ def write_checkpoint(path: Path, arch: str) -> None:
                                                    "heads": {}}}, path)
 
 
-def cli_cases(arch: str, slices: int, tmp: str) -> list[Case]:
-    from pdml.cli import denoise_main
+_CLI_PROBE = r"""
+import contextlib, json, os, sys, time
+sys.path.insert(0, {repo!r})
+from pdml.cli import denoise_main
+from pdml.training import distributed
+from tests.generator_baseline import baseline_block_classes
+if {old!r}:   # today's pdml-denoise: no allocator setting, concatenating blocks
+    distributed.keep_freed_memory = lambda: False
+ctx = baseline_block_classes() if {old!r} else contextlib.nullcontext()
+with ctx, contextlib.redirect_stdout(open(os.devnull, "w")):
+    start = time.perf_counter()
+    rc = denoise_main({argv!r})
+    wall = time.perf_counter() - start
+print(json.dumps({{"rc": rc, "wall_s": wall}}))
+"""
 
+
+def cli_cases(arch: str, slices: int, tmp: str) -> list[Case]:
+    """pdml-denoise, each call in a fresh process (timed around ``denoise_main``: the
+    checkpoint, reading, denoising, writing; not the interpreter's start): today's
+    (fp32, concatenating blocks, whole slices, no allocator setting) and the defaults."""
     root = Path(tmp) / "cli"
     write_series(root / "in", slices, 512)
     write_checkpoint(root / "ckpt.pt", arch)
     counter = [0]
 
-    def run(old: bool):
+    def run(old: bool) -> float:
         counter[0] += 1
         argv = ["--checkpoint", str(root / "ckpt.pt"), "--input", str(root / "in"), "--output",
                 str(root / f"out{counter[0]}"), "--no-progress", "--threads",
                 str(torch.get_num_threads())]
         if old:
             argv += ["--precision", "fp32", "--tile", "0"]
-        with contextlib.redirect_stdout(open(os.devnull, "w")), \
-                (baseline_block_classes() if old else contextlib.nullcontext()):
-            assert denoise_main(argv) == 0
+        code = _CLI_PROBE.format(repo=harness.REPO, old=old, argv=argv)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=3600)
+        result = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {}
+        if result.get("rc") != 0:
+            raise RuntimeError(f"pdml-denoise failed: {out.stderr[-2000:]}")
+        return result["wall_s"]
 
     group = f"pdml-denoise {arch} {slices}x512²"
-    base = f"{group} today (fp32, baseline blocks, whole slices)"
-    return [Case(group, base, "fp32", lambda: run(True), 0, base),
-            Case(group, f"{group} defaults (auto precision, tiles)", "auto", lambda: run(False), 0, base)]
+    base = f"{group} today (fp32, baseline blocks, whole slices, default allocator)"
+    return [Case(group, base, "fp32", lambda: run(True), 0, base, timed_inside=True),
+            Case(group, f"{group} defaults", "auto", lambda: run(False), 0, base,
+                 timed_inside=True)]
 
 
 _RSS_PROBE = r"""
@@ -365,14 +393,15 @@ def denoise_peak_rss(slices: int, tmp: str, arch: str = "dmlct") -> dict:
 def run_rounds(cases: list[Case], rounds: int, log) -> dict:
     rates = {"fp32": [], "bf16": []}
     for case in cases:  # warm-up: thread pools, allocator, first touch
-        case.fn()
+        if not case.timed_inside:
+            case.fn()
     for r in range(rounds):
         mm = {name: 2 * MATMUL_N ** 3 / matmul_seconds(dtype)
               for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
         for name, rate in mm.items():
             rates[name].append(rate)
         for case in cases:
-            t = harness.seconds(case.fn)
+            t = case.fn() if case.timed_inside else harness.seconds(case.fn)
             case.times.append(t)
             if case.flops:
                 rate = mm["bf16" if case.precision == "bf16" else "fp32"]

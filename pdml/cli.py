@@ -312,9 +312,9 @@ def _denoise_parser() -> argparse.ArgumentParser:
                    help="slices per forward pass (default: 4)")
     p.add_argument("--tile", type=int, default=DENOISE_TILE, metavar="N",
                    help="compute N×N pixels at a time with a halo of the network's receptive "
-                   "field: the same output with cache-sized maps; networks with a global "
-                   "operation (pdml's own, with its squeeze-excitation means) always run "
-                   "whole slices; 0: whole slices (default: %(default)s)")
+                   "field: the same output with smaller maps (less memory for large slices); "
+                   "networks with a global operation (pdml's own, with its squeeze-excitation "
+                   "means) always run whole slices; 0: whole slices (default: %(default)s)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU intra-op threads (default: torch's, fewer when other work keeps "
                    "the cores busy at start)")

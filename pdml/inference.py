@@ -68,10 +68,11 @@ def forward_tiled(generator: torch.nn.Module, x: torch.Tensor, tile: Optional[in
     return out
 
 
-DENOISE_TILE = 256
-"""``pdml-denoise``'s default tile side (:func:`forward_tiled`): in
-``benchmarks/bench_generator.py`` 256² tiles (with their 17-pixel halo) ran 512² slices of
-the paper's network 1.1× faster than whole slices, fp32 and bf16."""
+DENOISE_TILE = 0
+"""``pdml-denoise``'s default ``--tile`` (0: whole slices). In ``benchmarks/bench_generator.py``
+256² tiles (with their 17-pixel halo: 1.28× the FLOPs of a 512² slice) were 1.1× faster
+than whole slices while every new 512² map cost page faults, and slower once freed memory
+is kept for reuse (:func:`pdml.training.distributed.keep_freed_memory`)."""
 
 DENOISE_PRECISIONS = ("auto", *PRECISIONS)
 """``precision`` of :func:`denoise_hu` and ``pdml-denoise --precision``."""
