@@ -345,7 +345,7 @@ def cli_cases(arch: str, slices: int, tmp: str) -> list[Case]:
                 str(root / f"out{counter[0]}"), "--no-progress", "--threads",
                 str(torch.get_num_threads())]
         if old:
-            argv += ["--precision", "fp32", "--tile", "0"]
+            argv += ["--precision", "fp32", "--tile", "0", "--batch-size", "4"]
         code = _CLI_PROBE.format(repo=harness.REPO, old=old, argv=argv)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              timeout=3600)
@@ -355,7 +355,7 @@ def cli_cases(arch: str, slices: int, tmp: str) -> list[Case]:
         return result["wall_s"]
 
     group = f"pdml-denoise {arch} {slices}x512²"
-    base = f"{group} today (fp32, baseline blocks, whole slices, default allocator)"
+    base = f"{group} today (fp32, baseline blocks, whole slices, batch 4, default allocator)"
     return [Case(group, base, "fp32", lambda: run(True), 0, base, timed_inside=True),
             Case(group, f"{group} defaults", "auto", lambda: run(False), 0, base,
                  timed_inside=True)]

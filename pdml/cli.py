@@ -308,8 +308,9 @@ def _denoise_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda or "
                    "cuda:N (default: auto)")
-    p.add_argument("--batch-size", type=int, default=4, metavar="N",
-                   help="slices per forward pass (default: 4)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="N",
+                   help="slices per forward pass; each holds ~0.5 GiB of maps at 512² "
+                   "(default: 1)")
     p.add_argument("--tile", type=int, default=DENOISE_TILE, metavar="N",
                    help="compute N×N pixels at a time with a halo of the network's receptive "
                    "field: the same output with smaller maps (less memory for large slices); "

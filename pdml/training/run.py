@@ -363,7 +363,7 @@ class TrainingRun:
             "ranks_in_sync": ranks_hold_same_parameters(list(self._networks().values()), self.info),
             "best": self.best,
             "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
-            "cpu_threads_why": (self.thread_choice.describe() if self.device.type == "cpu"
+            "cpu_threads_reason": (self.thread_choice.describe() if self.device.type == "cpu"
                                 else None),
             "final_eval": self.last_eval,
         }
