@@ -90,7 +90,7 @@ class FeatureGenerator(nn.Module):
                 h = block(h)
             if tap(f"rdb{i}", h):
                 return None
-        trunk = torch.add(head, h, alpha=self.trunk_scale)
+        trunk = head + self.trunk_scale * h
         if tap("trunk", trunk):
             return None
         fusion = self.fusion(trunk)
