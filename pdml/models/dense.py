@@ -72,9 +72,9 @@ def _full_weights(weights: Sequence[torch.Tensor], channels: int, dtype: torch.d
 def _conv(buf: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
           slope: Optional[float]) -> torch.Tensor:
     """``leaky_relu(conv2d(buf, weight, bias), slope)`` (no activation when ``slope`` is
-    None); on a CPU in fp32 / bf16 / fp16 the activation runs inside oneDNN's conv (one
-    pass over the output fewer)."""
-    if (buf.device.type == "cpu" and buf.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    None); on a CPU in fp32 / bf16 the activation runs inside oneDNN's conv (one pass over
+    the output fewer; its fp16 path needs AVX512-FP16, so fp16 runs apart)."""
+    if (buf.device.type == "cpu" and buf.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available()):
         attr, scalars = ("none", []) if slope is None else ("leaky_relu", [slope])
         return torch.ops.mkldnn._convolution_pointwise(buf, weight, bias, [0, 0], [1, 1], [1, 1],

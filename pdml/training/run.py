@@ -100,7 +100,7 @@ class TrainingRun:
         if device.type == "cpu":
             self.thread_choice = choose_cpu_threads(cfg.threads)
             torch.set_num_threads(self.thread_choice.threads)
-            if info.is_main:
+            if info.is_main and cfg.progress:   # --no-progress keeps stdout quiet
                 print(f"pdml-train: {self.thread_choice.describe()}", file=self.stream, flush=True)
         # identical initial weights on every rank (DDP also broadcasts rank 0's)
         torch.manual_seed(cfg.seed)
