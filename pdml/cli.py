@@ -310,7 +310,7 @@ def train_main(argv=None) -> int:
 
 
 def _denoise_parser() -> argparse.ArgumentParser:
-    from pdml.training.config import PRECISIONS
+    from pdml.inference import DENOISE_PRECISIONS, DENOISE_TILE
 
     p = _Parser(
         prog="pdml-denoise",
@@ -329,13 +329,24 @@ def _denoise_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR",
                    help="folder for the new series (one series_NNN folder each when there are "
                    "several)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="autocast precision of the generator (default: fp32)")
+    p.add_argument("--precision", choices=DENOISE_PRECISIONS, default="auto",
+                   help="autocast precision of the generator; auto: bf16 where the device "
+                   "computes it natively (a CPU with AVX512-BF16 or AMX, a GPU with bf16), "
+                   "else fp32 (default: auto)")
     p.add_argument("--device", default="auto",
                    help="auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda or "
                    "cuda:N (default: auto)")
-    p.add_argument("--batch-size", type=int, default=4, metavar="N",
-                   help="slices per forward pass (default: 4)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="N",
+                   help="slices per forward pass; each holds ~0.5 GiB of maps at 512² "
+                   "(default: 1)")
+    p.add_argument("--tile", type=int, default=DENOISE_TILE, metavar="N",
+                   help="compute N×N pixels at a time with a halo of the network's receptive "
+                   "field: the same output with smaller maps (less memory for large slices); "
+                   "networks with a global operation (pdml's own, with its squeeze-excitation "
+                   "means) always run whole slices; 0: whole slices (default: %(default)s)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU intra-op threads (default: torch's, fewer when other work keeps "
+                   "the cores busy at start)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace files already in --output (default: refuse)")
     p.add_argument("--no-progress", action="store_true",
@@ -361,20 +372,26 @@ def denoise_main(argv=None) -> int:
 
 
 def _denoise(args) -> int:
+    import torch
     from tqdm.auto import tqdm
 
     from pdml.data import (DicomHeaderWarning, DicomReadError, DuplicatePositionWarning,
-                           NoCTImagesError, derived_paths, load_ct, save_ct)
-    from pdml.inference import denoise_hu, generator_from_checkpoint
+                           NoCTImagesError, SeriesWriter, derived_paths, load_ct)
+    from pdml.inference import denoise_hu, denoise_precision, generator_from_checkpoint
     from pdml.training.checkpoint import find_checkpoint, load_checkpoint
     from pdml.training.config import TrainError
-    from pdml.training.distributed import resolve_device
+    from pdml.training.distributed import choose_cpu_threads, keep_freed_memory, resolve_device
     from pdml.training.rundir import check_writable_folder
 
     try:
         if args.batch_size < 1:
             raise TrainError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.tile < 0:
+            raise TrainError(f"--tile must be >= 0 (0: whole slices), got {args.tile}")
+        if args.threads is not None and args.threads < 1:
+            raise TrainError(f"--threads must be >= 1, got {args.threads}")
         device = resolve_device(args.device)
+        precision = denoise_precision(args.precision, device)
         inp, out = Path(args.input).resolve(), Path(args.output).resolve()
         if not inp.exists():
             raise TrainError(f"--input {args.input}: no such file or folder")
@@ -388,7 +405,7 @@ def _denoise(args) -> int:
         generator, cfg = generator_from_checkpoint(ckpt, device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # load_ct's per-file warnings: summarised below
-            series_list = load_ct(inp)
+            series_list = load_ct(inp, lazy=True)
     except (TrainError, DicomReadError, NoCTImagesError, FileNotFoundError, FileExistsError) as e:
         return _fail("pdml-denoise", e)
     best = ckpt.get("best") or {}
@@ -396,6 +413,13 @@ def _denoise(args) -> int:
           + (f", best validation PSNR {best['psnr']:.2f} dB"
              if best.get("step") == ckpt["step"] and best.get("psnr") is not None else "")
           + ")", flush=True)
+    how = f"precision {precision}" + (" (auto)" if args.precision == "auto" else "")
+    if device.type == "cpu":
+        keep_freed_memory()
+        choice = choose_cpu_threads(args.threads)
+        torch.set_num_threads(choice.threads)
+        how += f", {choice.describe()}"
+    print(f"pdml-denoise: {how}", flush=True)
     if series_list.skipped:
         print(f"pdml-denoise: skipped {len(series_list.skipped)} file(s) that are not "
               f"usable CT images (first: {series_list.skipped[0][1]})", file=sys.stderr)
@@ -427,10 +451,20 @@ def _denoise(args) -> int:
                 raise FileExistsError(f"{in_the_way[0]} exists ({len(in_the_way)} of the "
                                       f"{len(series)} file(s) to write); pass --overwrite "
                                       f"to replace them")
-            hu = denoise_hu(generator, series.hu, cfg, device, precision=args.precision,
-                            batch_size=args.batch_size, progress=advance)
-            written += save_ct(series, hu, target, overwrite=args.overwrite,
-                               description=f"pdml denoised ({cfg.loss}, step {ckpt['step']})")
+            # slices in, slices out: one batch read, denoised and written at a time
+            writer = SeriesWriter(series, target, overwrite=args.overwrite,
+                                  description=f"pdml denoised ({cfg.loss}, step {ckpt['step']})")
+            try:
+                for start in range(0, len(series), args.batch_size):
+                    hu = denoise_hu(generator, series.hu[start:start + args.batch_size], cfg,
+                                    device, precision=precision, batch_size=args.batch_size,
+                                    tile=args.tile or None)
+                    writer.write(start, hu)
+                    advance(start + hu.shape[0])
+            except BaseException:
+                writer.remove_written()   # no partial series
+                raise
+            written += writer.targets
         except (TrainError, ValueError, OSError) as e:
             bar.update(len(series) - done[0])
             failed.append((k, series, e))

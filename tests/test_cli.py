@@ -315,3 +315,12 @@ def test_denoise_warns_of_slices_at_one_position_naming_the_files(tmp_path, trai
     warning = [line for line in captured.err.splitlines() if "position" in line]
     assert len(warning) == 1 and "first.dcm" in warning[0] and "copy.dcm" in warning[0], captured.err
     assert "wrote 2 slice(s) of 1 series" in captured.out
+
+
+@pytest.mark.parametrize("option,value,words", [("--tile", "-1", "--tile must be >= 0"),
+                                                ("--threads", "0", "--threads must be >= 1")])
+def test_denoise_bad_tile_or_threads_is_one_line(tmp_path, capsys, option, value, words):
+    rc = denoise_main(["--checkpoint", str(tmp_path / "none.pt"), "--input", str(tmp_path),
+                       "--output", str(tmp_path / "out"), option, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err and err.count("\n") == 1 and "Traceback" not in err

@@ -13,8 +13,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, UID, generate_uid
 
-from pdml.data import (DicomReadError, DuplicatePositionWarning, NoCTImagesError, load_ct,
-                       save_ct)
+from pdml.data import (DicomReadError, DuplicatePositionWarning, NoCTImagesError, SeriesPixels,
+                       SeriesWriter, load_ct, save_ct)
 
 # docs/data.md: every real CT slice that installs offline
 REAL_CT = ["CT_small.dcm", "J2K_pixelrep_mismatch.dcm", "693_UNCR.dcm", "explicit_VR-UN.dcm",
@@ -351,3 +351,63 @@ def test_slices_at_one_position_are_kept_with_a_warning_naming_the_files(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")                 # distinct positions: no warning
         load_ct(tmp_path / "a.dcm")
+
+
+# ------------------------------------------------------------------ reading and writing in chunks
+
+def _series_folder(tmp_path, slices=7, shape=(9, 11)):
+    uid = generate_uid()
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(slices):
+        write_slice(folder / f"s{(k * 3) % slices}.dcm", rng.integers(-1000, 2000, shape),
+                    uid, position=float(slices - k), instance=k + 1)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "eCT_Supplemental.dcm"])
+def test_lazy_series_read_the_same_hu_when_indexed(tmp_path, name):
+    eager, lazy = load_ct(get_testdata_file(name)), load_ct(get_testdata_file(name), lazy=True)
+    assert [len(s) for s in lazy] == [len(s) for s in eager]
+    for e, l in zip(eager, lazy):
+        assert isinstance(l.hu, SeriesPixels) and l.hu.shape == e.hu.shape
+        np.testing.assert_array_equal(np.asarray(l.hu), e.hu)
+        np.testing.assert_array_equal(l.hu[-1], e.hu[-1])
+        assert [sl.path for sl in l.slices] == [sl.path for sl in e.slices]
+    folder = _series_folder(tmp_path)
+    eager, lazy = load_ct(folder)[0], load_ct(folder, lazy=True)[0]
+    np.testing.assert_array_equal(lazy.hu[2:5], eager.hu[2:5])
+    np.testing.assert_array_equal(lazy.hu[5:], eager.hu[5:])
+    with pytest.raises(IndexError):
+        lazy.hu[7]
+
+
+def test_writing_in_chunks_gives_the_series_save_ct_writes(tmp_path):
+    series = load_ct(_series_folder(tmp_path), lazy=True)[0]
+    hu = np.asarray(series.hu) * 0.5 + 3.0
+    whole = save_ct(series, hu, tmp_path / "whole")
+    writer = SeriesWriter(series, tmp_path / "chunks")
+    for start in range(0, len(series), 3):
+        writer.write(start, hu[start:start + 3])
+    assert [p.name for p in writer.targets] == [p.name for p in whole]
+    a, b = load_ct(tmp_path / "whole")[0], load_ct(tmp_path / "chunks")[0]
+    np.testing.assert_array_equal(a.hu, b.hu)
+    assert len({pydicom.dcmread(p).SeriesInstanceUID for p in writer.targets}) == 1
+
+
+def test_a_bad_chunk_is_refused_and_what_was_written_can_be_removed(tmp_path):
+    series = load_ct(_series_folder(tmp_path), lazy=True)[0]
+    writer = SeriesWriter(series, tmp_path / "out")
+    writer.write(0, np.zeros((3, 9, 11)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        writer.write(3, np.full((2, 9, 11), np.nan))
+    with pytest.raises(ValueError, match=r"shape \(2, 9, 10\) at slice 3"):
+        writer.write(3, np.zeros((2, 9, 10)))
+    with pytest.raises(ValueError, match="at slice 6"):
+        writer.write(6, np.zeros((2, 9, 11)))   # past the last slice
+    assert len(list((tmp_path / "out").glob("*.dcm"))) == 3
+    writer.remove_written()
+    assert list((tmp_path / "out").glob("*.dcm")) == []
+    with pytest.raises(ValueError, match="input folder"):
+        SeriesWriter(series, tmp_path / "in" / "sub")

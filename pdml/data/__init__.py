@@ -13,8 +13,8 @@ from pdml.data.builtin import BuiltinDataset, BuiltinRecipe, builtin_dataset, ca
 from pdml.data.datasets import (PairedCropDataset, PairedCTDataset, UnpairedCTDataset,
                                 random_crop_flip, read_slices)
 from pdml.data.dicom import (CTSeries, CTSeriesList, CTSlice, DicomHeaderWarning, DicomReadError,
-                             DuplicatePositionWarning, NoCTImagesError, derived_paths, load_ct,
-                             save_ct)
+                             DuplicatePositionWarning, NoCTImagesError, SeriesPixels,
+                             SeriesWriter, derived_paths, load_ct, save_ct)
 from pdml.data.hu import HU_WINDOW, hu_to_unit, unit_to_hu
 from pdml.data.shift import (BUILTIN_ND_SHIFT, KVP_120_TO_80, KVP_120_TO_100,
                              AcquisitionShift)
@@ -24,6 +24,7 @@ from pdml.data.wavelet import wavelet_split
 
 __all__ = [
     "load_ct", "save_ct", "derived_paths", "CTSeries", "CTSeriesList", "CTSlice",
+    "SeriesPixels", "SeriesWriter",
     "DicomReadError", "NoCTImagesError", "DicomHeaderWarning", "DuplicatePositionWarning",
     "HU_WINDOW", "hu_to_unit", "unit_to_hu",
     "simulate_low_dose", "radon", "fbp", "projection_angles", "MU_WATER_PER_MM",

@@ -104,9 +104,10 @@ class CTSlice:
 
 @dataclass
 class CTSeries:
-    """One CT series: ``hu`` float32 ``[S, H, W]`` in HU, slice s from ``slices[s]``."""
+    """One CT series: ``hu`` float32 ``[S, H, W]`` in HU (a :class:`SeriesPixels` reading
+    the files on demand when loaded with ``lazy=True``), slice s from ``slices[s]``."""
 
-    hu: np.ndarray
+    hu: Union[np.ndarray, "SeriesPixels"]
     slices: List[CTSlice]
     series_uid: str
     source_root: Path
@@ -123,6 +124,43 @@ class CTSeries:
 
     def __len__(self) -> int:
         return self.hu.shape[0]
+
+
+class SeriesPixels:
+    """The HU of a series' slices, read from their files when indexed
+    (``load_ct(..., lazy=True)``): ``shape`` ``(S, H, W)``, ``dtype`` float32;
+    ``pixels[i]`` -> ``[H, W]``, ``pixels[a:b]`` -> ``[n, H, W]`` float32 (each file decoded
+    again; a multi-frame file once per indexing); ``np.asarray(pixels)``: all slices."""
+
+    dtype = np.dtype(np.float32)
+    ndim = 3
+
+    def __init__(self, slices: List["CTSlice"], shape: Tuple[int, int, int]):
+        self.slices, self.shape = slices, tuple(shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            i = range(self.shape[0])[index]   # IndexError when out of range
+            return self[i:i + 1][0]
+        if not isinstance(index, slice):
+            raise TypeError(f"SeriesPixels takes an int or a slice, got {type(index).__name__}")
+        chosen = [self.slices[i] for i in range(self.shape[0])[index]]
+        out = np.empty((len(chosen),) + self.shape[1:], dtype=np.float32)
+        decoded: dict = {}  # one decode per file and call (the frames of a multi-frame file)
+        for k, sl in enumerate(chosen):
+            if sl.path not in decoded:
+                decoded = {sl.path: _read_file(sl.path)[1]}
+            pixels = decoded[sl.path]
+            stack = pixels if pixels.ndim == 3 else pixels[None]
+            out[k] = _to_hu(stack[sl.frame or 0], sl.slope, sl.intercept)
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
 
 
 class CTSeriesList(list):
@@ -368,7 +406,7 @@ def _warn_duplicate_positions(uid: str, slices: List[CTSlice], shown: int = 4) -
                       DuplicatePositionWarning, stacklevel=4)
 
 
-def _group(items, root: Path) -> List[CTSeries]:
+def _group(items, root: Path, lazy: bool = False) -> List[CTSeries]:
     groups = {}
     for sl, hu in items:
         key = (str(sl.header.get("SeriesInstanceUID", "")), hu.shape)
@@ -377,15 +415,17 @@ def _group(items, root: Path) -> List[CTSeries]:
     for (uid, _), members in groups.items():
         members.sort(key=_sort_key)
         _warn_duplicate_positions(uid, [sl for sl, _ in members])
+        slices = [sl for sl, _ in members]
         series.append(CTSeries(
-            hu=np.stack([hu for _, hu in members]).astype(np.float32, copy=False),
-            slices=[sl for sl, _ in members], series_uid=uid, source_root=root,
+            hu=(SeriesPixels(slices, (len(members),) + members[0][1].shape) if lazy else
+                np.stack([hu for _, hu in members]).astype(np.float32, copy=False)),
+            slices=slices, series_uid=uid, source_root=root,
             description=str(members[0][0].header.get("SeriesDescription", ""))))
     series.sort(key=lambda s: (str(s.slices[0].path), s.series_uid))
     return series
 
 
-def load_ct(path: PathLike) -> CTSeriesList:
+def load_ct(path: PathLike, lazy: bool = False) -> CTSeriesList:
     """Read CT images from a DICOM file or a folder (searched recursively).
 
     Returns a :class:`CTSeriesList` of :class:`CTSeries`, each with ``hu`` float32
@@ -394,11 +434,21 @@ def load_ct(path: PathLike) -> CTSeriesList:
     :class:`DicomReadError`; in a folder such files are skipped with a warning each and
     counted (``result.skipped``); a folder with no CT image raises
     :class:`NoCTImagesError`. A missing path raises ``FileNotFoundError``.
+
+    ``lazy``: every file is still read and checked, but the pixels are not kept: each
+    series' ``hu`` is a :class:`SeriesPixels` that reads them again when indexed (memory
+    independent of the series' length, for reading a series in chunks).
     """
     root = Path(path)
+
+    def slices_of(file, ds, pixels):
+        found = _slices_of(file, ds, pixels)
+        # lazy: a zero-memory stand-in of the right shape for each slice's pixels
+        return [(sl, np.broadcast_to(np.float32(0), hu.shape)) for sl, hu in found] if lazy else found
+
     if root.is_file():
         ds, pixels = _read_file(root)
-        return CTSeriesList(_group(_slices_of(root, ds, pixels), root.parent),
+        return CTSeriesList(_group(slices_of(root, ds, pixels), root.parent, lazy),
                             files_seen=1)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such file or folder")
@@ -407,7 +457,7 @@ def load_ct(path: PathLike) -> CTSeriesList:
     for file in files:
         try:
             ds, pixels = _read_file(file)
-            items.extend(_slices_of(file, ds, pixels))
+            items.extend(slices_of(file, ds, pixels))
         except DicomReadError as exc:
             reason = str(exc)
             skipped.append((file, reason))
@@ -418,7 +468,7 @@ def load_ct(path: PathLike) -> CTSeriesList:
     if not items:
         raise NoCTImagesError(f"{root}: no CT images found ({len(files)} files looked at, "
                               f"{len(skipped)} skipped)")
-    return CTSeriesList(_group(items, root), skipped=skipped, files_seen=len(files))
+    return CTSeriesList(_group(items, root, lazy), skipped=skipped, files_seen=len(files))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -581,6 +631,75 @@ def _write_new(ds: Dataset, target: Path, overwrite: bool) -> None:
         raise
 
 
+class SeriesWriter:
+    """Writes a new CT series derived from ``series`` into ``out_dir`` a range of slices at
+    a time (:meth:`write`), as :func:`save_ct` writes it at once; so a series can be
+    denoised and written in chunks, with memory independent of its length.
+
+    The checks of :func:`save_ct` on ``out_dir``, ``description``, the input folder and
+    existing targets run on construction (before anything is written); :meth:`write`
+    checks each chunk's shape and values. :meth:`remove_written` removes the files this
+    writer created (call it when a later chunk fails: no partial series is left behind).
+    ``targets``: every file of the series (:func:`derived_paths`).
+    """
+
+    def __init__(self, series: CTSeries, out_dir: PathLike, *,
+                 description: str = "pdml denoised (patch-wise metric learning)",
+                 overwrite: bool = False, allow_input_dir: bool = False):
+        if not isinstance(series, CTSeries):
+            raise TypeError(f"series must be a CTSeries (an item of load_ct's result), got "
+                            f"{type(series).__name__}")
+        if not isinstance(out_dir, (str, os.PathLike)):
+            raise TypeError(f"out_dir must be a path (str or os.PathLike), got "
+                            f"{type(out_dir).__name__}")
+        if not isinstance(description, str):
+            raise TypeError(f"description must be a str, got {type(description).__name__}")
+        out = Path(out_dir).resolve()
+        if not allow_input_dir:
+            inputs = {series.source_root.resolve()} | {s.path.resolve().parent
+                                                        for s in series.slices}
+            for folder in inputs:
+                if out == folder or folder in out.parents:
+                    raise ValueError(f"refusing to write into the input folder {folder}; "
+                                     "pass allow_input_dir=True to do so")
+        self.series, self.description, self.overwrite = series, description, overwrite
+        self.targets = derived_paths(series, out)
+        if not overwrite:
+            existing = [t for t in self.targets if t.exists()]
+            if existing:
+                raise FileExistsError(f"{existing[0]} exists ({len(existing)} of the targets); "
+                                      "pass overwrite=True to replace")
+        out.mkdir(parents=True, exist_ok=True)
+        self.series_uid = generate_uid()
+        self.created: List[Path] = []
+
+    def write(self, start: int, hu) -> None:
+        """Write slices ``start .. start + len(hu) - 1`` from ``hu`` ``[n, H, W]`` HU (NumPy
+        or torch); ValueError for another shape or NaN/inf, TypeError for non-real data."""
+        hu = _real_array("hu", hu)
+        if hu.ndim == 2:
+            hu = hu[None]
+        want = (len(self.series),) + tuple(self.series.hu.shape[1:])
+        if hu.ndim != 3 or hu.shape[1:] != want[1:] or not 0 <= start <= want[0] - hu.shape[0]:
+            raise ValueError(f"hu has shape {hu.shape} at slice {start}, the series {want}")
+        if not np.isfinite(hu).all():
+            raise ValueError("hu contains NaN or inf")
+        stored = np.clip(np.rint(hu), _INT16_MIN, _INT16_MAX).astype(np.int16)
+        for i in range(hu.shape[0]):
+            index = start + i
+            target = self.targets[index]
+            existed = target.exists()
+            _write_new(_derived_dataset(self.series.slices[index], stored[i], self.series_uid,
+                                        index, self.description), target, self.overwrite)
+            if not existed:
+                self.created.append(target)
+
+    def remove_written(self) -> None:
+        for path in self.created:
+            path.unlink(missing_ok=True)
+        self.created = []
+
+
 def save_ct(series: CTSeries, hu, out_dir: PathLike, *,
             description: str = "pdml denoised (patch-wise metric learning)",
             overwrite: bool = False, allow_input_dir: bool = False) -> List[Path]:
@@ -596,6 +715,7 @@ def save_ct(series: CTSeries, hu, out_dir: PathLike, *,
     naming the argument when ``hu`` is not a NumPy array or torch tensor of real numbers
     (a list, complex, bool) or ``series`` is not a :class:`CTSeries`. A failure while
     writing removes the files this call created (no partial series is left behind).
+    :class:`SeriesWriter` writes a series in chunks.
     """
     if not isinstance(series, CTSeries):
         raise TypeError(f"series must be a CTSeries (an item of load_ct's result), got "
@@ -603,44 +723,18 @@ def save_ct(series: CTSeries, hu, out_dir: PathLike, *,
     hu = _real_array("hu", hu)
     if hu.ndim == 2:
         hu = hu[None]
-    if hu.shape != series.hu.shape:
-        raise ValueError(f"hu has shape {hu.shape}, the series {series.hu.shape}")
+    if hu.shape != tuple(series.hu.shape):
+        raise ValueError(f"hu has shape {hu.shape}, the series {tuple(series.hu.shape)}")
     if not np.isfinite(hu).all():
         raise ValueError("hu contains NaN or inf")
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise TypeError(f"out_dir must be a path (str or os.PathLike), got {type(out_dir).__name__}")
-    if not isinstance(description, str):
-        raise TypeError(f"description must be a str, got {type(description).__name__}")
-    out = Path(out_dir).resolve()
-    if not allow_input_dir:
-        inputs = {series.source_root.resolve()} | {s.path.resolve().parent
-                                                    for s in series.slices}
-        for folder in inputs:
-            if out == folder or folder in out.parents:
-                raise ValueError(f"refusing to write into the input folder {folder}; "
-                                 "pass allow_input_dir=True to do so")
-    targets = derived_paths(series, out)
-    if not overwrite:
-        existing = [t for t in targets if t.exists()]
-        if existing:
-            raise FileExistsError(f"{existing[0]} exists ({len(existing)} of the targets); "
-                                  "pass overwrite=True to replace")
-    out.mkdir(parents=True, exist_ok=True)
-    stored = np.clip(np.rint(hu), _INT16_MIN, _INT16_MAX).astype(np.int16)
-    series_uid = generate_uid()
-    created = []   # a failure half-way removes the files this call created: no partial series
+    writer = SeriesWriter(series, out_dir, description=description, overwrite=overwrite,
+                          allow_input_dir=allow_input_dir)
     try:
-        for i, (sl, target) in enumerate(zip(series.slices, targets)):
-            existed = target.exists()
-            _write_new(_derived_dataset(sl, stored[i], series_uid, i, description), target,
-                       overwrite)
-            if not existed:
-                created.append(target)
+        writer.write(0, hu)
     except BaseException:
-        for path in created:
-            path.unlink(missing_ok=True)
+        writer.remove_written()
         raise
-    return targets
+    return writer.targets
 
 
 def derived_paths(series: CTSeries, out_dir: PathLike) -> List[Path]:

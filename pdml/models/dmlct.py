@@ -53,6 +53,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from pdml.models.dense import dense_convs
 from pdml.models.discriminator import PatchDiscriminator
 from pdml.models.feature_generator import FeatureGenerator
 from pdml.models.layers import sn_conv
@@ -86,10 +87,10 @@ class DmlCtDenseBlock(nn.Module):
         self.act = nn.LeakyReLU(0.2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = [x]
-        for conv in self.convs:
-            feats.append(self.act(conv(torch.cat(feats, dim=1))))
-        return x + RESIDUAL_SCALE * feats[-1]
+        # one buffer instead of a concatenation and a padded copy per conv (pdml.models.dense)
+        last = dense_convs(x, [c.weight for c in self.convs], [c.bias for c in self.convs],
+                           self.act.negative_slope, activate_last=True)
+        return torch.add(x, last, alpha=RESIDUAL_SCALE)
 
 
 class DmlCtGenerator(FeatureGenerator):
@@ -114,6 +115,11 @@ class DmlCtGenerator(FeatureGenerator):
 
     def blocks(self) -> list[nn.Module]:
         return [self.rdb] * REPEATS
+
+    def receptive_radius(self) -> int:
+        """How far (pixels) an output pixel's inputs reach: one per 3×3 conv (head, every
+        dense conv of every application, tail); no global operation."""
+        return 2 + REPEATS * len(self.rdb.convs)
 
     def _output(self, x: torch.Tensor, head: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
         return self.tail(self.act(fusion))

@@ -13,6 +13,7 @@ The patch losses read ``trunk`` and ``fusion`` by default, as DML_CT's ``--nce_l
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -65,16 +66,28 @@ class FeatureGenerator(nn.Module):
     def blocks(self) -> Sequence[nn.Module]:
         raise NotImplementedError
 
+    def receptive_radius(self) -> Optional[int]:
+        """How far (pixels) the inputs of an output pixel reach; None when the network has
+        a global operation (every output depends on the whole image, as with pdml's
+        squeeze-excitation means). :func:`pdml.inference.forward_tiled` uses it."""
+        return None
+
     def _output(self, x: torch.Tensor, head: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _run(self, x: torch.Tensor, tap: FeatureTap) -> Optional[torch.Tensor]:
-        head = self.head(x)
+    def _run(self, x: torch.Tensor, tap: FeatureTap,
+             block_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+        # channels-last from here on: the layout of the dense blocks' buffer
+        # (pdml.models.dense), so that the sums and the 1×1 fusion conv between them do
+        # not convert layouts (oneDNN's convs are several times slower on NCHW)
+        head = self.head(x).contiguous(memory_format=torch.channels_last)
         if tap("head", head):
             return None
         h = head
         for i, block in enumerate(self.blocks(), start=1):
-            h = block(h)
+            with (torch.autocast(x.device.type, dtype=block_dtype) if block_dtype is not None
+                  else contextlib.nullcontext()):
+                h = block(h)
             if tap(f"rdb{i}", h):
                 return None
         trunk = head + self.trunk_scale * h
@@ -85,19 +98,25 @@ class FeatureGenerator(nn.Module):
             return None
         return self._output(x, head, fusion)
 
-    def _collect(self, x: torch.Tensor, layers: Sequence[str], stop_early: bool):
+    def _collect(self, x: torch.Tensor, layers: Sequence[str], stop_early: bool,
+                 block_dtype: Optional[torch.dtype] = None):
         unknown = [name for name in layers if name not in FEATURE_LAYERS]
         if unknown:
             raise ValueError(f"unknown feature layer(s) {unknown}; choose from {FEATURE_LAYERS}")
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x must have shape [B, {self.channels}, H, W], got {tuple(x.shape)}")
         tap = FeatureTap(layers, stop_early)
-        out = self._run(x, tap)
+        out = self._run(x, tap, block_dtype)
         return out, tap.maps()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, channels, H, W] -> [B, channels, H, W]`` (input dtype / autocast)."""
-        return self._collect(x, (), stop_early=False)[0]
+    def forward(self, x: torch.Tensor, block_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``x [B, channels, H, W] -> [B, channels, H, W]`` (input dtype / autocast).
+
+        ``block_dtype``: run only the dense blocks (nearly all of the FLOPs) under autocast
+        to this dtype, the head, fusion and tail convs and the residual sums in ``x``'s:
+        a bf16 forward then keeps the input's and the output's fp32 resolution (what
+        ``pdml-denoise`` does, :func:`pdml.inference.denoise_hu`)."""
+        return self._collect(x, (), stop_early=False, block_dtype=block_dtype)[0]
 
     def forward_with_features(self, x: torch.Tensor, layers: Sequence[str] = DEFAULT_LOSS_LAYERS):
         """``-> (out [B, channels, H, W], [map [B, F, H, W] for each name in layers])`` in one pass."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pdml.models.dense import dense_convs
 from pdml.models.feature_generator import DEFAULT_LOSS_LAYERS, FEATURE_LAYERS, FeatureGenerator
 from pdml.models.layers import SqueezeExcitation, sn_conv
 
@@ -48,11 +49,11 @@ class ResidualDenseBlock(nn.Module):
         self.act = nn.LeakyReLU(0.2, inplace=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = [x]
-        for conv in self.convs:
-            feats.append(self.act(conv(torch.cat(feats, dim=1))))
-        out = self.attention(self.fuse(torch.cat(feats, dim=1)))
-        return x + RESIDUAL_SCALE * out
+        # one buffer instead of a concatenation and a padded copy per conv (pdml.models.dense)
+        convs = [*self.convs, self.fuse]
+        fused = dense_convs(x, [c.weight for c in convs], [c.bias for c in convs],
+                            self.act.negative_slope, activate_last=False)
+        return torch.add(x, self.attention(fused), alpha=RESIDUAL_SCALE)
 
 
 class RRDNGenerator(FeatureGenerator):

@@ -1,7 +1,9 @@
-"""Distributed setup: join the torchrun job (DDP), pick the device and the CPU threads."""
+"""Distributed setup: join the torchrun job (DDP), pick the device and the CPU threads, and
+say whether the device computes bf16 natively."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -65,22 +67,138 @@ def init_distributed(device_request: str) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
-def cpu_threads(requested: Optional[int]) -> int:
-    """Intra-op threads for CPU training: ``requested``, else torch's default unless the
-    machine is already busy (1-minute load average + our threads > cores), then 1.
+BUSY_SAMPLE_S = 0.25
+"""How long :func:`busy_cpus` watches /proc/stat."""
 
-    Why: OpenMP worker threads spin while they wait; on an oversubscribed machine two
-    spinning threads per process run several times slower than one thread.
+
+def _proc_stat_times(cpus: Optional[set] = None) -> Optional[tuple[float, float]]:
+    """``(busy, total)`` jiffies summed over ``cpus`` (indices; None: all) from /proc/stat,
+    None where it cannot be read (not Linux)."""
+    busy = total = 0.0
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if not name.startswith("cpu") or name == "cpu":
+                    continue
+                if cpus is not None and int(name[3:]) not in cpus:
+                    continue
+                values = [float(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+                total += sum(values)
+                busy += sum(values) - values[3] - values[4]
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy, total) if total > 0 else None
+
+
+def busy_cpus(cpus: Optional[set] = None, interval: float = BUSY_SAMPLE_S) -> Optional[float]:
+    """How many of ``cpus`` are busy now: the busy share of their time over ``interval``
+    seconds of /proc/stat, times their number; None where /proc/stat cannot be read."""
+    first = _proc_stat_times(cpus)
+    if first is None:
+        return None
+    time.sleep(interval)
+    second = _proc_stat_times(cpus)
+    if second is None or second[1] <= first[1]:
+        return None
+    count = len(cpus) if cpus is not None else os.cpu_count() or 1
+    return count * (second[0] - first[0]) / (second[1] - first[1])
+
+
+@dataclass
+class ThreadChoice:
+    """The intra-op threads a CPU run uses and why: ``requested`` (None: chosen),
+    ``cores`` this process may run on, ``busy``: how many of them other work kept busy
+    when it started (None: not measured)."""
+
+    threads: int
+    requested: Optional[int]
+    cores: Optional[int] = None
+    busy: Optional[float] = None
+
+    def describe(self) -> str:
+        if self.requested is not None:
+            return f"{self.threads} CPU thread(s) (--threads)"
+        if self.busy is None:
+            return f"{self.threads} CPU thread(s) (torch's default)"
+        return (f"{self.threads} CPU thread(s) ({self.busy:.1f} of {self.cores} core(s) "
+                "busy at start)")
+
+
+def choose_cpu_threads(requested: Optional[int]) -> ThreadChoice:
+    """Intra-op threads for a CPU run: ``requested``, else torch's default unless other
+    work keeps the cores busy now, then the cores left free (at least 1).
+
+    "Now" is a :data:`BUSY_SAMPLE_S` sample of /proc/stat at start, not the 1-minute load
+    average, which a job that just finished (a compile, a previous run) leaves high for a
+    minute. Why fewer threads on a busy machine: OpenMP worker threads spin while they
+    wait; on an oversubscribed machine two spinning threads per process run several times
+    slower than one thread.
     """
     if requested is not None:
-        return requested
+        return ThreadChoice(requested, requested)
     current = torch.get_num_threads()
     try:
-        cores = len(os.sched_getaffinity(0))
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # platforms without them: keep torch's choice
-        return current
-    return 1 if current > 1 and load + current > cores + 0.5 else current
+        cpus = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # platforms without it: keep torch's choice
+        return ThreadChoice(current, None)
+    busy = busy_cpus(cpus)
+    if busy is None:
+        return ThreadChoice(current, None)
+    free = len(cpus) - busy
+    threads = current if current <= free + 0.5 else max(1, int(free + 0.5))
+    return ThreadChoice(threads, None, len(cpus), busy)
+
+
+def cpu_threads(requested: Optional[int]) -> int:
+    """The thread count of :func:`choose_cpu_threads`."""
+    return choose_cpu_threads(requested).threads
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve large tensors from its heap and keep freed memory for the
+    next ones (mmap threshold 1 GiB, no trimming); True when it took effect.
+
+    Why: by default each tensor over 32 MiB is a fresh mmap, zero-filled page by page on
+    first touch and unmapped when freed; denoising 512² slices allocates such maps for
+    every op, and the page faults made its elementwise ops ~5× slower than their memory
+    traffic. The process keeps its peak memory instead of returning it between batches.
+    A no-op (False) where the C library is not glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(1 << 30))
+                    and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1)))
+    except (OSError, AttributeError):
+        return False
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16 support, or a CPU
+    with AVX512-BF16 or AMX-BF16 (the ``avx512_bf16`` / ``amx_bf16`` flags of
+    /proc/cpuinfo); elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> set:
+    """The flags of the first CPU in /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def barrier(info: DistInfo) -> None:

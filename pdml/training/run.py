@@ -25,7 +25,7 @@ from pdml.training.checkpoint import (checkpoint_config, checkpoint_dict, load_c
 from pdml.training.config import (NonFiniteLossError, TrainConfig, TrainError, autocast,
                                   lr_factor, resumed_config)
 from pdml.training.data import IndexStream, build_data
-from pdml.training.distributed import (any_rank, barrier, cpu_threads, gather_objects,
+from pdml.training.distributed import (any_rank, barrier, choose_cpu_threads, gather_objects,
                                        init_distributed, launch_rank, ranks_hold_same_parameters)
 from pdml.training.evaluate import denoise_slices, evaluate_slices
 from pdml.training.guard import NonFiniteGuard
@@ -98,7 +98,10 @@ class TrainingRun:
             raise TrainError("--precision bf16 needs a GPU with bfloat16 support")
         self.loss_backend = loss_backend_used(cfg, device)
         if device.type == "cpu":
-            torch.set_num_threads(cpu_threads(cfg.threads))
+            self.thread_choice = choose_cpu_threads(cfg.threads)
+            torch.set_num_threads(self.thread_choice.threads)
+            if info.is_main and cfg.progress:   # --no-progress keeps stdout quiet
+                print(f"pdml-train: {self.thread_choice.describe()}", file=self.stream, flush=True)
         # identical initial weights on every rank (DDP also broadcasts rank 0's)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -363,6 +366,8 @@ class TrainingRun:
             "ranks_in_sync": ranks_hold_same_parameters(list(self._networks().values()), self.info),
             "best": self.best,
             "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+            "cpu_threads_reason": (self.thread_choice.describe() if self.device.type == "cpu"
+                                else None),
             "final_eval": self.last_eval,
             "patients": self.data.patients,
         }
