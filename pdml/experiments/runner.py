@@ -3,10 +3,10 @@ at a time, each with the commit and the full config it was trained at.
 
 A run is a pdml-train run folder (:func:`pdml.training.train`). :func:`train_or_reuse`
 trains it, reuses it when it finished with the same settings (from its records alone: the
-checkpoints are not needed), resumes it exactly when it was interrupted, and refuses a
-folder that holds other settings. ``provenance.json`` in
-the folder records the source commit (and whether ``pdml/`` was modified) of every
-session that trained it. :class:`RunPool` trains ``jobs`` runs at a time in worker
+checkpoints are not needed), resumes it exactly when it was interrupted or stopped by its
+time limit, and refuses a folder that holds other settings. ``provenance.json`` in the
+folder records the source commit (and whether ``pdml/`` was modified) of every invocation
+that trained or resumed it. :class:`RunPool` trains ``jobs`` runs at a time in worker
 processes (one CPU thread each unless the config says otherwise) and hands back each
 run's record as it finishes.
 """
