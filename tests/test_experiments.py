@@ -186,6 +186,21 @@ def test_a_run_stopped_by_its_time_limit_is_resumed_when_its_checkpoint_is_kept(
     assert how == "reused" and summary == capped and len(calls) == 2
 
 
+def test_a_run_stopped_by_a_signal_is_not_a_result(tmp_path, monkeypatch):
+    """Ctrl-C reaches the training workers too: a run they stop is resumed next time, never
+    recorded as finished."""
+    from pdml import training
+    from pdml.experiments import runner
+
+    cfg = training.make_config("tiny", out=str(tmp_path / "run"), steps=8)
+    stopped = {"steps": 3, "planned_steps": 8, "stopped_early": False, "interrupted": "SIGINT"}
+    monkeypatch.setattr(runner, "train_or_reuse", lambda cfg, stream: (stopped, "trained", {}))
+    with runner.RunPool(1, tmp_path, io.StringIO()) as pool:
+        pool.submit("key", cfg)
+        with pytest.raises(KeyboardInterrupt):
+            pool.next_done()
+
+
 def test_the_result_file_is_written_as_runs_finish_and_ctrl_c_is_one_line(tmp_path, monkeypatch,
                                                                          capsys):
     from pdml.experiments import runner

@@ -175,6 +175,8 @@ class RunPool:
             future = next(iter(done))
             key, cfg = self._futures.pop(future)
             summary, how, provenance, wall = future.result()
+        if summary.get("interrupted"):  # a stop signal reached the run: resumed next time
+            raise KeyboardInterrupt(f"{_name(cfg)} stopped at step {summary['steps']}")
         print(f"[hu-shift] {_name(cfg)}: {how}, {summary['steps']} steps, {wall:.0f} s",
               file=self.stream, flush=True)
         return key, run_record(cfg, summary, how, provenance, wall)
