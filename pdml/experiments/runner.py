@@ -43,10 +43,16 @@ def _comparable(config: dict) -> dict:
     return d
 
 
+def _provenance(run_dir: Path) -> dict:
+    """``run_dir/provenance.json``, or an empty record (``{"sessions": []}``)."""
+    path = run_dir / "provenance.json"
+    return json.loads(path.read_text()) if path.exists() else {"sessions": []}
+
+
 def _record_session(run_dir: Path, how: str) -> dict:
     """Append this session's commit to ``run_dir/provenance.json``; -> the whole record."""
     path = run_dir / "provenance.json"
-    record = json.loads(path.read_text()) if path.exists() else {"sessions": []}
+    record = _provenance(run_dir)
     record["sessions"].append({"how": how, **source_commit(),
                                "utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,10 +93,7 @@ def train_or_reuse(cfg, stream) -> tuple[dict, str, dict]:
         raise TrainError(f"{run_dir} holds a run with other settings ({', '.join(differ)}); "
                          f"choose another --out")
     if finished or not checkpoint:
-        provenance_path = run_dir / "provenance.json"
-        provenance = (json.loads(provenance_path.read_text()) if provenance_path.exists()
-                      else {"sessions": []})
-        return summary, "reused", provenance
+        return summary, "reused", _provenance(run_dir)
     provenance = _record_session(run_dir, "resumed")
     return train(resume=str(run_dir), stream=stream), "resumed", provenance
 
