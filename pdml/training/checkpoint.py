@@ -1,4 +1,5 @@
-"""Checkpoint files: the format tag and version, atomic writes, save and load.
+"""Checkpoint files: the format tag and version, save and load, and the trained generator
+rebuilt from one (:func:`generator_from_checkpoint`).
 
 Checkpoints hold only tensors and primitive containers, so
 ``torch.load(path, weights_only=True)`` reads them. Writes are atomic (tmp file, fsync,
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from pdml.models import FeatureGenerator
 from pdml.models.heads import linear_weight_from_conv
 from pdml.training.config import TrainConfig, TrainError
+from pdml.training.networks import build_generator
 
 CHECKPOINT_FORMAT = "pdml-train-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -140,6 +143,28 @@ def checkpoint_config(ckpt: dict, where: str) -> TrainConfig:
     except TrainError as e:
         raise TrainError(f"{where}: the run's stored config is not usable: {e}") from None
     return cfg
+
+
+def generator_from_checkpoint(ckpt: dict, device: torch.device, which: str = "generator"
+                              ) -> tuple[FeatureGenerator, TrainConfig]:
+    """Rebuild the trained generator (eval mode) and the run's validated config from a
+    checkpoint (:func:`load_checkpoint`); TrainError when they do not fit.
+    The config's ``arch`` picks the network ("pdml" for checkpoints written before the
+    option existed)."""
+    cfg = checkpoint_config(ckpt, "checkpoint")
+    try:
+        state = ckpt["model"][which]
+    except (KeyError, TypeError) as e:
+        raise TrainError(f"checkpoint lacks the {which} weights ({type(e).__name__}: {e})") from None
+    generator = build_generator(cfg)
+    try:
+        generator.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise TrainError(f"checkpoint's generator weights do not fit the {cfg.arch!r} "
+                         f"generator of its config (another model?): "
+                         f"{' '.join(first[:3])[:300]}") from None
+    return generator.to(device).eval(), cfg
 
 
 def first_non_finite(tree, prefix: str = "") -> str | None:

@@ -1,4 +1,4 @@
-"""A run's settings: :class:`TrainConfig`, the presets, the LR schedule, autocast.
+"""A run's settings: :class:`TrainConfig`, the presets, the LR schedule.
 
 ``TrainError`` is the user-facing error of the trainer (bad arguments or data): the CLI
 prints it without a traceback. :meth:`TrainConfig.validate` is the one place a setting is
@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -384,9 +383,3 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return 1.0
     return max(0.0, 1.0 - (step - const) / cfg.decay_steps)
 
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])

@@ -6,10 +6,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from pdml.inference import denoise_hu
 from pdml.models import FeatureGenerator
 from pdml.training.config import TrainConfig
 from pdml.training.data import ValItem
+from pdml.training.denoise import denoise_hu
 
 
 def denoise_slices(generator: FeatureGenerator, val: Sequence[ValItem], cfg: TrainConfig,

@@ -22,9 +22,10 @@ from torch import nn
 
 from pdml.training.checkpoint import (checkpoint_config, checkpoint_dict, load_checkpoint,
                                       load_training_state, save_checkpoint)
-from pdml.training.config import (NonFiniteLossError, TrainConfig, TrainError, autocast,
-                                  lr_factor, resumed_config)
+from pdml.training.config import (NonFiniteLossError, TrainConfig, TrainError, lr_factor,
+                                  resumed_config)
 from pdml.training.data import IndexStream, build_data
+from pdml.training.denoise import autocast
 from pdml.training.distributed import (any_rank, barrier, choose_cpu_threads, gather_objects,
                                        init_distributed, launch_rank, ranks_hold_same_parameters)
 from pdml.training.evaluate import denoise_slices, evaluate_slices
