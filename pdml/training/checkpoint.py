@@ -2,18 +2,18 @@
 rebuilt from one (:func:`generator_from_checkpoint`).
 
 Checkpoints hold only tensors and primitive containers, so
-``torch.load(path, weights_only=True)`` reads them. Writes are atomic (tmp file, fsync,
-``os.replace``): a killed run leaves the old file or the new one, never a torn one.
+``torch.load(path, weights_only=True)`` reads them. Writes are atomic
+(:func:`pdml._files.atomic_write_bytes`): a killed run leaves the old file or the new one,
+never a torn one.
 """
 from __future__ import annotations
 
 import io
-import os
-import re
 from pathlib import Path
 
 import torch
 
+from pdml._files import atomic_write_bytes
 from pdml.models import FeatureGenerator
 from pdml.models.heads import linear_weight_from_conv
 from pdml.training.config import TrainConfig, TrainError
@@ -24,36 +24,6 @@ CHECKPOINT_VERSION = 2
 """Version 2: the projection heads are row MLPs (linear weights ``[out, in]``). Version 1
 (1×1-conv heads, weights ``[out, in, 1, 1]``) is migrated on load
 (:func:`migrate_checkpoint`)."""
-
-
-TEMP_NAME = re.compile(r"\..+\.tmp-[0-9]+")
-"""The temporary names of :func:`atomic_write_bytes`: ``.NAME.tmp-PID`` (a killed writer's
-leftovers are removed by :func:`pdml.training.rundir.remove_stale_temp_files`)."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader (or a crash) sees the old or the new file,
-    never a partial one: tmp file in the same folder, fsync, ``os.replace``, fsync folder.
-    A failed write removes its tmp file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pdml.training.checkpoint import atomic_write_bytes
+from pdml._files import atomic_write_bytes
 from pdml.training.config import RESOLVED_KEY, TrainConfig
 
 DISPLAY_WINDOW = (-160.0, 240.0)
