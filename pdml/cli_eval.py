@@ -198,7 +198,7 @@ def _denoise_with(path: Path, slices, device_name: str) -> tuple[list, str]:
 
 def _eval(args) -> int:
     from pdml import classical
-    from pdml.data.dicom import DicomReadError
+    from pdml.data.dicom_read import DicomReadError
     from pdml.data.layouts import LayoutError
     from pdml.data.pairing import TOLERANCE_MM, PairingError
     from pdml.evaluation import REPORT_FILES, read_rois, score_all, summarise, write_report

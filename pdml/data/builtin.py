@@ -134,7 +134,7 @@ def _real_slices(name: str) -> List[Tuple[np.ndarray, float]]:
     pydicom / pydicom-data test file."""
     from pydicom.data import get_testdata_file
 
-    from pdml.data.dicom import load_ct
+    from pdml.data.dicom_read import load_ct
 
     with warnings.catch_warnings():
         # pydicom-data's files carry some invalid header values on purpose (it is a test

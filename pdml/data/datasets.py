@@ -52,7 +52,7 @@ def read_slices(source: SliceSource) -> np.ndarray:
         npys = sorted(path.glob("*.npy"))
         if npys:
             return read_slices([np.load(p) for p in npys])
-    from pdml.data.dicom import load_ct
+    from pdml.data.dicom_read import load_ct
 
     series = load_ct(path)
     return read_slices([s.hu for s in series])

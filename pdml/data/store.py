@@ -174,7 +174,7 @@ def _crc(a: np.ndarray) -> int:
 def _build(folder: Path, key: str, files: Sequence[Path], settings: dict, roots: list,
            progress: Optional[Callable[[int], None]]) -> None:
     """Decode ``files`` into ``folder`` (new, empty); see the module doc."""
-    from pdml.data.dicom import DicomReadError, load_ct
+    from pdml.data.dicom_read import DicomReadError, load_ct
     from pdml.data.wavelet import wavelet_split
 
     wavelet = settings.get("wavelet")
