@@ -22,7 +22,23 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+
 from pdml import ops
+from pdml.data import (DicomHeaderWarning, DicomReadError, DuplicatePositionWarning,
+                       NoCTImagesError, SeriesWriter, derived_paths, load_ct)
+from pdml.inference import (DENOISE_PRECISIONS, DENOISE_TILE, denoise_hu, denoise_precision,
+                            generator_from_checkpoint)
+from pdml.training.checkpoint import find_checkpoint, load_checkpoint
+from pdml.training.config import (ARCHS, BUILTIN_LAYOUTS, D_INPUTS, LOSSES, PRECISIONS, PRESETS,
+                                  NonFiniteLossError, TrainConfig, TrainError, format_setting,
+                                  make_config)
+from pdml.training.distributed import (choose_cpu_threads, keep_freed_memory, launch_rank,
+                                       resolve_device)
+from pdml.training.interrupt import exit_status
+from pdml.training.run import train
+from pdml.training.rundir import check_writable_folder
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,8 +72,6 @@ _TRAIN_FLAGS = {"no_wavelet": ("wavelet", False), "no_progress": ("progress", Fa
 
 def _preset_values(key: str) -> dict:
     """``{preset: value of setting key}`` (the preset's, else TrainConfig's default)."""
-    from pdml.training.config import PRESETS, TrainConfig
-
     default = getattr(TrainConfig(), key)
     return {name: values.get(key, default) for name, values in sorted(PRESETS.items())}
 
@@ -65,8 +79,6 @@ def _preset_values(key: str) -> dict:
 def _default(key: str) -> str:
     """" (default: X)" of setting ``key``, or a pointer to the preset table when the
     presets differ."""
-    from pdml.training.config import format_setting
-
     values = set(map(format_setting, _preset_values(key).values()))
     if len(values) == 1:
         return f" (default: {values.pop()})"
@@ -75,8 +87,6 @@ def _default(key: str) -> str:
 
 def _preset_table(keys) -> str:
     """The epilog's table of the settings the presets set differently."""
-    from pdml.training.config import PRESETS, format_setting
-
     names = sorted(PRESETS)
     rows = [("--" + k.replace("_", "-"), [format_setting(v) for v in _preset_values(k).values()])
             for k in keys]
@@ -113,8 +123,6 @@ exit status: 0 done, 1 stopped on non-finite losses, 2 a user error (one line), 
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from pdml.training.config import ARCHS, BUILTIN_LAYOUTS, D_INPUTS, LOSSES, PRECISIONS, PRESETS
-
     d = _default
     p = _Parser(
         prog="pdml-train",
@@ -269,11 +277,6 @@ def _interrupted_line(summary: dict, run_dir: str) -> str:
 
 def train_main(argv=None) -> int:
     """``pdml-train``: parse the arguments, train (or resume), print the summary table."""
-    from pdml.training import TrainError, make_config, train
-    from pdml.training.config import NonFiniteLossError
-    from pdml.training.distributed import launch_rank
-    from pdml.training.interrupt import exit_status
-
     args = _train_parser().parse_args(argv)
     given = {k for k in (*_TRAIN_KEYS, "preset") if getattr(args, k) is not None}
     given |= {k for k in _TRAIN_FLAGS if getattr(args, k)}
@@ -310,8 +313,6 @@ def train_main(argv=None) -> int:
 
 
 def _denoise_parser() -> argparse.ArgumentParser:
-    from pdml.inference import DENOISE_PRECISIONS, DENOISE_TILE
-
     p = _Parser(
         prog="pdml-denoise",
         description="Denoise CT series with a pdml-train checkpoint and write them as new "
@@ -360,8 +361,6 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def denoise_main(argv=None) -> int:
     """``pdml-denoise``: every CT series under ``--input`` -> a denoised series in ``--output``."""
-    from pdml.training.interrupt import exit_status
-
     args = _denoise_parser().parse_args(argv)
     try:
         return _denoise(args)
@@ -372,17 +371,6 @@ def denoise_main(argv=None) -> int:
 
 
 def _denoise(args) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    from pdml.data import (DicomHeaderWarning, DicomReadError, DuplicatePositionWarning,
-                           NoCTImagesError, SeriesWriter, derived_paths, load_ct)
-    from pdml.inference import denoise_hu, denoise_precision, generator_from_checkpoint
-    from pdml.training.checkpoint import find_checkpoint, load_checkpoint
-    from pdml.training.config import TrainError
-    from pdml.training.distributed import choose_cpu_threads, keep_freed_memory, resolve_device
-    from pdml.training.rundir import check_writable_folder
-
     try:
         if args.batch_size < 1:
             raise TrainError(f"--batch-size must be >= 1, got {args.batch_size}")

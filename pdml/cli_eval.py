@@ -14,7 +14,21 @@ from pathlib import Path
 
 import numpy as np
 
+from pdml import classical
 from pdml.cli import _fail, _Parser
+from pdml.data.dicom_read import DicomReadError
+from pdml.data.layouts import LayoutError, expand_sources, source_files
+from pdml.data.pairing import TOLERANCE_MM, PairingError, describe_unmatched, pair_by_position
+from pdml.data.store import open_store
+from pdml.evaluation import (REPORT_FILES, Scored, read_rois, score_all, summarise,
+                             write_report)
+from pdml.inference import generator_from_checkpoint
+from pdml.training.checkpoint import find_checkpoint, load_checkpoint
+from pdml.training.config import TrainConfig, TrainError
+from pdml.training.data import ValItem, build_data
+from pdml.training.distributed import DistInfo, resolve_device
+from pdml.training.evaluate import denoise_slices
+from pdml.training.interrupt import exit_status
 
 _EPILOG = """\
 sources: --reference and --input are DICOM folders, files or glob patterns (several
@@ -68,8 +82,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def eval_main(argv=None) -> int:
     """``pdml-eval``."""
-    from pdml.training.interrupt import exit_status
-
     args = _parser().parse_args(argv)
     try:
         return _eval(args)
@@ -106,9 +118,6 @@ def _split_of(run_dir) -> dict | None:
 
 
 def _store_of(flag: str, sources):
-    from pdml.data.layouts import expand_sources, source_files
-    from pdml.data.store import open_store
-
     roots = expand_sources(flag, sources)
     files = source_files(roots)
     if not files:
@@ -122,9 +131,6 @@ def _store_of(flag: str, sources):
 def _dicom_slices(args, dicom_methods: dict, tolerance: float):
     """Scored slices of --reference/--input and the methods' DICOM outputs, paired by
     position; -> (slices, notes)."""
-    from pdml.data.pairing import describe_unmatched, pair_by_position
-    from pdml.evaluation import Scored
-
     ref = _store_of("--reference", args.reference)
     inp = _store_of("--input", args.input)
     notes = []
@@ -156,11 +162,6 @@ def _dicom_slices(args, dicom_methods: dict, tolerance: float):
 
 
 def _held_out_slices(run_dir: str):
-    from pdml.evaluation import Scored
-    from pdml.training.config import TrainConfig, TrainError
-    from pdml.training.data import build_data
-    from pdml.training.distributed import DistInfo
-
     try:
         record = json.loads((Path(run_dir) / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -179,12 +180,6 @@ def _held_out_slices(run_dir: str):
 def _denoise_with(path: Path, slices, device_name: str) -> tuple[list, str]:
     """Each slice's input denoised by the checkpoint at ``path`` (the trainer's own
     :func:`pdml.training.evaluate.denoise_slices`); -> (images, description)."""
-    from pdml.inference import generator_from_checkpoint
-    from pdml.training.checkpoint import find_checkpoint, load_checkpoint
-    from pdml.training.data import ValItem
-    from pdml.training.distributed import resolve_device
-    from pdml.training.evaluate import denoise_slices
-
     ckpt_path = find_checkpoint(path, ("best.pt", "last.pt"))
     ckpt = load_checkpoint(ckpt_path)
     device = resolve_device(device_name)
@@ -197,13 +192,6 @@ def _denoise_with(path: Path, slices, device_name: str) -> tuple[list, str]:
 
 
 def _eval(args) -> int:
-    from pdml import classical
-    from pdml.data.dicom_read import DicomReadError
-    from pdml.data.layouts import LayoutError
-    from pdml.data.pairing import TOLERANCE_MM, PairingError
-    from pdml.evaluation import REPORT_FILES, read_rois, score_all, summarise, write_report
-    from pdml.training.config import TrainError
-
     try:
         lo, hi = args.window
         if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):

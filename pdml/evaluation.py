@@ -30,7 +30,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from pdml import metrics
 from pdml._files import atomic_write_bytes
+from pdml._plot import pyplot
 from pdml.data.hu import HU_WINDOW
 
 METRICS = ("psnr", "ssim", "rmse", "hu_shift", "noise_std")
@@ -100,8 +102,6 @@ def score_slice(image: np.ndarray, reference: np.ndarray, window=HU_WINDOW,
                 rois: Sequence[UserRoi] = (), patient: str = "") -> dict:
     """The metrics of one output ``image`` against ``reference`` (both ``[H, W]`` HU): see
     the module doc; -> ``{metric: float}``."""
-    from pdml import metrics
-
     first = lambda v: float(np.asarray(v).reshape(-1)[0])  # noqa: E731  (as evaluate_slices)
     row = {"psnr": first(metrics.psnr(image, reference, window)),
            "ssim": first(metrics.ssim(image, reference, window)),
@@ -134,7 +134,7 @@ def score_all(slices: Sequence[Scored], methods: Sequence[str], window=HU_WINDOW
 def _paired_p(values: Sequence[float], base: Sequence[float]) -> Optional[float]:
     """Two-sided Wilcoxon signed-rank p of ``values`` against ``base`` (paired); None when
     there are fewer than 2 pairs or every difference is 0."""
-    from scipy.stats import wilcoxon
+    from scipy.stats import wilcoxon  # ~0.7 s: only the report's p-values need it
 
     d = np.asarray(values, np.float64) - np.asarray(base, np.float64)
     if len(d) < 2 or not np.any(d != 0):
@@ -233,11 +233,7 @@ def _figure_png(s: Scored, methods: Sequence[str]) -> bytes:
     """Rows: the slice in :data:`DISPLAY_WINDOW`, its central half zoomed 2x, the
     difference to the reference (±:data:`DIFFERENCE_RANGE` HU); columns: reference,
     input, each method."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("reference", s.reference), (INPUT, s.input)] + [(m, s.outputs[m]) for m in methods]
     H, W = s.reference.shape
     zoom = (slice(H // 4, H // 4 + H // 2), slice(W // 4, W // 4 + W // 2))

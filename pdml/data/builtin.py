@@ -61,10 +61,15 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import platformdirs
 import torch
 import torch.nn.functional as F
+from pydicom.data import get_testdata_file
+from tqdm.auto import tqdm
 
+from pdml.data.dicom_read import load_ct
 from pdml.data.shift import BUILTIN_ND_SHIFT
+from pdml.data.simulate import simulate_low_dose
 
 RECIPE_VERSION = 1
 LD_SOURCES = ("J2K_pixelrep_mismatch.dcm", "explicit_VR-UN.dcm")
@@ -85,8 +90,6 @@ def cache_dir() -> Path:
     env = os.environ.get("PDML_CACHE_DIR")
     if env:
         return Path(env)
-    import platformdirs
-
     return Path(platformdirs.user_cache_dir("pdml"))
 
 
@@ -132,10 +135,6 @@ class BuiltinDataset:
 def _real_slices(name: str) -> List[Tuple[np.ndarray, float]]:
     """[(hu [N, N] float32 clipped at -1024, pixel mm)] for each slice (frame) of a
     pydicom / pydicom-data test file."""
-    from pydicom.data import get_testdata_file
-
-    from pdml.data.dicom_read import load_ct
-
     with warnings.catch_warnings():
         # pydicom-data's files carry some invalid header values on purpose (it is a test
         # suite): pydicom's complaints about them say nothing about the pixels used here
@@ -166,7 +165,7 @@ def _augment(hu: np.ndarray, pixel_mm: float, size: int,
 
 def phantom(size: int, rng: np.random.Generator) -> np.ndarray:
     """A random procedural body-like slice, float32 ``[size, size]`` HU."""
-    from scipy.ndimage import gaussian_filter
+    from scipy.ndimage import gaussian_filter  # ~0.2 s: only a build of the dataset needs it
 
     yy, xx = (np.mgrid[:size, :size] + 0.5) / size - 0.5
 
@@ -255,10 +254,6 @@ def build(root: Path, recipe: BuiltinRecipe, progress: bool = True,
     """Build the dataset of ``recipe`` into the (new, empty) folder ``root``; returns the
     manifest (also written to ``root/manifest.json``). ``batch`` slices are simulated
     together (the projector's sampling grids are shared by the batch)."""
-    from tqdm.auto import tqdm
-
-    from pdml.data.simulate import simulate_low_dose
-
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rng = np.random.default_rng(recipe.seed)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import pywt
 import torch
 
 from pdml import ops
@@ -299,8 +300,6 @@ class TrainConfig(SourceSettings):
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise TrainError(f"--max-minutes must be > 0, got {self.max_minutes}")
         if self.wavelet:
-            import pywt
-
             if self.wavelet_name not in pywt.wavelist(kind="discrete"):
                 raise TrainError(f"wavelet_name must be a discrete wavelet of PyWavelets "
                                  f"(db3, ...), got {self.wavelet_name!r}")

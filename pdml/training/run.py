@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
 from pdml.training.checkpoint import (checkpoint_config, checkpoint_dict, load_checkpoint,
                                       load_training_state, save_checkpoint)
@@ -270,8 +271,6 @@ class TrainingRun:
     # ---------------------------------------------------------------- main loop
     def run(self) -> dict:
         """Train to ``cfg.steps`` (or the time budget, or a stop signal); -> the summary."""
-        from tqdm.auto import tqdm
-
         start_step, started = self.step, time.time()
         bar = tqdm(total=self.cfg.steps, initial=start_step, desc="pdml-train", unit="step",
                    dynamic_ncols=True, disable=not (self.info.is_main and self.cfg.progress),
