@@ -25,19 +25,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pdml import ops
+# the console scripts call pdml.inference's and pdml.training's functions through their
+# modules: the trainer (pdml.training.train) loads on first use, not for pdml-denoise
+from pdml import inference, ops, training
 from pdml.data import (DicomHeaderWarning, DicomReadError, DuplicatePositionWarning,
                        NoCTImagesError, SeriesWriter, derived_paths, load_ct)
-from pdml.inference import (DENOISE_PRECISIONS, DENOISE_TILE, denoise_hu, denoise_precision,
-                            generator_from_checkpoint)
 from pdml.training.checkpoint import find_checkpoint, load_checkpoint
 from pdml.training.config import (ARCHS, BUILTIN_LAYOUTS, D_INPUTS, LOSSES, PRECISIONS, PRESETS,
-                                  NonFiniteLossError, TrainConfig, TrainError, format_setting,
-                                  make_config)
+                                  NonFiniteLossError, TrainConfig, TrainError, format_setting)
 from pdml.training.distributed import (choose_cpu_threads, keep_freed_memory, launch_rank,
                                        resolve_device)
 from pdml.training.interrupt import exit_status
-from pdml.training.run import train
 from pdml.training.rundir import check_writable_folder
 
 
@@ -288,14 +286,14 @@ def train_main(argv=None) -> int:
                        if k in _TRAIN_KEYS + ("preset",)}
             changes.update(_TRAIN_FLAGS[k] for k in given if k in _TRAIN_FLAGS)
             changes["progress"] = not args.no_progress  # this session's choice
-            summary = train(resume=args.resume, changes=changes)
+            summary = training.train(resume=args.resume, changes=changes)
         else:
             overrides = {k: getattr(args, k) for k in _TRAIN_KEYS}
-            cfg = make_config(args.preset or "demo", **overrides)
+            cfg = training.make_config(args.preset or "demo", **overrides)
             for flag, (key, value) in _TRAIN_FLAGS.items():
                 if getattr(args, flag):
                     setattr(cfg, key, value)
-            summary = train(cfg)
+            summary = training.train(cfg)
     except NonFiniteLossError as e:
         return _fail("pdml-train", e, code=1)
     except TrainError as e:
@@ -330,7 +328,7 @@ def _denoise_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR",
                    help="folder for the new series (one series_NNN folder each when there are "
                    "several)")
-    p.add_argument("--precision", choices=DENOISE_PRECISIONS, default="auto",
+    p.add_argument("--precision", choices=inference.DENOISE_PRECISIONS, default="auto",
                    help="autocast precision of the generator; auto: bf16 where the device "
                    "computes it natively (a CPU with AVX512-BF16 or AMX, a GPU with bf16), "
                    "else fp32 (default: auto)")
@@ -340,7 +338,7 @@ def _denoise_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, metavar="N",
                    help="slices per forward pass; each holds ~0.5 GiB of maps at 512² "
                    "(default: 1)")
-    p.add_argument("--tile", type=int, default=DENOISE_TILE, metavar="N",
+    p.add_argument("--tile", type=int, default=inference.DENOISE_TILE, metavar="N",
                    help="compute N×N pixels at a time with a halo of the network's receptive "
                    "field: the same output with smaller maps (less memory for large slices); "
                    "networks with a global operation (pdml's own, with its squeeze-excitation "
@@ -379,7 +377,7 @@ def _denoise(args) -> int:
         if args.threads is not None and args.threads < 1:
             raise TrainError(f"--threads must be >= 1, got {args.threads}")
         device = resolve_device(args.device)
-        precision = denoise_precision(args.precision, device)
+        precision = inference.denoise_precision(args.precision, device)
         inp, out = Path(args.input).resolve(), Path(args.output).resolve()
         if not inp.exists():
             raise TrainError(f"--input {args.input}: no such file or folder")
@@ -390,7 +388,7 @@ def _denoise(args) -> int:
         check_writable_folder(out, "--output")
         ckpt_path = find_checkpoint(args.checkpoint, ("best.pt", "last.pt"))
         ckpt = load_checkpoint(ckpt_path)
-        generator, cfg = generator_from_checkpoint(ckpt, device)
+        generator, cfg = inference.generator_from_checkpoint(ckpt, device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # load_ct's per-file warnings: summarised below
             series_list = load_ct(inp, lazy=True)
@@ -444,9 +442,10 @@ def _denoise(args) -> int:
                                   description=f"pdml denoised ({cfg.loss}, step {ckpt['step']})")
             try:
                 for start in range(0, len(series), args.batch_size):
-                    hu = denoise_hu(generator, series.hu[start:start + args.batch_size], cfg,
-                                    device, precision=precision, batch_size=args.batch_size,
-                                    tile=args.tile or None)
+                    hu = inference.denoise_hu(
+                        generator, series.hu[start:start + args.batch_size], cfg, device,
+                        precision=precision, batch_size=args.batch_size,
+                        tile=args.tile or None)
                     writer.write(start, hu)
                     advance(start + hu.shape[0])
             except BaseException:
