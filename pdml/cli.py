@@ -96,6 +96,12 @@ def _preset_table(keys) -> str:
     return "\n".join(["  " + line("", names)] + ["  " + line(f, c) for f, c in rows])
 
 
+def _setting(group, key: str, *, help: str, **kwargs) -> None:
+    """Add option ``--key`` (``_`` written ``-``) of the setting ``key`` to ``group``, its
+    ``help`` ending with the setting's default (:func:`_default`)."""
+    group.add_argument("--" + key.replace("_", "-"), help=help + _default(key), **kwargs)
+
+
 _TRAIN_EPILOG = """\
 presets (--preset): demo: minutes on a CPU with the built-in data (the default);
 paper: the paper's settings, for a GPU; tiny: a smoke test of seconds. An option given
@@ -121,7 +127,6 @@ exit status: 0 done, 1 stopped on non-finite losses, 2 a user error (one line), 
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    d = _default
     p = _Parser(
         prog="pdml-train",
         description="Train the paper's unsupervised LDCT denoiser (RRDN generator, PatchGAN, "
@@ -163,18 +168,16 @@ def _train_parser() -> argparse.ArgumentParser:
                       "data the run evaluates a few --ldct slices, with no reference")
     data.add_argument("--val-ndct", metavar="PATH", nargs="+",
                       help="validation, normal dose (the reference)")
-    data.add_argument("--pair-tolerance-mm", type=float, metavar="MM",
-                      help="largest distance along the slice normal of a validation pair"
-                      + d("pair_tolerance_mm"))
-    data.add_argument("--builtin-layout", choices=BUILTIN_LAYOUTS,
-                      help="built-in data: LD and ND from different sources (domains), or "
-                      "one pool whose ND domain is the LD slices' noiseless reconstruction "
-                      "(same-anatomy)" + d("builtin_layout"))
-    data.add_argument("--builtin-size", type=int, metavar="N",
-                      help="built-in data: slice side in pixels" + d("builtin_size"))
-    data.add_argument("--nd-offset-hu", type=float, metavar="HU",
-                      help="add this CT-number offset to the ND training slices (a known "
-                      "acquisition shift; soft tissue gets all of it, air none)" + d("nd_offset_hu"))
+    _setting(data, "pair_tolerance_mm", type=float, metavar="MM",
+             help="largest distance along the slice normal of a validation pair")
+    _setting(data, "builtin_layout", choices=BUILTIN_LAYOUTS,
+             help="built-in data: LD and ND from different sources (domains), or one pool whose "
+                  "ND domain is the LD slices' noiseless reconstruction (same-anatomy)")
+    _setting(data, "builtin_size", type=int, metavar="N",
+             help="built-in data: slice side in pixels")
+    _setting(data, "nd_offset_hu", type=float, metavar="HU",
+             help="add this CT-number offset to the ND training slices (a known acquisition "
+                  "shift; soft tissue gets all of it, air none)")
     data.add_argument("--supervised", action="store_true", default=None,
                       help="train G alone by L1 to the paired noiseless truth of the same "
                       "crops (built-in same-anatomy layout, --loss none: an upper bound for "
@@ -186,69 +189,59 @@ def _train_parser() -> argparse.ArgumentParser:
                      help="run folder (default: runs/<date>-<time>-<loss>)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue the run in RUN_DIR from its checkpoints/last.pt (see below)")
-    run.add_argument("--steps", type=int, metavar="N",
-                     help="training steps, each a G step and a D step" + d("steps"))
-    run.add_argument("--decay-steps", type=int, metavar="N",
-                     help="the LR is constant, then decays linearly to 0 over these last "
-                     "steps" + d("decay_steps"))
-    run.add_argument("--batch-size", type=int, metavar="N",
-                     help="crops per rank and step" + d("batch_size"))
-    run.add_argument("--crop", type=int, metavar="PX", help="training crop side in pixels" + d("crop"))
-    run.add_argument("--lr", type=float, help="Adam learning rate of the generator and heads "
-                     "(and of D unless --lr-d)" + d("lr"))
+    _setting(run, "steps", type=int, metavar="N", help="training steps, each a G step and a D step")
+    _setting(run, "decay_steps", type=int, metavar="N",
+             help="the LR is constant, then decays linearly to 0 over these last steps")
+    _setting(run, "batch_size", type=int, metavar="N", help="crops per rank and step")
+    _setting(run, "crop", type=int, metavar="PX", help="training crop side in pixels")
+    _setting(run, "lr", type=float,
+             help="Adam learning rate of the generator and heads (and of D unless --lr-d)")
     run.add_argument("--lr-d", type=float, metavar="LR",
                      help="the discriminator's Adam learning rate (default: --lr)")
-    run.add_argument("--seed", type=int, help="seed of every random number the run draws "
-                     "(weights, crops, patches)" + d("seed"))
-    run.add_argument("--log-every", type=int, metavar="N",
-                     help="steps between training records in metrics.jsonl" + d("log_every"))
-    run.add_argument("--eval-every", type=int, metavar="N",
-                     help="steps between evaluations (metrics, figure, best.pt)" + d("eval_every"))
-    run.add_argument("--ckpt-every", type=int, metavar="N",
-                     help="steps between checkpoints (last.pt)" + d("ckpt_every"))
-    run.add_argument("--max-minutes", type=float, metavar="MIN",
-                     help="stop (evaluate, checkpoint, summarise) after this many minutes of "
-                     "training in this session" + d("max_minutes"))
+    _setting(run, "seed", type=int,
+             help="seed of every random number the run draws (weights, crops, patches)")
+    _setting(run, "log_every", type=int, metavar="N",
+             help="steps between training records in metrics.jsonl")
+    _setting(run, "eval_every", type=int, metavar="N",
+             help="steps between evaluations (metrics, figure, best.pt)")
+    _setting(run, "ckpt_every", type=int, metavar="N", help="steps between checkpoints (last.pt)")
+    _setting(run, "max_minutes", type=float, metavar="MIN",
+             help="stop (evaluate, checkpoint, summarise) after this many minutes of training in "
+                  "this session")
     run.add_argument("--no-time-limit", action="store_true", help="lift --max-minutes")
-    run.add_argument("--val-slices", type=int, metavar="N",
-                     help="slices evaluated at each evaluation" + d("val_slices"))
+    _setting(run, "val_slices", type=int, metavar="N", help="slices evaluated at each evaluation")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar (default: a bar on stderr)")
     net = p.add_argument_group("networks")
-    net.add_argument("--arch", choices=ARCHS,
-                     help="networks: pdml's own, or the paper's reference code's (dmlct: shared "
-                          "dense block, attention in D, normal(0, 0.01) init)" + d("arch"))
-    net.add_argument("--features", type=int, metavar="N",
-                     help="generator width (feature channels)" + d("features"))
+    _setting(net, "arch", choices=ARCHS,
+             help="networks: pdml's own, or the paper's reference code's (dmlct: shared dense "
+                  "block, attention in D, normal(0, 0.01) init)")
+    _setting(net, "features", type=int, metavar="N", help="generator width (feature channels)")
     net.add_argument("--input-center-hu", type=float, metavar="HU",
                      help="without the wavelet split: the HU the networks see as 0 (0 centres "
                      "the input on water; default: the paper's [0, 1] window, -1000 HU is 0)")
     loss = p.add_argument_group("losses")
-    loss.add_argument("--loss", choices=LOSSES, help="third loss term: the paper's patch-wise "
-                      "metric loss (dml), CUT's PatchNCE, or none" + d("loss"))
+    _setting(loss, "loss", choices=LOSSES,
+             help="third loss term: the paper's patch-wise metric loss (dml), CUT's PatchNCE, or "
+                  "none")
     loss.add_argument("--tau", type=float, help="temperature of the patch loss (default: 0.15 "
                       "with --loss dml, 0.07 with patchnce)")
-    loss.add_argument("--num-patches", type=int, metavar="N",
-                      help="patches sampled per loss layer" + d("num_patches"))
-    loss.add_argument("--lambda-gan", type=float, metavar="W",
-                      help="weight of the LSGAN loss" + d("lambda_gan"))
-    loss.add_argument("--lambda-identity", type=float, metavar="W",
-                      help="weight of the identity L1 loss on ND crops" + d("lambda_identity"))
-    loss.add_argument("--lambda-metric", type=float, metavar="W",
-                      help="weight of the patch loss" + d("lambda_metric"))
+    _setting(loss, "num_patches", type=int, metavar="N", help="patches sampled per loss layer")
+    _setting(loss, "lambda_gan", type=float, metavar="W", help="weight of the LSGAN loss")
+    _setting(loss, "lambda_identity", type=float, metavar="W",
+             help="weight of the identity L1 loss on ND crops")
+    _setting(loss, "lambda_metric", type=float, metavar="W", help="weight of the patch loss")
     loss.add_argument("--no-wavelet", action="store_true",
                       help="feed whole images instead of the wavelet high-frequency part "
                       "(default: the db3, level-6 split is on)")
-    loss.add_argument("--d-input", choices=D_INPUTS,
-                      help="what the discriminator judges: the image (the paper), its 3x3 "
-                      "high-pass, where noise stands out, or both as two channels "
-                      "(image+highpass: noise and CT numbers at once)" + d("d_input"))
+    _setting(loss, "d_input", choices=D_INPUTS,
+             help="what the discriminator judges: the image (the paper), its 3x3 high-pass, where "
+                  "noise stands out, or both as two channels (image+highpass: noise and CT "
+                  "numbers at once)")
     ex = p.add_argument_group("execution")
-    ex.add_argument("--precision", choices=PRECISIONS,
-                    help="autocast precision; fp16 adds a GradScaler" + d("precision"))
-    ex.add_argument("--loss-backend", choices=ops.BACKEND_NAMES,
-                    help="implementation of the fused patch loss (auto: the fastest that "
-                    "runs here)" + d("loss_backend"))
+    _setting(ex, "precision", choices=PRECISIONS, help="autocast precision; fp16 adds a GradScaler")
+    _setting(ex, "loss_backend", choices=ops.BACKEND_NAMES,
+             help="implementation of the fused patch loss (auto: the fastest that runs here)")
     ex.add_argument("--compile", action="store_true", default=None,
                     help="torch.compile the networks (default: off)")
     ex.add_argument("--no-eval-figures", action="store_true",

@@ -93,6 +93,11 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("pdml"))
 
 
+def _split_folder(split: str) -> property:
+    """The folder of ``split`` ("train/ld", ...) of a :class:`BuiltinDataset`."""
+    return property(lambda self: self.root / split, doc=f"``root / {split!r}``")
+
+
 @dataclass(frozen=True)
 class BuiltinDataset:
     """Paths of a built dataset: four folders of float32 ``[size, size]`` HU ``.npy``."""
@@ -100,25 +105,11 @@ class BuiltinDataset:
     root: Path
     manifest: dict
 
-    @property
-    def train_ld(self) -> Path:
-        return self.root / "train" / "ld"
-
-    @property
-    def train_nd(self) -> Path:
-        return self.root / "train" / "nd"
-
-    @property
-    def train_truth(self) -> Path:
-        return self.root / "train" / "truth"
-
-    @property
-    def test_ld(self) -> Path:
-        return self.root / "test" / "ld"
-
-    @property
-    def test_truth(self) -> Path:
-        return self.root / "test" / "truth"
+    train_ld = _split_folder("train/ld")
+    train_nd = _split_folder("train/nd")
+    train_truth = _split_folder("train/truth")
+    test_ld = _split_folder("test/ld")
+    test_truth = _split_folder("test/truth")
 
     def load(self, split: str) -> np.ndarray:
         """``split`` of this build's layout (:data:`LAYOUT_SPLITS`) -> float32
