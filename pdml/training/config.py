@@ -381,4 +381,3 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     if step < const or cfg.decay_steps == 0:
         return 1.0
     return max(0.0, 1.0 - (step - const) / cfg.decay_steps)
-
