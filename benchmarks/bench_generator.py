@@ -264,38 +264,22 @@ def step_peak_extra_bytes(arch: str, old: bool) -> int:
 # ------------------------------------------------------------------------------ pdml-denoise
 
 def write_series(folder: Path, slices: int, size: int) -> None:
-    """A CT series of ``slices`` phantom slices ``size``² (int16 HU + 1024 stored)."""
+    """A CT series of ``slices`` phantom slices ``size``² with noise (the test trees' files,
+    :func:`tests.ct_trees.write_slice`: uint16 HU + 1024 stored)."""
     import numpy as np
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     from pdml.data.builtin import phantom
+    from tests.ct_trees import write_slice
 
     rng = np.random.default_rng(0)
-    series_uid = generate_uid()
+    uids = dict(study="1.2.3.4", series=generate_uid(), frame_of_reference=generate_uid())
     base = phantom(size, rng)
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(slices):
         hu = np.clip(base + rng.normal(0, 20, base.shape), -1024, 3000)
-        ds = Dataset()
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.4", series_uid
-        ds.Modality, ds.PatientID, ds.PatientName = "CT", "BENCH", "Bench^Series"
-        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, float(k)], [1, 0, 0, 0, 1, 0]
-        ds.InstanceNumber, ds.PixelSpacing = k + 1, [0.7, 0.7]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns = hu.shape
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit, ds.PixelRepresentation = 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = (hu + 1024).astype("<u2").tobytes()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.save_as(folder / f"{k:04d}.dcm", enforce_file_format=True)
-    del pydicom
+        write_slice(folder / f"{k:04d}.dcm", hu, patient="BENCH", z=float(k),
+                    description="bench series", instance=k + 1, **uids)
 
 
 def write_checkpoint(path: Path, arch: str) -> None:

@@ -18,6 +18,7 @@ import os
 from typing import Optional, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NEGATIVE_MODES = ("image", "batch")
@@ -39,7 +40,6 @@ def has_values(t: torch.Tensor) -> bool:
     """False for a fake or meta tensor (shape only): reading its values would fail."""
     if t.device.type == "meta":
         return False
-    from torch._subclasses.fake_tensor import is_fake  # lazy: only torch's internals need it
     return not is_fake(t)
 
 

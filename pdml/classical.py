@@ -26,11 +26,18 @@ ROIs), the same numbers the trained networks get.
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
+# scikit-image loads a submodule's functions on first use (~1 s for these): importing
+# this module costs nothing until a baseline runs
+from skimage import restoration
+
+from pdml import metrics
+from pdml.data.hu import hu_to_unit, unit_to_hu
 
 METHODS = ("tv", "nlm", "bm3d")
 NAMES = {"tv": "TV (Chambolle)", "nlm": "non-local means", "bm3d": "BM3D"}
@@ -49,8 +56,6 @@ NLM_PATCH, NLM_DISTANCE = 5, 6
 def best_available() -> str:
     """The strongest method that runs here: "bm3d" when its optional package is installed
     (``pip install 'pdml[classical]'``), else "nlm"."""
-    import importlib.util
-
     return "bm3d" if importlib.util.find_spec("bm3d") is not None else "nlm"
 
 
@@ -72,25 +77,19 @@ def _slices(hu, name: str) -> tuple[np.ndarray, bool]:
 
 def noise_sigma(unit: np.ndarray) -> float:
     """σ̂ of one slice ``[H, W]`` in the unit window (scikit-image's ``estimate_sigma``)."""
-    from skimage.restoration import estimate_sigma
-
-    return float(estimate_sigma(unit, channel_axis=None))
+    return float(restoration.estimate_sigma(unit, channel_axis=None))
 
 
 def _denoise_unit(method: str, unit: np.ndarray, strength: float) -> np.ndarray:
     sigma = noise_sigma(unit)
     if method == "tv":
-        from skimage.restoration import denoise_tv_chambolle
-
-        return denoise_tv_chambolle(unit, weight=strength * sigma, channel_axis=None)
+        return restoration.denoise_tv_chambolle(unit, weight=strength * sigma, channel_axis=None)
     if method == "nlm":
-        from skimage.restoration import denoise_nl_means
-
-        return denoise_nl_means(unit, patch_size=NLM_PATCH, patch_distance=NLM_DISTANCE,
-                                h=strength * sigma, sigma=sigma, fast_mode=True,
-                                channel_axis=None)
+        return restoration.denoise_nl_means(unit, patch_size=NLM_PATCH,
+                                            patch_distance=NLM_DISTANCE, h=strength * sigma,
+                                            sigma=sigma, fast_mode=True, channel_axis=None)
     try:
-        import bm3d
+        import bm3d  # optional (non-commercial licence): imported where it is used
     except ImportError:
         raise ImportError("the BM3D baseline needs the optional bm3d package (licensed for "
                           "non-commercial use only): pip install 'pdml[classical]'") from None
@@ -103,8 +102,6 @@ def _denoise_unit(method: str, unit: np.ndarray, strength: float) -> np.ndarray:
 def denoise(method: str, hu, strength: float) -> np.ndarray:
     """Denoise CT slices ``hu`` (``[H, W]`` or ``[S, H, W]``, HU) with ``method`` at
     ``strength`` -> float32 HU, same shape. Each slice is denoised on its own."""
-    from pdml.data import hu_to_unit, unit_to_hu
-
     _check_method(method)
     if not (np.isfinite(strength) and strength > 0):
         raise ValueError(f"strength must be a positive number, got {strength!r}")
@@ -130,8 +127,6 @@ def tune(method: str, ld_hu, truth_hu, grid: Optional[Sequence[float]] = None
     """The strength of ``grid`` (default :data:`GRIDS`) with the highest mean PSNR of the
     denoised ``ld_hu`` against ``truth_hu`` (paired ``[S, H, W]`` HU) -> ``(strength,
     {strength: mean PSNR in dB})``; ties go to the smaller strength."""
-    from pdml import metrics
-
     _check_method(method)
     ld, truth = _paired(ld_hu, truth_hu, "tune")
     grid = sorted(float(s) for s in (GRIDS[method] if grid is None else grid))

@@ -22,7 +22,21 @@ import sys
 import warnings
 from pathlib import Path
 
-from pdml import ops
+import torch
+from tqdm.auto import tqdm
+
+# the console scripts call pdml.inference's and pdml.training's functions through their
+# modules: the trainer (pdml.training.train) loads on first use, not for pdml-denoise
+from pdml import inference, ops, training
+from pdml.data import (DicomHeaderWarning, DicomReadError, DuplicatePositionWarning,
+                       NoCTImagesError, SeriesWriter, derived_paths, load_ct)
+from pdml.training.checkpoint import find_checkpoint, load_checkpoint
+from pdml.training.config import (ARCHS, BUILTIN_LAYOUTS, D_INPUTS, LOSSES, PRECISIONS, PRESETS,
+                                  NonFiniteLossError, TrainConfig, TrainError, format_setting)
+from pdml.training.distributed import (choose_cpu_threads, keep_freed_memory, launch_rank,
+                                       resolve_device)
+from pdml.training.interrupt import exit_status
+from pdml.training.rundir import check_writable_folder
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,8 +70,6 @@ _TRAIN_FLAGS = {"no_wavelet": ("wavelet", False), "no_progress": ("progress", Fa
 
 def _preset_values(key: str) -> dict:
     """``{preset: value of setting key}`` (the preset's, else TrainConfig's default)."""
-    from pdml.training.config import PRESETS, TrainConfig
-
     default = getattr(TrainConfig(), key)
     return {name: values.get(key, default) for name, values in sorted(PRESETS.items())}
 
@@ -65,8 +77,6 @@ def _preset_values(key: str) -> dict:
 def _default(key: str) -> str:
     """" (default: X)" of setting ``key``, or a pointer to the preset table when the
     presets differ."""
-    from pdml.training.config import format_setting
-
     values = set(map(format_setting, _preset_values(key).values()))
     if len(values) == 1:
         return f" (default: {values.pop()})"
@@ -75,8 +85,6 @@ def _default(key: str) -> str:
 
 def _preset_table(keys) -> str:
     """The epilog's table of the settings the presets set differently."""
-    from pdml.training.config import PRESETS, format_setting
-
     names = sorted(PRESETS)
     rows = [("--" + k.replace("_", "-"), [format_setting(v) for v in _preset_values(k).values()])
             for k in keys]
@@ -86,6 +94,12 @@ def _preset_table(keys) -> str:
     line = lambda first, cells: (first.ljust(width) + "".join(  # noqa: E731
         c.ljust(w) for c, w in zip(cells, cols))).rstrip()
     return "\n".join(["  " + line("", names)] + ["  " + line(f, c) for f, c in rows])
+
+
+def _setting(group, key: str, *, help: str, **kwargs) -> None:
+    """Add option ``--key`` (``_`` written ``-``) of the setting ``key`` to ``group``, its
+    ``help`` ending with the setting's default (:func:`_default`)."""
+    group.add_argument("--" + key.replace("_", "-"), help=help + _default(key), **kwargs)
 
 
 _TRAIN_EPILOG = """\
@@ -113,9 +127,6 @@ exit status: 0 done, 1 stopped on non-finite losses, 2 a user error (one line), 
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from pdml.training.config import ARCHS, BUILTIN_LAYOUTS, D_INPUTS, LOSSES, PRECISIONS, PRESETS
-
-    d = _default
     p = _Parser(
         prog="pdml-train",
         description="Train the paper's unsupervised LDCT denoiser (RRDN generator, PatchGAN, "
@@ -157,18 +168,16 @@ def _train_parser() -> argparse.ArgumentParser:
                       "data the run evaluates a few --ldct slices, with no reference")
     data.add_argument("--val-ndct", metavar="PATH", nargs="+",
                       help="validation, normal dose (the reference)")
-    data.add_argument("--pair-tolerance-mm", type=float, metavar="MM",
-                      help="largest distance along the slice normal of a validation pair"
-                      + d("pair_tolerance_mm"))
-    data.add_argument("--builtin-layout", choices=BUILTIN_LAYOUTS,
-                      help="built-in data: LD and ND from different sources (domains), or "
-                      "one pool whose ND domain is the LD slices' noiseless reconstruction "
-                      "(same-anatomy)" + d("builtin_layout"))
-    data.add_argument("--builtin-size", type=int, metavar="N",
-                      help="built-in data: slice side in pixels" + d("builtin_size"))
-    data.add_argument("--nd-offset-hu", type=float, metavar="HU",
-                      help="add this CT-number offset to the ND training slices (a known "
-                      "acquisition shift; soft tissue gets all of it, air none)" + d("nd_offset_hu"))
+    _setting(data, "pair_tolerance_mm", type=float, metavar="MM",
+             help="largest distance along the slice normal of a validation pair")
+    _setting(data, "builtin_layout", choices=BUILTIN_LAYOUTS,
+             help="built-in data: LD and ND from different sources (domains), or one pool whose "
+                  "ND domain is the LD slices' noiseless reconstruction (same-anatomy)")
+    _setting(data, "builtin_size", type=int, metavar="N",
+             help="built-in data: slice side in pixels")
+    _setting(data, "nd_offset_hu", type=float, metavar="HU",
+             help="add this CT-number offset to the ND training slices (a known acquisition "
+                  "shift; soft tissue gets all of it, air none)")
     data.add_argument("--supervised", action="store_true", default=None,
                       help="train G alone by L1 to the paired noiseless truth of the same "
                       "crops (built-in same-anatomy layout, --loss none: an upper bound for "
@@ -180,69 +189,59 @@ def _train_parser() -> argparse.ArgumentParser:
                      help="run folder (default: runs/<date>-<time>-<loss>)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue the run in RUN_DIR from its checkpoints/last.pt (see below)")
-    run.add_argument("--steps", type=int, metavar="N",
-                     help="training steps, each a G step and a D step" + d("steps"))
-    run.add_argument("--decay-steps", type=int, metavar="N",
-                     help="the LR is constant, then decays linearly to 0 over these last "
-                     "steps" + d("decay_steps"))
-    run.add_argument("--batch-size", type=int, metavar="N",
-                     help="crops per rank and step" + d("batch_size"))
-    run.add_argument("--crop", type=int, metavar="PX", help="training crop side in pixels" + d("crop"))
-    run.add_argument("--lr", type=float, help="Adam learning rate of the generator and heads "
-                     "(and of D unless --lr-d)" + d("lr"))
+    _setting(run, "steps", type=int, metavar="N", help="training steps, each a G step and a D step")
+    _setting(run, "decay_steps", type=int, metavar="N",
+             help="the LR is constant, then decays linearly to 0 over these last steps")
+    _setting(run, "batch_size", type=int, metavar="N", help="crops per rank and step")
+    _setting(run, "crop", type=int, metavar="PX", help="training crop side in pixels")
+    _setting(run, "lr", type=float,
+             help="Adam learning rate of the generator and heads (and of D unless --lr-d)")
     run.add_argument("--lr-d", type=float, metavar="LR",
                      help="the discriminator's Adam learning rate (default: --lr)")
-    run.add_argument("--seed", type=int, help="seed of every random number the run draws "
-                     "(weights, crops, patches)" + d("seed"))
-    run.add_argument("--log-every", type=int, metavar="N",
-                     help="steps between training records in metrics.jsonl" + d("log_every"))
-    run.add_argument("--eval-every", type=int, metavar="N",
-                     help="steps between evaluations (metrics, figure, best.pt)" + d("eval_every"))
-    run.add_argument("--ckpt-every", type=int, metavar="N",
-                     help="steps between checkpoints (last.pt)" + d("ckpt_every"))
-    run.add_argument("--max-minutes", type=float, metavar="MIN",
-                     help="stop (evaluate, checkpoint, summarise) after this many minutes of "
-                     "training in this session" + d("max_minutes"))
+    _setting(run, "seed", type=int,
+             help="seed of every random number the run draws (weights, crops, patches)")
+    _setting(run, "log_every", type=int, metavar="N",
+             help="steps between training records in metrics.jsonl")
+    _setting(run, "eval_every", type=int, metavar="N",
+             help="steps between evaluations (metrics, figure, best.pt)")
+    _setting(run, "ckpt_every", type=int, metavar="N", help="steps between checkpoints (last.pt)")
+    _setting(run, "max_minutes", type=float, metavar="MIN",
+             help="stop (evaluate, checkpoint, summarise) after this many minutes of training in "
+                  "this session")
     run.add_argument("--no-time-limit", action="store_true", help="lift --max-minutes")
-    run.add_argument("--val-slices", type=int, metavar="N",
-                     help="slices evaluated at each evaluation" + d("val_slices"))
+    _setting(run, "val_slices", type=int, metavar="N", help="slices evaluated at each evaluation")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar (default: a bar on stderr)")
     net = p.add_argument_group("networks")
-    net.add_argument("--arch", choices=ARCHS,
-                     help="networks: pdml's own, or the paper's reference code's (dmlct: shared "
-                          "dense block, attention in D, normal(0, 0.01) init)" + d("arch"))
-    net.add_argument("--features", type=int, metavar="N",
-                     help="generator width (feature channels)" + d("features"))
+    _setting(net, "arch", choices=ARCHS,
+             help="networks: pdml's own, or the paper's reference code's (dmlct: shared dense "
+                  "block, attention in D, normal(0, 0.01) init)")
+    _setting(net, "features", type=int, metavar="N", help="generator width (feature channels)")
     net.add_argument("--input-center-hu", type=float, metavar="HU",
                      help="without the wavelet split: the HU the networks see as 0 (0 centres "
                      "the input on water; default: the paper's [0, 1] window, -1000 HU is 0)")
     loss = p.add_argument_group("losses")
-    loss.add_argument("--loss", choices=LOSSES, help="third loss term: the paper's patch-wise "
-                      "metric loss (dml), CUT's PatchNCE, or none" + d("loss"))
+    _setting(loss, "loss", choices=LOSSES,
+             help="third loss term: the paper's patch-wise metric loss (dml), CUT's PatchNCE, or "
+                  "none")
     loss.add_argument("--tau", type=float, help="temperature of the patch loss (default: 0.15 "
                       "with --loss dml, 0.07 with patchnce)")
-    loss.add_argument("--num-patches", type=int, metavar="N",
-                      help="patches sampled per loss layer" + d("num_patches"))
-    loss.add_argument("--lambda-gan", type=float, metavar="W",
-                      help="weight of the LSGAN loss" + d("lambda_gan"))
-    loss.add_argument("--lambda-identity", type=float, metavar="W",
-                      help="weight of the identity L1 loss on ND crops" + d("lambda_identity"))
-    loss.add_argument("--lambda-metric", type=float, metavar="W",
-                      help="weight of the patch loss" + d("lambda_metric"))
+    _setting(loss, "num_patches", type=int, metavar="N", help="patches sampled per loss layer")
+    _setting(loss, "lambda_gan", type=float, metavar="W", help="weight of the LSGAN loss")
+    _setting(loss, "lambda_identity", type=float, metavar="W",
+             help="weight of the identity L1 loss on ND crops")
+    _setting(loss, "lambda_metric", type=float, metavar="W", help="weight of the patch loss")
     loss.add_argument("--no-wavelet", action="store_true",
                       help="feed whole images instead of the wavelet high-frequency part "
                       "(default: the db3, level-6 split is on)")
-    loss.add_argument("--d-input", choices=D_INPUTS,
-                      help="what the discriminator judges: the image (the paper), its 3x3 "
-                      "high-pass, where noise stands out, or both as two channels "
-                      "(image+highpass: noise and CT numbers at once)" + d("d_input"))
+    _setting(loss, "d_input", choices=D_INPUTS,
+             help="what the discriminator judges: the image (the paper), its 3x3 high-pass, where "
+                  "noise stands out, or both as two channels (image+highpass: noise and CT "
+                  "numbers at once)")
     ex = p.add_argument_group("execution")
-    ex.add_argument("--precision", choices=PRECISIONS,
-                    help="autocast precision; fp16 adds a GradScaler" + d("precision"))
-    ex.add_argument("--loss-backend", choices=ops.BACKEND_NAMES,
-                    help="implementation of the fused patch loss (auto: the fastest that "
-                    "runs here)" + d("loss_backend"))
+    _setting(ex, "precision", choices=PRECISIONS, help="autocast precision; fp16 adds a GradScaler")
+    _setting(ex, "loss_backend", choices=ops.BACKEND_NAMES,
+             help="implementation of the fused patch loss (auto: the fastest that runs here)")
     ex.add_argument("--compile", action="store_true", default=None,
                     help="torch.compile the networks (default: off)")
     ex.add_argument("--no-eval-figures", action="store_true",
@@ -269,11 +268,6 @@ def _interrupted_line(summary: dict, run_dir: str) -> str:
 
 def train_main(argv=None) -> int:
     """``pdml-train``: parse the arguments, train (or resume), print the summary table."""
-    from pdml.training import TrainError, make_config, train
-    from pdml.training.config import NonFiniteLossError
-    from pdml.training.distributed import launch_rank
-    from pdml.training.interrupt import exit_status
-
     args = _train_parser().parse_args(argv)
     given = {k for k in (*_TRAIN_KEYS, "preset") if getattr(args, k) is not None}
     given |= {k for k in _TRAIN_FLAGS if getattr(args, k)}
@@ -285,14 +279,14 @@ def train_main(argv=None) -> int:
                        if k in _TRAIN_KEYS + ("preset",)}
             changes.update(_TRAIN_FLAGS[k] for k in given if k in _TRAIN_FLAGS)
             changes["progress"] = not args.no_progress  # this session's choice
-            summary = train(resume=args.resume, changes=changes)
+            summary = training.train(resume=args.resume, changes=changes)
         else:
             overrides = {k: getattr(args, k) for k in _TRAIN_KEYS}
-            cfg = make_config(args.preset or "demo", **overrides)
+            cfg = training.make_config(args.preset or "demo", **overrides)
             for flag, (key, value) in _TRAIN_FLAGS.items():
                 if getattr(args, flag):
                     setattr(cfg, key, value)
-            summary = train(cfg)
+            summary = training.train(cfg)
     except NonFiniteLossError as e:
         return _fail("pdml-train", e, code=1)
     except TrainError as e:
@@ -310,8 +304,6 @@ def train_main(argv=None) -> int:
 
 
 def _denoise_parser() -> argparse.ArgumentParser:
-    from pdml.inference import DENOISE_PRECISIONS, DENOISE_TILE
-
     p = _Parser(
         prog="pdml-denoise",
         description="Denoise CT series with a pdml-train checkpoint and write them as new "
@@ -329,7 +321,7 @@ def _denoise_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR",
                    help="folder for the new series (one series_NNN folder each when there are "
                    "several)")
-    p.add_argument("--precision", choices=DENOISE_PRECISIONS, default="auto",
+    p.add_argument("--precision", choices=inference.DENOISE_PRECISIONS, default="auto",
                    help="autocast precision of the generator; auto: bf16 where the device "
                    "computes it natively (a CPU with AVX512-BF16 or AMX, a GPU with bf16), "
                    "else fp32 (default: auto)")
@@ -339,7 +331,7 @@ def _denoise_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, metavar="N",
                    help="slices per forward pass; each holds ~0.5 GiB of maps at 512² "
                    "(default: 1)")
-    p.add_argument("--tile", type=int, default=DENOISE_TILE, metavar="N",
+    p.add_argument("--tile", type=int, default=inference.DENOISE_TILE, metavar="N",
                    help="compute N×N pixels at a time with a halo of the network's receptive "
                    "field: the same output with smaller maps (less memory for large slices); "
                    "networks with a global operation (pdml's own, with its squeeze-excitation "
@@ -360,8 +352,6 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def denoise_main(argv=None) -> int:
     """``pdml-denoise``: every CT series under ``--input`` -> a denoised series in ``--output``."""
-    from pdml.training.interrupt import exit_status
-
     args = _denoise_parser().parse_args(argv)
     try:
         return _denoise(args)
@@ -372,17 +362,6 @@ def denoise_main(argv=None) -> int:
 
 
 def _denoise(args) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    from pdml.data import (DicomHeaderWarning, DicomReadError, DuplicatePositionWarning,
-                           NoCTImagesError, SeriesWriter, derived_paths, load_ct)
-    from pdml.inference import denoise_hu, denoise_precision, generator_from_checkpoint
-    from pdml.training.checkpoint import find_checkpoint, load_checkpoint
-    from pdml.training.config import TrainError
-    from pdml.training.distributed import choose_cpu_threads, keep_freed_memory, resolve_device
-    from pdml.training.rundir import check_writable_folder
-
     try:
         if args.batch_size < 1:
             raise TrainError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -391,7 +370,7 @@ def _denoise(args) -> int:
         if args.threads is not None and args.threads < 1:
             raise TrainError(f"--threads must be >= 1, got {args.threads}")
         device = resolve_device(args.device)
-        precision = denoise_precision(args.precision, device)
+        precision = inference.denoise_precision(args.precision, device)
         inp, out = Path(args.input).resolve(), Path(args.output).resolve()
         if not inp.exists():
             raise TrainError(f"--input {args.input}: no such file or folder")
@@ -402,7 +381,7 @@ def _denoise(args) -> int:
         check_writable_folder(out, "--output")
         ckpt_path = find_checkpoint(args.checkpoint, ("best.pt", "last.pt"))
         ckpt = load_checkpoint(ckpt_path)
-        generator, cfg = generator_from_checkpoint(ckpt, device)
+        generator, cfg = inference.generator_from_checkpoint(ckpt, device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # load_ct's per-file warnings: summarised below
             series_list = load_ct(inp, lazy=True)
@@ -456,9 +435,10 @@ def _denoise(args) -> int:
                                   description=f"pdml denoised ({cfg.loss}, step {ckpt['step']})")
             try:
                 for start in range(0, len(series), args.batch_size):
-                    hu = denoise_hu(generator, series.hu[start:start + args.batch_size], cfg,
-                                    device, precision=precision, batch_size=args.batch_size,
-                                    tile=args.tile or None)
+                    hu = inference.denoise_hu(
+                        generator, series.hu[start:start + args.batch_size], cfg, device,
+                        precision=precision, batch_size=args.batch_size,
+                        tile=args.tile or None)
                     writer.write(start, hu)
                     advance(start + hu.shape[0])
             except BaseException:

@@ -14,7 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
+from pdml import classical, evaluation, inference
 from pdml.cli import _fail, _Parser
+from pdml.data.dicom_read import DicomReadError
+from pdml.data.layouts import LayoutError, expand_sources, source_files
+from pdml.data.pairing import TOLERANCE_MM, PairingError, describe_unmatched, pair_by_position
+from pdml.data.store import open_store
+from pdml.training.checkpoint import find_checkpoint, load_checkpoint
+from pdml.training.config import TrainConfig, TrainError
+from pdml.training.data import ValItem, build_data
+from pdml.training.distributed import DistInfo, resolve_device
+from pdml.training.evaluate import denoise_slices
+from pdml.training.interrupt import exit_status
 
 _EPILOG = """\
 sources: --reference and --input are DICOM folders, files or glob patterns (several
@@ -68,8 +79,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def eval_main(argv=None) -> int:
     """``pdml-eval``."""
-    from pdml.training.interrupt import exit_status
-
     args = _parser().parse_args(argv)
     try:
         return _eval(args)
@@ -106,9 +115,6 @@ def _split_of(run_dir) -> dict | None:
 
 
 def _store_of(flag: str, sources):
-    from pdml.data.layouts import expand_sources, source_files
-    from pdml.data.store import open_store
-
     roots = expand_sources(flag, sources)
     files = source_files(roots)
     if not files:
@@ -122,9 +128,6 @@ def _store_of(flag: str, sources):
 def _dicom_slices(args, dicom_methods: dict, tolerance: float):
     """Scored slices of --reference/--input and the methods' DICOM outputs, paired by
     position; -> (slices, notes)."""
-    from pdml.data.pairing import describe_unmatched, pair_by_position
-    from pdml.evaluation import Scored
-
     ref = _store_of("--reference", args.reference)
     inp = _store_of("--input", args.input)
     notes = []
@@ -145,10 +148,10 @@ def _dicom_slices(args, dicom_methods: dict, tolerance: float):
             missing.append(ref.records[j].name)
             continue
         rec = ref.records[j]
-        slices.append(Scored(reference=np.array(ref.slice(j)), input=np.array(inp.slice(i)),
-                             outputs={n: np.array(stores[n].slice(partner[n][j]))
-                                      for n in dicom_methods},
-                             patient=rec.patient or rec.frame_of_reference, name=rec.name))
+        slices.append(evaluation.Scored(
+            reference=np.array(ref.slice(j)), input=np.array(inp.slice(i)),
+            outputs={n: np.array(stores[n].slice(partner[n][j])) for n in dicom_methods},
+            patient=rec.patient or rec.frame_of_reference, name=rec.name))
     if missing:
         notes.append(f"{len(missing)} reference slice(s) left out: a method has no slice at "
                      f"their position (first: {missing[0]})")
@@ -156,11 +159,6 @@ def _dicom_slices(args, dicom_methods: dict, tolerance: float):
 
 
 def _held_out_slices(run_dir: str):
-    from pdml.evaluation import Scored
-    from pdml.training.config import TrainConfig, TrainError
-    from pdml.training.data import build_data
-    from pdml.training.distributed import DistInfo
-
     try:
         record = json.loads((Path(run_dir) / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -173,22 +171,17 @@ def _held_out_slices(run_dir: str):
         raise TrainError(f"--held-out {run_dir}: the run's evaluated slices have no reference "
                          "(it had no validation data)")
     patient = "held-out" if data.patients is None else "validation"
-    return [Scored(reference=v.nd, input=v.ld, patient=patient, name=v.name) for v in data.val]
+    return [evaluation.Scored(reference=v.nd, input=v.ld, patient=patient, name=v.name)
+            for v in data.val]
 
 
 def _denoise_with(path: Path, slices, device_name: str) -> tuple[list, str]:
     """Each slice's input denoised by the checkpoint at ``path`` (the trainer's own
     :func:`pdml.training.evaluate.denoise_slices`); -> (images, description)."""
-    from pdml.inference import generator_from_checkpoint
-    from pdml.training.checkpoint import find_checkpoint, load_checkpoint
-    from pdml.training.data import ValItem
-    from pdml.training.distributed import resolve_device
-    from pdml.training.evaluate import denoise_slices
-
     ckpt_path = find_checkpoint(path, ("best.pt", "last.pt"))
     ckpt = load_checkpoint(ckpt_path)
     device = resolve_device(device_name)
-    generator, cfg = generator_from_checkpoint(ckpt, device)
+    generator, cfg = inference.generator_from_checkpoint(ckpt, device)
     out = []
     for start in range(0, len(slices), 64):   # a multiple of denoise_hu's batch of 4
         chunk = [ValItem(s.input, None) for s in slices[start:start + 64]]
@@ -197,13 +190,6 @@ def _denoise_with(path: Path, slices, device_name: str) -> tuple[list, str]:
 
 
 def _eval(args) -> int:
-    from pdml import classical
-    from pdml.data.dicom import DicomReadError
-    from pdml.data.layouts import LayoutError
-    from pdml.data.pairing import TOLERANCE_MM, PairingError
-    from pdml.evaluation import REPORT_FILES, read_rois, score_all, summarise, write_report
-    from pdml.training.config import TrainError
-
     try:
         lo, hi = args.window
         if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
@@ -241,7 +227,7 @@ def _eval(args) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise _UserError(f"--out {out}: exists and is not a folder")
-        there = [f for f in REPORT_FILES if (out / f).exists()]
+        there = [f for f in evaluation.REPORT_FILES if (out / f).exists()]
         if there and not args.overwrite:
             raise _UserError(f"--out {out} already holds a report ({there[0]}); pass --overwrite "
                              "or choose another folder")
@@ -266,7 +252,8 @@ def _eval(args) -> int:
             raise _UserError("no slice pairs to score (same patient, same position to "
                              f"{tolerance:g} mm)" + (f": {notes[0]}" if notes else ""))
         shapes = {s.reference.shape for s in slices}
-        rois = read_rois(Path(args.rois), next(iter(shapes)) if len(shapes) == 1 else None) \
+        rois = evaluation.read_rois(Path(args.rois),
+                                    next(iter(shapes)) if len(shapes) == 1 else None) \
             if args.rois else []
         described = {}
         for name, path in ckpt_methods.items():
@@ -317,14 +304,15 @@ def _eval(args) -> int:
         context["scored slices"] = len(slices)
         if notes:
             context["notes"] = " | ".join(notes)
-        rows = score_all(slices, methods, (lo, hi), rois)
-        summary = summarise(rows, methods)
-        write_report(out, rows, summary, context, slices[len(slices) // 2], methods, split)
+        rows = evaluation.score_all(slices, methods, (lo, hi), rois)
+        summary = evaluation.summarise(rows, methods)
+        evaluation.write_report(out, rows, summary, context, slices[len(slices) // 2], methods,
+                                split)
     except (_UserError, TrainError, LayoutError, PairingError, DicomReadError,
             FileNotFoundError, ValueError) as e:
         return _fail("pdml-eval", e)
     print(_terminal_table(summary["overall"], len(slices)))
-    print(f"pdml-eval: wrote {', '.join(REPORT_FILES)} to {out}")
+    print(f"pdml-eval: wrote {', '.join(evaluation.REPORT_FILES)} to {out}")
     return 0
 
 

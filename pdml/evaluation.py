@@ -16,7 +16,7 @@ Report (:func:`write_report`): ``per_slice.csv`` (one row per slice and method),
 two-sided Wilcoxon signed-rank test of its per-slice PSNR and SSIM against the input's),
 ``summary.json`` (the same numbers) and ``figure.png`` (one slice: every method in one
 display window, a zoomed region, and the difference to the reference). Every file is
-written to a temporary name and renamed into place.
+written atomically (:func:`pdml._files.atomic_write_bytes`).
 """
 from __future__ import annotations
 
@@ -24,14 +24,15 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from pdml import metrics
+from pdml._files import atomic_write_bytes
+from pdml._plot import pyplot
 from pdml.data.hu import HU_WINDOW
 
 METRICS = ("psnr", "ssim", "rmse", "hu_shift", "noise_std")
@@ -101,8 +102,6 @@ def score_slice(image: np.ndarray, reference: np.ndarray, window=HU_WINDOW,
                 rois: Sequence[UserRoi] = (), patient: str = "") -> dict:
     """The metrics of one output ``image`` against ``reference`` (both ``[H, W]`` HU): see
     the module doc; -> ``{metric: float}``."""
-    from pdml import metrics
-
     first = lambda v: float(np.asarray(v).reshape(-1)[0])  # noqa: E731  (as evaluate_slices)
     row = {"psnr": first(metrics.psnr(image, reference, window)),
            "ssim": first(metrics.ssim(image, reference, window)),
@@ -135,7 +134,7 @@ def score_all(slices: Sequence[Scored], methods: Sequence[str], window=HU_WINDOW
 def _paired_p(values: Sequence[float], base: Sequence[float]) -> Optional[float]:
     """Two-sided Wilcoxon signed-rank p of ``values`` against ``base`` (paired); None when
     there are fewer than 2 pairs or every difference is 0."""
-    from scipy.stats import wilcoxon
+    from scipy.stats import wilcoxon  # ~0.7 s: only the report's p-values need it
 
     d = np.asarray(values, np.float64) - np.asarray(base, np.float64)
     if len(d) < 2 or not np.any(d != 0):
@@ -208,23 +207,6 @@ def markdown(summary: dict, context: dict, split: Optional[dict] = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 would hide the report from others
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 REPORT_FILES = ("per_slice.csv", "report.md", "summary.json", "figure.png")
 
 
@@ -238,24 +220,20 @@ def write_report(out: Path, rows: Sequence[dict], summary: dict, context: dict,
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(out / "per_slice.csv", buf.getvalue().encode())
-    _atomic_write(out / "report.md", markdown(summary, context, split).encode())
-    _atomic_write(out / "summary.json",
-                  (json.dumps({"context": context, "split": split, **summary}, indent=1)
-                   + "\n").encode())
+    atomic_write_bytes(out / "per_slice.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "report.md", markdown(summary, context, split).encode())
+    atomic_write_bytes(out / "summary.json",
+                       (json.dumps({"context": context, "split": split, **summary}, indent=1)
+                        + "\n").encode())
     if figure_slice is not None:
-        _atomic_write(out / "figure.png", _figure_png(figure_slice, methods))
+        atomic_write_bytes(out / "figure.png", _figure_png(figure_slice, methods))
 
 
 def _figure_png(s: Scored, methods: Sequence[str]) -> bytes:
     """Rows: the slice in :data:`DISPLAY_WINDOW`, its central half zoomed 2x, the
     difference to the reference (±:data:`DIFFERENCE_RANGE` HU); columns: reference,
     input, each method."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("reference", s.reference), (INPUT, s.input)] + [(m, s.outputs[m]) for m in methods]
     H, W = s.reference.shape
     zoom = (slice(H // 4, H // 4 + H // 2), slice(W // 4, W // 4 + W // 2))

@@ -19,7 +19,7 @@ from pdml.backends import ext
 
 def _triton_version() -> Optional[str]:
     try:
-        import triton
+        import triton  # a dependency on Linux only: elsewhere info says "not installed"
     except ImportError:
         return None
     return triton.__version__

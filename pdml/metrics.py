@@ -28,6 +28,8 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+# scikit-image loads a submodule's functions on first use (~0.2 s for SSIM)
+import skimage.metrics
 
 from pdml.data.hu import HU_WINDOW, hu_to_unit
 
@@ -65,11 +67,9 @@ def psnr(output, truth, window=HU_WINDOW) -> np.ndarray:
 
 def ssim(output, truth, window=HU_WINDOW) -> np.ndarray:
     """SSIM of ``output`` against ``truth`` (HU) in ``window`` (scikit-image); ``[B]``."""
-    from skimage.metrics import structural_similarity
-
     out, ref = _pair(output, truth)
     o, r = hu_to_unit(out, window), hu_to_unit(ref, window)
-    return np.array([structural_similarity(o[b], r[b], data_range=1.0)
+    return np.array([skimage.metrics.structural_similarity(o[b], r[b], data_range=1.0)
                      for b in range(out.shape[0])])
 
 
@@ -130,7 +130,7 @@ def noise_std(image, truth=None, rois: Optional[List[List[Roi]]] = None,
         img, ref = _pair(image, truth)
         values = img - ref
     else:
-        from scipy.ndimage import uniform_filter
+        from scipy.ndimage import uniform_filter  # ~0.2 s: only this branch needs it
 
         ref = uniform_filter(img, size=(1, 5, 5), mode="nearest")
         values = img

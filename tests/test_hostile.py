@@ -291,7 +291,7 @@ def test_save_ct_refuses_bad_series_and_paths(tmp_path, ct_series):
 
 
 def test_save_ct_failing_half_way_leaves_no_partial_series(tmp_path, monkeypatch):
-    from pdml.data import dicom
+    from pdml.data import dicom_write as dicom
 
     src = tmp_path / "in"
     src.mkdir()

@@ -61,10 +61,15 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import platformdirs
 import torch
 import torch.nn.functional as F
+from pydicom.data import get_testdata_file
+from tqdm.auto import tqdm
 
+from pdml.data.dicom_read import load_ct
 from pdml.data.shift import BUILTIN_ND_SHIFT
+from pdml.data.simulate import simulate_low_dose
 
 RECIPE_VERSION = 1
 LD_SOURCES = ("J2K_pixelrep_mismatch.dcm", "explicit_VR-UN.dcm")
@@ -85,9 +90,12 @@ def cache_dir() -> Path:
     env = os.environ.get("PDML_CACHE_DIR")
     if env:
         return Path(env)
-    import platformdirs
-
     return Path(platformdirs.user_cache_dir("pdml"))
+
+
+def _split_folder(split: str) -> property:
+    """The folder of ``split`` ("train/ld", ...) of a :class:`BuiltinDataset`."""
+    return property(lambda self: self.root / split, doc=f"``root / {split!r}``")
 
 
 @dataclass(frozen=True)
@@ -97,25 +105,11 @@ class BuiltinDataset:
     root: Path
     manifest: dict
 
-    @property
-    def train_ld(self) -> Path:
-        return self.root / "train" / "ld"
-
-    @property
-    def train_nd(self) -> Path:
-        return self.root / "train" / "nd"
-
-    @property
-    def train_truth(self) -> Path:
-        return self.root / "train" / "truth"
-
-    @property
-    def test_ld(self) -> Path:
-        return self.root / "test" / "ld"
-
-    @property
-    def test_truth(self) -> Path:
-        return self.root / "test" / "truth"
+    train_ld = _split_folder("train/ld")
+    train_nd = _split_folder("train/nd")
+    train_truth = _split_folder("train/truth")
+    test_ld = _split_folder("test/ld")
+    test_truth = _split_folder("test/truth")
 
     def load(self, split: str) -> np.ndarray:
         """``split`` of this build's layout (:data:`LAYOUT_SPLITS`) -> float32
@@ -132,10 +126,6 @@ class BuiltinDataset:
 def _real_slices(name: str) -> List[Tuple[np.ndarray, float]]:
     """[(hu [N, N] float32 clipped at -1024, pixel mm)] for each slice (frame) of a
     pydicom / pydicom-data test file."""
-    from pydicom.data import get_testdata_file
-
-    from pdml.data.dicom import load_ct
-
     with warnings.catch_warnings():
         # pydicom-data's files carry some invalid header values on purpose (it is a test
         # suite): pydicom's complaints about them say nothing about the pixels used here
@@ -166,7 +156,7 @@ def _augment(hu: np.ndarray, pixel_mm: float, size: int,
 
 def phantom(size: int, rng: np.random.Generator) -> np.ndarray:
     """A random procedural body-like slice, float32 ``[size, size]`` HU."""
-    from scipy.ndimage import gaussian_filter
+    from scipy.ndimage import gaussian_filter  # ~0.2 s: only a build of the dataset needs it
 
     yy, xx = (np.mgrid[:size, :size] + 0.5) / size - 0.5
 
@@ -255,10 +245,6 @@ def build(root: Path, recipe: BuiltinRecipe, progress: bool = True,
     """Build the dataset of ``recipe`` into the (new, empty) folder ``root``; returns the
     manifest (also written to ``root/manifest.json``). ``batch`` slices are simulated
     together (the projector's sampling grids are shared by the batch)."""
-    from tqdm.auto import tqdm
-
-    from pdml.data.simulate import simulate_low_dose
-
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rng = np.random.default_rng(recipe.seed)

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pdml.data.dicom_read import load_ct
 from pdml.data.hu import HU_WINDOW, hu_to_unit
+from pdml.data.store import SliceStack
 
 SliceSource = Union[np.ndarray, str, os.PathLike, Sequence]
 
@@ -28,8 +30,6 @@ def read_slices(source: SliceSource) -> np.ndarray:
     """All slices of ``source`` (see the module doc) as float32 ``[S, H, W]`` HU; a
     :class:`pdml.data.store.SliceStack` (mapped slices of the decoded-slice store) is
     returned as it is, so crops read the store and nothing is loaded."""
-    from pdml.data.store import SliceStack
-
     if isinstance(source, SliceStack):
         return source
     if isinstance(source, np.ndarray):
@@ -52,8 +52,6 @@ def read_slices(source: SliceSource) -> np.ndarray:
         npys = sorted(path.glob("*.npy"))
         if npys:
             return read_slices([np.load(p) for p in npys])
-    from pdml.data.dicom import load_ct
-
     series = load_ct(path)
     return read_slices([s.hu for s in series])
 

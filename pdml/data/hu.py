@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Tuple
 
+import numpy as np
+
 HU_WINDOW: Tuple[float, float] = (-1000.0, 1000.0)
 """The paper's window, (low, high) in HU, mapped to (0, 1)."""
-
-HU_AIR = -1000.0
-HU_WATER = 0.0
 
 
 def _check_window(window) -> Tuple[float, float]:
@@ -45,8 +44,6 @@ def unit_to_hu(unit, window=HU_WINDOW):
 
 def _as_float(x):
     """Floating copy-free view when already floating; integer input -> float32."""
-    import numpy as np
-
     if isinstance(x, np.ndarray) or np.isscalar(x):
         x = np.asarray(x)
         return x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float32)

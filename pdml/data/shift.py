@@ -50,7 +50,7 @@ class AcquisitionShift:
     def __call__(self, hu):
         """Apply to ``hu``: NumPy ``[..., H, W]`` (float) in HU; returns float32 (or the
         input float dtype) of the same shape."""
-        from scipy.ndimage import gaussian_filter
+        from scipy.ndimage import gaussian_filter  # ~0.2 s that importing pdml.data spares
 
         x = np.asarray(hu)
         dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32

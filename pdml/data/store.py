@@ -40,6 +40,10 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from pdml.data.builtin import cache_dir
+from pdml.data.dicom_read import DicomReadError, load_ct
+from pdml.data.wavelet import wavelet_split
+
 STORE_VERSION = 1
 CHECKED_SLICES = 32
 """Slices whose CRC-32 is checked each time a store is opened (spread evenly)."""
@@ -174,9 +178,6 @@ def _crc(a: np.ndarray) -> int:
 def _build(folder: Path, key: str, files: Sequence[Path], settings: dict, roots: list,
            progress: Optional[Callable[[int], None]]) -> None:
     """Decode ``files`` into ``folder`` (new, empty); see the module doc."""
-    from pdml.data.dicom import DicomReadError, load_ct
-    from pdml.data.wavelet import wavelet_split
-
     wavelet = settings.get("wavelet")
     handles: dict[str, dict] = {}
     records, skipped = [], []
@@ -299,8 +300,6 @@ def open_store(files: Sequence[Path], roots: Iterable[str], wavelet: Optional[tu
     ``progress``: called with the number of files decoded. A damaged store gives one
     :class:`StoreWarning` and is rebuilt.
     """
-    from pdml.data.builtin import cache_dir
-
     settings = {"wavelet": list(wavelet) if wavelet else None}
     roots = sorted(str(Path(r).resolve()) for r in roots)
     base = Path(cache) if cache is not None else cache_dir()

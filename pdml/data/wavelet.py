@@ -28,6 +28,8 @@ import functools
 import warnings
 
 import numpy as np
+import pywt
+import torch
 
 DEFAULT_WAVELET = "db3"
 DEFAULT_LEVEL = 6
@@ -54,8 +56,6 @@ def _quiet_level_warning():
 
 
 def _split_numpy(arr: np.ndarray, wavelet: str, level: int):
-    import pywt
-
     H, W = arr.shape[-2:]
     filter_len = pywt.Wavelet(wavelet).dec_len
     ph, pw = _padding(H, level, filter_len), _padding(W, level, filter_len)
@@ -77,8 +77,6 @@ def lowpass_matrix(size: int, wavelet: str = DEFAULT_WAVELET,
                    level: int = DEFAULT_LEVEL) -> np.ndarray:
     """``[size, size]`` float64 matrix A with ``low = A @ x`` for a 1-D signal ``x``
     (pad, approximation-only reconstruction, crop; as :func:`wavelet_split` per axis)."""
-    import pywt
-
     filter_len = pywt.Wavelet(wavelet).dec_len
     before, after = _padding(size, level, filter_len)
     padded = np.pad(np.eye(size), [(before, after), (0, 0)], mode="symmetric")
@@ -103,8 +101,6 @@ def wavelet_split(img, wavelet: str = DEFAULT_WAVELET, level: int = DEFAULT_LEVE
         dtype = img.dtype if np.issubdtype(img.dtype, np.floating) else np.float32
         low, high = _split_numpy(img.astype(np.float64), wavelet, level)
         return low.astype(dtype), high.astype(dtype)
-    import torch
-
     if img.dim() < 2:
         raise ValueError(f"img must be [..., H, W], got shape {tuple(img.shape)}")
     H, W = img.shape[-2:]

@@ -69,7 +69,7 @@ class FeatureGenerator(nn.Module):
     def receptive_radius(self) -> Optional[int]:
         """How far (pixels) the inputs of an output pixel reach; None when the network has
         a global operation (every output depends on the whole image, as with pdml's
-        squeeze-excitation means). :func:`pdml.inference.forward_tiled` uses it."""
+        squeeze-excitation means). :func:`pdml.training.denoise.forward_tiled` uses it."""
         return None
 
     def _output(self, x: torch.Tensor, head: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,7 @@ class FeatureGenerator(nn.Module):
         ``block_dtype``: run only the dense blocks (nearly all of the FLOPs) under autocast
         to this dtype, the head, fusion and tail convs and the residual sums in ``x``'s:
         a bf16 forward then keeps the input's and the output's fp32 resolution (what
-        ``pdml-denoise`` does, :func:`pdml.inference.denoise_hu`)."""
+        ``pdml-denoise`` does, :func:`pdml.training.denoise.denoise_hu`)."""
         return self._collect(x, (), stop_early=False, block_dtype=block_dtype)[0]
 
     def forward_with_features(self, x: torch.Tensor, layers: Sequence[str] = DEFAULT_LOSS_LAYERS):

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 
@@ -19,8 +20,6 @@ def init_normal_(module: nn.Module, std: float) -> nn.Module:
     iteration then starts from the final weights. A layer already parametrized raises
     ValueError (its ``weight`` is computed, writing it would not reach the parameter).
     """
-    from torch.nn.utils import parametrize
-
     for m in module.modules():
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             if parametrize.is_parametrized(m, "weight"):

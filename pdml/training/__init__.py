@@ -2,10 +2,11 @@
 
 One job per module: :mod:`~pdml.training.config` (settings, presets, schedule),
 :mod:`~pdml.training.distributed` (torchrun / DDP, device, threads),
-:mod:`~pdml.training.checkpoint` (file format, atomic writes), :mod:`~pdml.training.rng`
-(RNG states), :mod:`~pdml.training.networks` (building the networks),
-:mod:`~pdml.training.step` (the G+D step), :mod:`~pdml.training.data` (crops, held-out
-slices, sample order), :mod:`~pdml.training.evaluate` (held-out metrics),
+:mod:`~pdml.training.checkpoint` (file format, the generator of a checkpoint),
+:mod:`~pdml.training.rng` (RNG states), :mod:`~pdml.training.networks` (building the
+networks), :mod:`~pdml.training.step` (the G+D step), :mod:`~pdml.training.data` (crops,
+held-out slices, sample order), :mod:`~pdml.training.denoise` (denoising HU slices with a
+generator, autocast), :mod:`~pdml.training.evaluate` (held-out metrics),
 :mod:`~pdml.training.report` (figures, summary table), :mod:`~pdml.training.telemetry`
 (GPU counters), :mod:`~pdml.training.guard` (stop on non-finite losses),
 :mod:`~pdml.training.rundir` (output folders: writable check, the run folder's lock, a
@@ -17,7 +18,8 @@ killed run's temporary files) and :mod:`~pdml.training.run` (the run: loop, resu
     summary = train(resume="runs/demo")
 
 The names below are loaded on first use (PEP 562), so importing one submodule (as
-:mod:`pdml.inference` does with the config) does not import the whole trainer.
+:mod:`pdml.inference` does with :mod:`~pdml.training.denoise`) does not import the whole
+trainer.
 """
 from __future__ import annotations
 

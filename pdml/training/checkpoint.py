@@ -1,56 +1,29 @@
-"""Checkpoint files: the format tag and version, atomic writes, save and load.
+"""Checkpoint files: the format tag and version, save and load, and the trained generator
+rebuilt from one (:func:`generator_from_checkpoint`).
 
 Checkpoints hold only tensors and primitive containers, so
-``torch.load(path, weights_only=True)`` reads them. Writes are atomic (tmp file, fsync,
-``os.replace``): a killed run leaves the old file or the new one, never a torn one.
+``torch.load(path, weights_only=True)`` reads them. Writes are atomic
+(:func:`pdml._files.atomic_write_bytes`): a killed run leaves the old file or the new one,
+never a torn one.
 """
 from __future__ import annotations
 
 import io
-import os
-import re
 from pathlib import Path
 
 import torch
 
+from pdml._files import atomic_write_bytes
+from pdml.models import FeatureGenerator
 from pdml.models.heads import linear_weight_from_conv
 from pdml.training.config import TrainConfig, TrainError
+from pdml.training.networks import build_generator
 
 CHECKPOINT_FORMAT = "pdml-train-checkpoint"
 CHECKPOINT_VERSION = 2
 """Version 2: the projection heads are row MLPs (linear weights ``[out, in]``). Version 1
 (1×1-conv heads, weights ``[out, in, 1, 1]``) is migrated on load
 (:func:`migrate_checkpoint`)."""
-
-
-TEMP_NAME = re.compile(r"\..+\.tmp-[0-9]+")
-"""The temporary names of :func:`atomic_write_bytes`: ``.NAME.tmp-PID`` (a killed writer's
-leftovers are removed by :func:`pdml.training.rundir.remove_stale_temp_files`)."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader (or a crash) sees the old or the new file,
-    never a partial one: tmp file in the same folder, fsync, ``os.replace``, fsync folder.
-    A failed write removes its tmp file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
@@ -140,6 +113,28 @@ def checkpoint_config(ckpt: dict, where: str) -> TrainConfig:
     except TrainError as e:
         raise TrainError(f"{where}: the run's stored config is not usable: {e}") from None
     return cfg
+
+
+def generator_from_checkpoint(ckpt: dict, device: torch.device, which: str = "generator"
+                              ) -> tuple[FeatureGenerator, TrainConfig]:
+    """Rebuild the trained generator (eval mode) and the run's validated config from a
+    checkpoint (:func:`load_checkpoint`); TrainError when they do not fit.
+    The config's ``arch`` picks the network ("pdml" for checkpoints written before the
+    option existed)."""
+    cfg = checkpoint_config(ckpt, "checkpoint")
+    try:
+        state = ckpt["model"][which]
+    except (KeyError, TypeError) as e:
+        raise TrainError(f"checkpoint lacks the {which} weights ({type(e).__name__}: {e})") from None
+    generator = build_generator(cfg)
+    try:
+        generator.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise TrainError(f"checkpoint's generator weights do not fit the {cfg.arch!r} "
+                         f"generator of its config (another model?): "
+                         f"{' '.join(first[:3])[:300]}") from None
+    return generator.to(device).eval(), cfg
 
 
 def first_non_finite(tree, prefix: str = "") -> str | None:

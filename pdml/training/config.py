@@ -1,4 +1,4 @@
-"""A run's settings: :class:`TrainConfig`, the presets, the LR schedule, autocast.
+"""A run's settings: :class:`TrainConfig`, the presets, the LR schedule.
 
 ``TrainError`` is the user-facing error of the trainer (bad arguments or data): the CLI
 prints it without a traceback. :meth:`TrainConfig.validate` is the one place a setting is
@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import pywt
 import torch
 
 from pdml import ops
@@ -300,8 +300,6 @@ class TrainConfig(SourceSettings):
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise TrainError(f"--max-minutes must be > 0, got {self.max_minutes}")
         if self.wavelet:
-            import pywt
-
             if self.wavelet_name not in pywt.wavelist(kind="discrete"):
                 raise TrainError(f"wavelet_name must be a discrete wavelet of PyWavelets "
                                  f"(db3, ...), got {self.wavelet_name!r}")
@@ -383,10 +381,3 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     if step < const or cfg.decay_steps == 0:
         return 1.0
     return max(0.0, 1.0 - (step - const) / cfg.decay_steps)
-
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])

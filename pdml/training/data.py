@@ -8,10 +8,19 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import DistributedSampler
+from tqdm.auto import tqdm
 
+from pdml.data import (AcquisitionShift, PairedCropDataset, UnpairedCTDataset, builtin_dataset,
+                       read_slices, wavelet_split)
+from pdml.data.layouts import (LayoutError, expand_sources, folder_layout, patient_layout,
+                               source_files, split_patients)
+from pdml.data.pairing import PairingError, describe_unmatched, pair_by_position
+from pdml.data.store import StoreWarning, open_store
 from pdml.training.config import TrainConfig, TrainError
 from pdml.training.distributed import DistInfo, barrier
 from pdml.training.networks import to_network
+from pdml.training.sources import uses_dicom
 
 
 @dataclass
@@ -60,8 +69,6 @@ class HighFrequencyCrops:
     """
 
     def __init__(self, ld_hu, nd_hu, cfg: TrainConfig, split_done: bool = False):
-        from pdml.data import PairedCropDataset, UnpairedCTDataset, wavelet_split
-
         if cfg.wavelet and not split_done:
             ld_hu = wavelet_split(ld_hu, cfg.wavelet_name, cfg.wavelet_level)[1]
             nd_hu = wavelet_split(nd_hu, cfg.wavelet_name, cfg.wavelet_level)[1]
@@ -84,8 +91,6 @@ class HighFrequencyCrops:
 
 def _read_npy(flag: str, sources) -> np.ndarray:
     """Slices of ``.npy`` sources (files, folders of ``.npy``) as float32 [S, H, W] HU."""
-    from pdml.data import read_slices
-
     try:
         return read_slices([str(p) for p in sources])
     except (ValueError, OSError) as e:
@@ -105,17 +110,12 @@ def _spread(count: int, total: int) -> list[int]:
 def _store(cfg: TrainConfig, info: DistInfo, roots: list[Path]):
     """The decoded-slice store (:mod:`pdml.data.store`) of every file under ``roots``: built
     by rank 0 (with a progress bar), then opened read-only by every rank."""
-    from pdml.data.layouts import source_files
-    from pdml.data.store import StoreWarning, open_store
-
     files = source_files(roots)
     if not files:
         raise TrainError(f"no files under {', '.join(map(str, roots))}")
     wavelet = (cfg.wavelet_name, cfg.wavelet_level) if cfg.wavelet else None
     store = None
     if info.is_main:
-        from tqdm.auto import tqdm
-
         with tqdm(total=len(files), desc="decoding DICOM (once; cached)", unit="file",
                   disable=not cfg.progress, leave=False) as bar:
             with warnings.catch_warnings():
@@ -134,8 +134,6 @@ def _store(cfg: TrainConfig, info: DistInfo, roots: list[Path]):
 def _pairs(store, ld_idx, nd_idx, cfg: TrainConfig, flags: tuple) -> list[ValItem]:
     """The held-out LD/ND pairs by position (:mod:`pdml.data.pairing`), ``val_slices`` of
     them spread evenly; unmatched slices are warned about by name."""
-    from pdml.data.pairing import PairingError, describe_unmatched, pair_by_position
-
     try:
         pairing = pair_by_position([store.records[i] for i in ld_idx],
                                    [store.records[i] for i in nd_idx],
@@ -159,9 +157,6 @@ def _pairs(store, ld_idx, nd_idx, cfg: TrainConfig, flags: tuple) -> list[ValIte
 def _dicom_data(cfg: TrainConfig, info: DistInfo) -> "RunData":
     """Training crops and held-out slices of DICOM sources, through the decoded-slice store
     (see :func:`build_data`)."""
-    from pdml.data.layouts import (LayoutError, expand_sources, folder_layout, patient_layout,
-                                   split_patients)
-
     try:
         if cfg.patients is not None:
             roots = {"--patients": expand_sources("--patients", cfg.patients)}
@@ -261,10 +256,6 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> RunData:
       (:mod:`pdml.data.pairing`), else a few LD training slices without a reference.
       ``.npy`` sources are read into memory (no patients, pairs by order).
     """
-    from pdml.data import builtin_dataset
-
-    from pdml.training.sources import uses_dicom
-
     if uses_dicom(cfg):
         return _dicom_data(cfg, info)
     val: list[ValItem] = []
@@ -281,8 +272,6 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> RunData:
     for i in _spread(cfg.val_slices, len(test_ld)):
         val.append(ValItem(test_ld[i], test_truth[i], f"builtin test {i}"))
     if cfg.nd_offset_hu != 0:
-        from pdml.data import AcquisitionShift
-
         nd = AcquisitionShift(offset_hu=cfg.nd_offset_hu)(nd)
     for side, arr in (("LD", ld), ("ND", nd)):
         if min(arr.shape[1:]) < cfg.crop:
@@ -300,8 +289,6 @@ class IndexStream:
     """
 
     def __init__(self, dataset_len: int, info: DistInfo, seed: int):
-        from torch.utils.data import DistributedSampler
-
         if dataset_len < info.world:
             raise TrainError(f"the dataset has {dataset_len} samples, fewer than the "
                              f"{info.world} ranks")

@@ -2,6 +2,7 @@
 say whether the device computes bf16 natively."""
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from dataclasses import dataclass
@@ -168,8 +169,6 @@ def keep_freed_memory() -> bool:
     traffic. The process keeps its peak memory instead of returning it between batches.
     A no-op (False) where the C library is not glibc.
     """
-    import ctypes
-
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(1 << 30))

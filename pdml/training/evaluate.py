@@ -6,10 +6,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from pdml.inference import denoise_hu
+from pdml import classical, metrics
 from pdml.models import FeatureGenerator
 from pdml.training.config import TrainConfig
 from pdml.training.data import ValItem
+from pdml.training.denoise import denoise_hu
 
 
 def denoise_slices(generator: FeatureGenerator, val: Sequence[ValItem], cfg: TrainConfig,
@@ -40,8 +41,6 @@ def evaluate_slices(val: Sequence[ValItem], denoised: Sequence[np.ndarray]) -> d
     std of the image and the HU shift of the denoised slice against its LD input.
     -> ``{name: float or None, ..., "slices": count}``; ``psnr`` is None without a reference.
     """
-    from pdml import metrics
-
     if len(denoised) != len(val):
         raise ValueError(f"denoised must hold one image per held-out slice ({len(val)}), "
                          f"got {len(denoised)}")
@@ -81,8 +80,6 @@ def classical_rows(val: Sequence[ValItem], methods: Sequence[str], tune_every: i
     ``seconds`` and the metrics of :func:`evaluate_slices`; ``denoised`` float32
     ``[S, H, W]`` HU. ValueError when a slice has no reference or slices differ in shape.
     """
-    from pdml import classical
-
     if not val or any(item.nd is None for item in val):
         raise ValueError("val: classical baselines are tuned and scored against references; "
                          "every held-out slice needs one")

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from pdml.training.checkpoint import atomic_write_bytes
+from pdml import metrics
+from pdml._files import atomic_write_bytes
+from pdml._plot import pyplot
+from pdml.classical import SHORT_NAMES, best_available
 from pdml.training.config import RESOLVED_KEY, TrainConfig
+from pdml.training.evaluate import classical_rows, denoise_slices
 
 DISPLAY_WINDOW = (-160.0, 240.0)
 """Soft-tissue display window (HU) of the figures (W 400, L 40)."""
@@ -23,8 +28,7 @@ SLICE_SOURCES = {"held-out": "held-out slices", "validation": "validation slices
 
 def _write_figure(fig, path: Path) -> None:
     """Lay out, render to PNG in memory and write atomically (a killed run leaves no torn PNG)."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -42,13 +46,7 @@ def save_eval_figure(val_item, denoised: np.ndarray, path: Path, step: int,
     with their PSNR, noise std and HU shift against it (:mod:`pdml.metrics`, homogeneous
     ROIs), the numbers the run records for that slice; without one, with their noise std.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from pdml import metrics
-
+    plt = pyplot()
     ld, nd = val_item.ld, val_item.nd
 
     def scored(title, img):
@@ -82,11 +80,6 @@ def classical_comparison(generator, val, cfg: TrainConfig, device, figure: Path,
     tuned on every second slice, scored on all): its row for summary.json, and ``figure``
     (LD | network | classical | reference of slice 0). None when the slices lack references
     or the comparison fails (it never loses the run's summary)."""
-    import warnings
-
-    from pdml.classical import SHORT_NAMES, best_available
-    from pdml.training.evaluate import classical_rows, denoise_slices
-
     if not val or any(item.nd is None for item in val):
         return None
     try:
@@ -129,11 +122,7 @@ def save_loss_figure(metrics_path: Path, path: Path) -> None:
     """PNG of the run over its steps, from ``metrics.jsonl`` (resumed runs included): the
     training losses and, when the run evaluated, the PSNR and HU shift of each evaluation
     (denoised and LD input)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     records = {"train": [], "eval": []}
     for line in Path(metrics_path).read_text().splitlines():
         try:
@@ -181,8 +170,6 @@ def write_config(run_dir: Path, cfg: TrainConfig, resolved: dict) -> None:
 def write_report(run_dir: Path, summary: dict, cfg: TrainConfig, stream=None) -> None:
     """The end of a run: ``figures/losses.png``, ``summary.json`` and, on ``stream`` when
     given, the summary table (:func:`format_summary`)."""
-    import warnings
-
     try:
         save_loss_figure(run_dir / "metrics.jsonl", run_dir / "figures" / "losses.png")
     except Exception as e:  # a figure must never lose the summary

@@ -19,12 +19,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
 from pdml.training.checkpoint import (checkpoint_config, checkpoint_dict, load_checkpoint,
                                       load_training_state, save_checkpoint)
-from pdml.training.config import (NonFiniteLossError, TrainConfig, TrainError, autocast,
-                                  lr_factor, resumed_config)
+from pdml.training.config import (NonFiniteLossError, TrainConfig, TrainError, lr_factor,
+                                  resumed_config)
 from pdml.training.data import IndexStream, build_data
+from pdml.training.denoise import autocast
 from pdml.training.distributed import (any_rank, barrier, choose_cpu_threads, gather_objects,
                                        init_distributed, launch_rank, ranks_hold_same_parameters)
 from pdml.training.evaluate import denoise_slices, evaluate_slices
@@ -269,8 +271,6 @@ class TrainingRun:
     # ---------------------------------------------------------------- main loop
     def run(self) -> dict:
         """Train to ``cfg.steps`` (or the time budget, or a stop signal); -> the summary."""
-        from tqdm.auto import tqdm
-
         start_step, started = self.step, time.time()
         bar = tqdm(total=self.cfg.steps, initial=start_step, desc="pdml-train", unit="step",
                    dynamic_ncols=True, disable=not (self.info.is_main and self.cfg.progress),

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from pdml.training.checkpoint import TEMP_NAME
+from pdml._files import TEMP_NAME
 from pdml.training.config import TrainError
 
 LOCK_NAME = ".pdml-train.lock"
@@ -128,9 +128,10 @@ class RunLock:
 
 
 def remove_stale_temp_files(run_dir) -> list[Path]:
-    """Remove the temporary files of ``atomic_write_bytes`` (``.NAME.tmp-PID``) in ``run_dir`` and its
-    ``checkpoints/`` and ``figures/``; -> the removed paths. Call it holding the run's
-    lock: only the holder writes there, so every such file is a killed writer's leftover."""
+    """Remove the temporary files of :func:`pdml._files.atomic_write_bytes` (``.NAME.tmp-PID``)
+    in ``run_dir`` and its ``checkpoints/`` and ``figures/``; -> the removed paths. Call it
+    holding the run's lock: only the holder writes there, so every such file is a killed
+    writer's leftover."""
     removed = []
     for folder in (Path(run_dir), Path(run_dir) / "checkpoints", Path(run_dir) / "figures"):
         if not folder.is_dir():

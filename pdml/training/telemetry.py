@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 
+import pynvml
 import torch
 
 from pdml.backends.registry import device_index
@@ -18,8 +19,6 @@ class GpuTelemetry:
         if device.type != "cuda":
             return
         try:
-            import pynvml
-
             pynvml.nvmlInit()
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index(device))
             self._nvml = pynvml
