@@ -81,6 +81,21 @@ __device__ __forceinline__ void fma_register_block(float (&acc)[kPer][kPer], con
     for (int j = 0; j < kPer; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
 }
 
+// out[r, c] += acc[i][j] at the thread's rows r = row + 16·i and columns c = col + 16·j
+// of a row-major [rows, cols] matrix, those inside it only.
+__device__ __forceinline__ void add_register_block(float* out, const float (&acc)[kPer][kPer], int64_t row,
+                                                   int64_t col, int64_t rows, int64_t cols) {
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int64_t r = row + 16 * i;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int64_t c = col + 16 * j;
+      if (r < rows && c < cols) out[r * cols + c] += acc[i][j];
+    }
+  }
+}
+
 // ------------------------------------------------------------------ gather / scatter
 
 // One warp per row r = b·N + i: rows[r] = fmap[b, :, ids[i]] / (‖·‖ + eps).
@@ -198,11 +213,7 @@ __global__ void __launch_bounds__(kThreads) tile_sweep_kernel(SweepArgs args) {
 
   for (int64_t col0 = 0; col0 < n; col0 += kTile) {
     // S tile = A_I B_Jᵀ, 16 channels at a time through shared memory.
-    float s[kPer][kPer];
-#pragma unroll
-    for (int i = 0; i < kPer; ++i)
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) s[i][j] = 0.f;
+    float s[kPer][kPer] = {};
     for (int64_t k0 = 0; k0 < channels; k0 += kChunk) {
 #pragma unroll
       for (int l = 0; l < kTile * kChunk / kThreads; ++l) {
@@ -270,21 +281,9 @@ __global__ void __launch_bounds__(kThreads) tile_sweep_kernel(SweepArgs args) {
             v_s[jj][cc] = (rb < n && ch < channels) ? b[rb * channels + ch] : 0.f;
           }
           __syncthreads();
-          float o[kPer][kPer];
-#pragma unroll
-          for (int i = 0; i < kPer; ++i)
-#pragma unroll
-            for (int j = 0; j < kPer; ++j) o[i][j] = 0.f;
+          float o[kPer][kPer] = {};
           for (int jj = 0; jj < kTile; ++jj) fma_register_block(o, &w_s[ty][jj], 16 * (kTile + 1), &v_s[jj][tx]);
-#pragma unroll
-          for (int i = 0; i < kPer; ++i) {
-            const int64_t row = row0 + ty + 16 * i;
-#pragma unroll
-            for (int j = 0; j < kPer; ++j) {
-              const int64_t ch = c0 + tx + 16 * j;
-              if (row < n && ch < channels) grad[row * channels + ch] += o[i][j];
-            }
-          }
+          add_register_block(grad, o, row0 + ty, c0 + tx, n, channels);
           __syncthreads();
         }
       }

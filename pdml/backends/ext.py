@@ -180,18 +180,25 @@ def _(grad, d_q, d_k, fq, fk, ids):
     return fq.new_empty(fq.shape), fk.new_empty(fk.shape)
 
 
-def _patch_metric_setup(ctx, inputs, output):
-    fq, fk, ids, tau, groups, compute_grad = inputs
-    ctx.save_for_backward(fq, fk, ids, output[1], output[2])
+def _metric_setup(ctx, inputs, output):
+    """setup_context of both metric ops (map and rows form): their feature inputs (and ids)
+    and the gradients ``d_q``, ``d_k`` the forward kept."""
+    *features, tau, groups, compute_grad = inputs
+    ctx.save_for_backward(*features, output[1], output[2])
     ctx.tau, ctx.groups, ctx.compute_grad = tau, groups, compute_grad
     ctx.mark_non_differentiable(output[1], output[2])
 
 
-@_autograd("patch_metric", _patch_metric_setup)
-def _patch_metric_grad(ctx, grad, _grad_d_q, _grad_d_k):
+def _check_kept_grads(ctx, op: str) -> None:
+    """A metric op's backward scales the gradients its forward kept: none without compute_grad."""
     if not ctx.compute_grad:
-        raise RuntimeError("pdml::patch_metric ran with compute_grad=False, so it has no "
+        raise RuntimeError(f"pdml::{op} ran with compute_grad=False, so it has no "
                            "gradient to give; call it with compute_grad=True")
+
+
+@_autograd("patch_metric", _metric_setup)
+def _patch_metric_grad(ctx, grad, _grad_d_q, _grad_d_k):
+    _check_kept_grads(ctx, "patch_metric")
     fq, fk, ids, d_q, d_k = ctx.saved_tensors
     if creating_graph():
         return tuple(reference_grads(reference.map_metric, (fq, fk, ids, ctx.tau, ctx.groups, None),
@@ -298,18 +305,9 @@ def _(feat_q, feat_k, tau, groups, compute_grad):
     return feat_q.new_empty((), dtype=acc), feat_q.new_empty(shape, dtype=acc), feat_q.new_empty(shape, dtype=acc)
 
 
-def _patch_metric_rows_setup(ctx, inputs, output):
-    feat_q, feat_k, tau, groups, compute_grad = inputs
-    ctx.save_for_backward(feat_q, feat_k, output[1], output[2])
-    ctx.tau, ctx.groups, ctx.compute_grad = tau, groups, compute_grad
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-@_autograd("patch_metric_rows", _patch_metric_rows_setup)
+@_autograd("patch_metric_rows", _metric_setup)
 def _patch_metric_rows_grad(ctx, grad, _grad_d_q, _grad_d_k):
-    if not ctx.compute_grad:
-        raise RuntimeError("pdml::patch_metric_rows ran with compute_grad=False, so it has no "
-                           "gradient to give; call it with compute_grad=True")
+    _check_kept_grads(ctx, "patch_metric_rows")
     feat_q, feat_k, d_q, d_k = ctx.saved_tensors
     if creating_graph():
         return tuple(reference_grads(reference.rows_metric, (feat_q, feat_k, ctx.tau, ctx.groups, None),
