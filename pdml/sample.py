@@ -38,7 +38,7 @@ def draw_patch_ids(hw: int, num_patches: int, device: torch.device,
     """``min(num_patches, hw)`` distinct flat positions in ``[0, hw)``, int64 ``[N]`` on
     ``device``: the first entries of ``torch.randperm(hw)`` drawn by the RNG of
     ``rng_device`` (the CPU's by default; CUT's sampler draws on its first map's device)."""
-    return torch.randperm(hw, device=rng_device)[:min(num_patches, hw)].to(device)
+    return torch.randperm(hw, device=rng_device)[:int(min(num_patches, hw))].to(device)
 
 
 def normalise_patch_rows(rows: Tensor, dim: int = -1) -> Tensor:
@@ -109,7 +109,7 @@ class PatchSampleF(nn.Module):
       ``min(num_patches, H_l·W_l)`` entries of ``torch.randperm(H_l·W_l)`` on ``feats[0]``'s
       device (int64, the same for every image); ``return_feats[l]`` is ``[B·N_l, D]``, row
       ``b·N_l + i`` from pixel ``ids[i]`` of image ``b`` (``D = nc`` with the MLP, else
-      ``C_l``), L2-normalised per row.
+      ``C_l``), L2-normalised per row (in float32 at least, :func:`normalise_patch_rows`).
     - ``num_patches == 0``: every pixel, ``return_ids[l] = []``, ``return_feats[l]`` is
       ``[B, D, H_l, W_l]`` normalised as CUT does it (over dim 1 of the ``[B, H·W, D]``
       pixel rows, i.e. over the pixels).
