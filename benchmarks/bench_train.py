@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import harness
 from pdml import ops, reference
+from pdml.sample import normalise_patch_rows
 from pdml.training import TrainingRun, make_config
 from pdml.training import step as train_step
 
@@ -42,7 +43,7 @@ def project_full_maps(heads, q_maps, k_maps, ids, backend="auto"):
     def rows(maps):
         projected = heads(maps)  # [B, D, H, W] per layer
         gathered = [reference.gather_rows(p, i).flatten(0, 1) for p, i in zip(projected, ids)]
-        return train_step.normalise_patch_rows(torch.cat(gathered))
+        return normalise_patch_rows(torch.cat(gathered))
 
     return rows(q_maps), rows(k_maps)
 

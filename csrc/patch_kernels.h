@@ -19,11 +19,11 @@ namespace pdml {
 
 #define PDML_DECLARE_KERNELS                                                                   \
   /* gather + normalise: -> (rows_hat [B*N, C] acc, norms [B*N] acc) */                        \
-  std::tuple<at::Tensor, at::Tensor> gather_normalize(const at::Tensor& fmap,                 \
+  std::tuple<at::Tensor, at::Tensor> gather_normalise(const at::Tensor& fmap,                 \
                                                       const at::Tensor& ids);                 \
   /* backward of gather + normalise: d_rows [B*N, C] acc (∂L/∂rows_hat) -> ∂L/∂fmap,          \
      zero outside the gathered positions, contiguous, in the dtype of the features */        \
-  at::Tensor normalize_backward_scatter(const at::Tensor& d_rows, const at::Tensor& rows_hat, \
+  at::Tensor normalise_backward_scatter(const at::Tensor& d_rows, const at::Tensor& rows_hat, \
                                         const at::Tensor& norms, const at::Tensor& ids,       \
                                         at::IntArrayRef map_sizes, at::ScalarType out_dtype); \
   /* PatchNCE: -> (loss [G*n] acc, lse [G*n] acc: the per-row logsumexp the backward needs) */ \

@@ -137,7 +137,7 @@ PDML_HD acc_t inv_norm_plus_eps(acc_t norm) {
 
 // One normalised entry, x / (‖x‖ + eps), divided exactly as CUT does.
 template <typename acc_t>
-PDML_HD acc_t normalized(acc_t x, acc_t norm) {
+PDML_HD acc_t normalised(acc_t x, acc_t norm) {
   return x / (norm + acc_t(kNormEps));
 }
 
@@ -146,14 +146,14 @@ PDML_HD acc_t normalized(acc_t x, acc_t norm) {
 // written as  ∂L/∂x_c = g_c · scale_g − x̂_c · scale_xhat.
 // At n = 0 the second term is 0 (torch's norm backward masks a zero norm the same way).
 template <typename acc_t>
-struct NormalizeBackwardScales {
+struct NormaliseBackwardScales {
   acc_t scale_g;
   acc_t scale_xhat;
 };
 
 template <typename acc_t>
-PDML_HD NormalizeBackwardScales<acc_t> normalize_backward_scales(acc_t norm, acc_t g_dot_xhat) {
-  NormalizeBackwardScales<acc_t> s;
+PDML_HD NormaliseBackwardScales<acc_t> normalise_backward_scales(acc_t norm, acc_t g_dot_xhat) {
+  NormaliseBackwardScales<acc_t> s;
   s.scale_g = inv_norm_plus_eps(norm);
   s.scale_xhat = norm > acc_t(0) ? g_dot_xhat / norm : acc_t(0);
   return s;

@@ -76,8 +76,8 @@ std::tuple<Tensor, Tensor> patch_nce(const Tensor& fq, const Tensor& fk, const T
                                      double tau, int64_t groups) {
   check_map(fq, fk, ids);
   const int64_t g = check_map_groups(fq, groups);
-  auto [q, q_norm] = PDML_ON_DEVICE(fq, gather_normalize, fq, ids);
-  auto [k, k_norm] = PDML_ON_DEVICE(fk, gather_normalize, fk, ids);
+  auto [q, q_norm] = PDML_ON_DEVICE(fq, gather_normalise, fq, ids);
+  auto [k, k_norm] = PDML_ON_DEVICE(fk, gather_normalise, fk, ids);
   return PDML_ON_DEVICE(fq, nce_forward, q.view({g, -1, q.size(1)}), k.view({g, -1, k.size(1)}), tau);
 }
 
@@ -85,13 +85,13 @@ Tensor patch_nce_backward(const Tensor& grad_loss, const Tensor& fq, const Tenso
                           const Tensor& loss, const Tensor& lse, double tau, int64_t groups) {
   check_map(fq, fk, ids);
   const int64_t g = check_map_groups(fq, groups);
-  auto [q, q_norm] = PDML_ON_DEVICE(fq, gather_normalize, fq, ids);
-  auto [k, k_norm] = PDML_ON_DEVICE(fk, gather_normalize, fk, ids);
+  auto [q, q_norm] = PDML_ON_DEVICE(fq, gather_normalise, fq, ids);
+  auto [k, k_norm] = PDML_ON_DEVICE(fk, gather_normalise, fk, ids);
   const int64_t c = q.size(1);
   Tensor dq = PDML_ON_DEVICE(fq, nce_backward, q.view({g, -1, c}), k.view({g, -1, c}),
                              loss.to(q.scalar_type()).contiguous(), lse.to(q.scalar_type()).contiguous(), tau);
   dq = dq.view({-1, c}).mul_(grad_loss.to(q.scalar_type()).reshape({-1, 1}));
-  return PDML_ON_DEVICE(fq, normalize_backward_scatter, dq, q, q_norm, ids, fq.sizes(), fq.scalar_type());
+  return PDML_ON_DEVICE(fq, normalise_backward_scatter, dq, q, q_norm, ids, fq.sizes(), fq.scalar_type());
 }
 
 // PatchMetric computes its gradient in the forward sweep (see cpu/patch_kernels_cpu.cpp):
@@ -101,8 +101,8 @@ std::tuple<Tensor, Tensor, Tensor> patch_metric(const Tensor& fq, const Tensor& 
                                                 double tau, int64_t groups, bool compute_grad) {
   check_map(fq, fk, ids);
   const int64_t g = check_map_groups(fq, groups);
-  auto [q, q_norm] = PDML_ON_DEVICE(fq, gather_normalize, fq, ids);
-  auto [k, k_norm] = PDML_ON_DEVICE(fk, gather_normalize, fk, ids);
+  auto [q, q_norm] = PDML_ON_DEVICE(fq, gather_normalise, fq, ids);
+  auto [k, k_norm] = PDML_ON_DEVICE(fk, gather_normalise, fk, ids);
   const int64_t c = q.size(1);
   auto [loss, dq, dk] = PDML_ON_DEVICE(fq, metric_forward, q.view({g, -1, c}), k.view({g, -1, c}), tau,
                                        compute_grad);
@@ -116,22 +116,22 @@ std::tuple<Tensor, Tensor, Tensor> patch_metric(const Tensor& fq, const Tensor& 
 std::tuple<Tensor, Tensor> patch_metric_backward(const Tensor& grad, const Tensor& d_q, const Tensor& d_k,
                                                  const Tensor& fq, const Tensor& fk, const Tensor& ids) {
   check_map(fq, fk, ids);
-  auto [q, q_norm] = PDML_ON_DEVICE(fq, gather_normalize, fq, ids);
-  auto [k, k_norm] = PDML_ON_DEVICE(fk, gather_normalize, fk, ids);
+  auto [q, q_norm] = PDML_ON_DEVICE(fq, gather_normalise, fq, ids);
+  auto [k, k_norm] = PDML_ON_DEVICE(fk, gather_normalise, fk, ids);
   TORCH_CHECK(d_q.sizes() == q.sizes() && d_k.sizes() == k.sizes(),
               "patch_metric_backward: d_q/d_k must be the [B·N, C] rows patch_metric returned");
   const Tensor scale = grad.to(q.scalar_type());  // 0-dim: no host sync on CUDA
   const Tensor dq = d_q.to(q.scalar_type()).mul(scale), dk = d_k.to(k.scalar_type()).mul(scale);
-  return {PDML_ON_DEVICE(fq, normalize_backward_scatter, dq, q, q_norm, ids, fq.sizes(), fq.scalar_type()),
-          PDML_ON_DEVICE(fk, normalize_backward_scatter, dk, k, k_norm, ids, fk.sizes(), fk.scalar_type())};
+  return {PDML_ON_DEVICE(fq, normalise_backward_scatter, dq, q, q_norm, ids, fq.sizes(), fq.scalar_type()),
+          PDML_ON_DEVICE(fk, normalise_backward_scatter, dk, k, k_norm, ids, fk.sizes(), fk.scalar_type())};
 }
 
 // The similarity IS the [B, N, N] output, so it is a plain batched product of the rows.
 Tensor patch_similarity(const Tensor& fq, const Tensor& fk, const Tensor& ids) {
   check_map(fq, fk, ids);
   const int64_t b = fq.size(0), n = ids.numel();
-  auto [q, q_norm] = PDML_ON_DEVICE(fq, gather_normalize, fq, ids);
-  auto [k, k_norm] = PDML_ON_DEVICE(fk, gather_normalize, fk, ids);
+  auto [q, q_norm] = PDML_ON_DEVICE(fq, gather_normalise, fq, ids);
+  auto [k, k_norm] = PDML_ON_DEVICE(fk, gather_normalise, fk, ids);
   return at::bmm(q.view({b, n, -1}), k.view({b, n, -1}).transpose(1, 2));
 }
 
@@ -139,14 +139,14 @@ std::tuple<Tensor, Tensor> patch_similarity_backward(const Tensor& grad, const T
                                                      const Tensor& fk, const Tensor& ids) {
   check_map(fq, fk, ids);
   const int64_t b = fq.size(0), n = ids.numel();
-  auto [q, q_norm] = PDML_ON_DEVICE(fq, gather_normalize, fq, ids);
-  auto [k, k_norm] = PDML_ON_DEVICE(fk, gather_normalize, fk, ids);
+  auto [q, q_norm] = PDML_ON_DEVICE(fq, gather_normalise, fq, ids);
+  auto [k, k_norm] = PDML_ON_DEVICE(fk, gather_normalise, fk, ids);
   const int64_t c = q.size(1);
   const Tensor g = grad.to(q.scalar_type());
   const Tensor dq = at::bmm(g, k.view({b, n, c})).view({-1, c});
   const Tensor dk = at::bmm(g.transpose(1, 2), q.view({b, n, c})).view({-1, c});
-  return {PDML_ON_DEVICE(fq, normalize_backward_scatter, dq, q, q_norm, ids, fq.sizes(), fq.scalar_type()),
-          PDML_ON_DEVICE(fk, normalize_backward_scatter, dk, k, k_norm, ids, fk.sizes(), fk.scalar_type())};
+  return {PDML_ON_DEVICE(fq, normalise_backward_scatter, dq, q, q_norm, ids, fq.sizes(), fq.scalar_type()),
+          PDML_ON_DEVICE(fk, normalise_backward_scatter, dk, k, k_norm, ids, fk.sizes(), fk.scalar_type())};
 }
 
 // ------------------------------------------------------------------------- rows form

@@ -63,7 +63,7 @@ def row_norms(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.linalg.vector_norm(x * torch.ldexp(one, -exponent), dim=dim, keepdim=True) * torch.ldexp(one, exponent)
 
 
-def normalize_rows(x: torch.Tensor, eps: float = NORM_EPS, dim: int = -1) -> torch.Tensor:
+def normalise_rows(x: torch.Tensor, eps: float = NORM_EPS, dim: int = -1) -> torch.Tensor:
     """CUT's Normalize along ``dim`` (default: the last, the rows' channels):
     ``x / (‖x‖₂ + eps)`` with the overflow-safe norm of :func:`row_norms`; same shape and dtype."""
     return x / (row_norms(x, dim) + eps)
@@ -124,8 +124,8 @@ def metric_row_terms(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tens
 def _map_rows(fq, fk, ids, compute_dtype):
     """Gather + normalise both maps -> two ``[B, N, C]`` row tensors in compute dtype."""
     cdt = _compute_dtype(fq, compute_dtype)
-    q = normalize_rows(gather_rows(fq, ids).to(cdt))
-    k = normalize_rows(gather_rows(fk, ids).to(cdt))
+    q = normalise_rows(gather_rows(fq, ids).to(cdt))
+    k = normalise_rows(gather_rows(fk, ids).to(cdt))
     return q, k
 
 

@@ -11,6 +11,11 @@ random ids for the same RNG state, the same initialisation and the same paramete
 The difference is the cost: with ``use_mlp`` the first linear layer reads only the sampled
 pixels' channels of each map (no permuted copy of the map) and its backward writes the map
 gradient only at those pixels.
+
+The trainer (:mod:`pdml.training.step`) samples its loss rows through the same three
+functions: :func:`draw_patch_ids` (the positions), :func:`sampled_rows` (gather, project by a
+head, normalise) and :func:`normalise_patch_rows` (CUT's Normalize with one precision
+rule: float32 at least).
 """
 from __future__ import annotations
 
@@ -26,6 +31,35 @@ from pdml import _validation, reference
 from pdml.models.heads import ProjectionHead
 
 INIT_TYPES = ("normal", "xavier", "kaiming", "orthogonal")
+
+
+def draw_patch_ids(hw: int, num_patches: int, device: torch.device,
+                   rng_device: Optional[torch.device] = None) -> Tensor:
+    """``min(num_patches, hw)`` distinct flat positions in ``[0, hw)``, int64 ``[N]`` on
+    ``device``: the first entries of ``torch.randperm(hw)`` drawn by the RNG of
+    ``rng_device`` (the CPU's by default; CUT's sampler draws on its first map's device)."""
+    return torch.randperm(hw, device=rng_device)[:int(min(num_patches, hw))].to(device)
+
+
+def normalise_patch_rows(rows: Tensor, dim: int = -1) -> Tensor:
+    """CUT's Normalize ``x / (‖x‖₂ + 1e-7)`` along ``dim`` (:func:`pdml.reference.normalise_rows`),
+    computed in float32 at least (half rows from autocast are widened, float64 stays) and
+    returned in the rows' dtype: the one precision rule of sampled rows."""
+    wide = rows if rows.dtype == torch.float64 else rows.float()
+    return reference.normalise_rows(wide, dim=dim).to(rows.dtype)
+
+
+def sampled_rows(fmap: Tensor, ids: Tensor, head: Optional[ProjectionHead] = None,
+                 backend: str = "auto") -> Tensor:
+    """The normalised rows ``[B·N, D]`` of ``fmap [B, F, H, W]`` at the pixels ``ids [N]``,
+    row ``b·N + i`` from pixel ``ids[i]`` of image ``b``: projected by ``head`` (its first
+    layer fused with the gather, :meth:`ProjectionHead.forward_sampled`, run by ``backend``;
+    ``D`` = its output width) or, without a head, the map's own channels (``D = F``)."""
+    if head is not None:
+        rows = head.forward_sampled(fmap, ids, backend=backend)
+    else:
+        rows = reference.gather_rows(fmap, ids).flatten(0, 1)
+    return normalise_patch_rows(rows)
 
 
 def init_weights(net: nn.Module, init_type: str = "normal", init_gain: float = 0.02) -> None:
@@ -75,7 +109,7 @@ class PatchSampleF(nn.Module):
       ``min(num_patches, H_l·W_l)`` entries of ``torch.randperm(H_l·W_l)`` on ``feats[0]``'s
       device (int64, the same for every image); ``return_feats[l]`` is ``[B·N_l, D]``, row
       ``b·N_l + i`` from pixel ``ids[i]`` of image ``b`` (``D = nc`` with the MLP, else
-      ``C_l``), L2-normalised per row.
+      ``C_l``), L2-normalised per row (in float32 at least, :func:`normalise_patch_rows`).
     - ``num_patches == 0``: every pixel, ``return_ids[l] = []``, ``return_feats[l]`` is
       ``[B, D, H_l, W_l]`` normalised as CUT does it (over dim 1 of the ``[B, H·W, D]``
       pixel rows, i.e. over the pixels).
@@ -144,20 +178,16 @@ class PatchSampleF(nn.Module):
                     ids = _validation.check_ids(torch.as_tensor(patch_id, device=feat.device), feat,
                                                 name=f"patch_ids[{feat_id}]", values=mlp is None)
                 else:
-                    patch_id = torch.randperm(height * width, device=feats[0].device)
-                    patch_id = patch_id[:int(min(num_patches, patch_id.shape[0]))]
+                    # CUT draws on (and hands back ids on) its first map's device
+                    patch_id = draw_patch_ids(height * width, num_patches, feats[0].device, rng_device=feats[0].device)
                     ids = patch_id.to(feat.device)
-                if mlp is not None:
-                    rows = mlp.forward_sampled(feat, ids, backend=self.backend)
-                else:
-                    rows = reference.gather_rows(feat, ids).flatten(0, 1)
-                x_sample = reference.normalize_rows(rows, dim=1)
+                x_sample = sampled_rows(feat, ids, mlp, self.backend)
             else:
                 patch_id = []
                 pixels = feat.permute(0, 2, 3, 1).flatten(1, 2)  # [B, H·W, C]
                 if mlp is not None:
                     pixels = mlp(pixels)
-                pixels = reference.normalize_rows(pixels, dim=1)  # CUT normalises dim 1 here: the pixels
+                pixels = normalise_patch_rows(pixels, dim=1)  # CUT normalises dim 1 here: the pixels
                 x_sample = pixels.permute(0, 2, 1).reshape(batch, pixels.shape[-1], height, width)
             return_ids.append(patch_id)
             return_feats.append(x_sample)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import init
 
 
-def cut_normalize(x):
+def cut_normalise(x):
     """CUT's Normalize(2): the 2-norm over dim 1, plus 1e-7."""
     norm = x.pow(2).sum(1, keepdim=True).pow(1.0 / 2)
     return x.div(norm + 1e-7)
@@ -85,7 +85,7 @@ class CutPatchSampleF(nn.Module):
             if self.use_mlp:
                 x_sample = getattr(self, "mlp_%d" % feat_id)(x_sample)
             return_ids.append(patch_id)
-            x_sample = cut_normalize(x_sample)
+            x_sample = cut_normalise(x_sample)
             if num_patches == 0:
                 x_sample = x_sample.permute(0, 2, 1).reshape([B, x_sample.shape[-1], H, W])
             return_feats.append(x_sample)

@@ -40,7 +40,7 @@ def make_maps(shape, dtype, device="cpu", seed=0):
 
 
 def map_to_rows(fmap, ids):
-    return reference.normalize_rows(reference.gather_rows(fmap.double(), ids)).flatten(0, 1).to(fmap.dtype)
+    return reference.normalise_rows(reference.gather_rows(fmap.double(), ids)).flatten(0, 1).to(fmap.dtype)
 
 
 def loss_and_grads(fn, inputs, seed=1):

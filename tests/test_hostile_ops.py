@@ -244,7 +244,7 @@ def test_normalisation_is_the_unscaled_formula_where_that_does_not_overflow(dtyp
     """Scaling by powers of two is exact: the same numbers as CUT's plain formula."""
     x = (torch.randn(50, 33, dtype=torch.float64) * torch.logspace(-6, 6, 50, dtype=torch.float64)[:, None]).to(dtype)
     plain = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + reference.NORM_EPS)
-    assert torch.equal(reference.normalize_rows(x), plain)
+    assert torch.equal(reference.normalise_rows(x), plain)
     if dtype != torch.float64:
         return
     if ext_backend.LOAD_ERROR is None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from pdml import ops, reference  # noqa: E402
-from pdml.kernels import kernel_module  # noqa: E402
+from pdml.kernels.patch_loss_launch import kernels as kernel_module  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -272,8 +272,8 @@ def test_layers_entry_is_one_launch_and_matches_per_layer(op, form, interpreter,
 def test_launch_runs_under_the_tensors_device_guard(interpreter, monkeypatch):
     """Every launch enters ``launch_guard`` of its tensors; for a compiled launch on cuda:1
     that is ``torch.cuda.device(cuda:1)`` (mocked: no GPU needed), for CPU tensors nothing."""
-    from pdml import kernels
-    from pdml.kernels import launch
+    from pdml.kernels import patch_loss_launch as launch
+    from pdml.kernels import runtime as kernels
 
     entered = []
 
@@ -333,7 +333,7 @@ def test_interpreted_launches_leave_triton_language_as_they_found_it(interpreter
 def test_grid_folds_groups_and_checks_cuda_limits():
     """Groups are folded into grid axis 0 (limit 2^31 - 1), so 10^6 groups (far more than
     axis 1's 65535) launch; beyond axis 0's limit a ValueError comes before any launch."""
-    from pdml.kernels import launch
+    from pdml.kernels import patch_loss_launch as launch
 
     tiles = launch.Tiles(32, 32, 32, 8, 1)
     assert launch.loss_grid(10 ** 6, 128, 1000, tiles, backward=True) == (4 * 10 ** 6, 32)
@@ -350,7 +350,7 @@ def test_grid_folds_groups_and_checks_cuda_limits():
 def test_metric_launch_groups_average_stacked_layers(form, interpreter):
     """``metric_forward(..., groups)``: ``v.sum()`` is the mean over all rows of all groups,
     so two layers stacked as 2·G groups give the mean of the two layers' losses."""
-    from pdml.kernels import launch
+    from pdml.kernels import patch_loss_launch as launch
 
     layers = [_make_inputs(form, 3, 19, 24, torch.float32, seed=60 + s) for s in range(2)]
     q = torch.cat([layer[0] for layer in layers])
@@ -372,7 +372,7 @@ def test_channels_in_several_chunks_match_float64_reference(op, interpreter):
     """C = 300 runs in 128-channel chunks (the interpreter's chunk; 3 chunks, the last one
     partial): norms from the pre-pass, similarities summed over chunks, gradients written
     chunk by chunk; q and k in different memory layouts."""
-    from pdml.kernels import launch
+    from pdml.kernels import patch_loss_launch as launch
 
     assert launch.tiles_for(torch.float32, 37, 300, True, f"{op}_forward_kernel").block_c == 128
     fq, fk, ids = _make_inputs("map", 2, 37, 300, torch.float32, seed=300, strided=True)

@@ -17,7 +17,8 @@ pytest.importorskip("triton", reason="triton cannot be imported")
 
 import torch  # noqa: E402
 
-from pdml.kernels import aot, launch  # noqa: E402
+from pdml.kernels import aot  # noqa: E402
+from pdml.kernels import patch_loss_launch as launch  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not aot.library_compiles(),

@@ -208,7 +208,7 @@ void combine_rows(acc_t* out, const acc_t* a, acc_t a_scale, const acc_t* b, acc
 
 // ------------------------------------------------------------------ gather / scatter
 
-std::tuple<Tensor, Tensor> gather_normalize(const Tensor& fmap, const Tensor& ids) {
+std::tuple<Tensor, Tensor> gather_normalise(const Tensor& fmap, const Tensor& ids) {
   const auto acc = fmap.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t batch = fmap.size(0), channels = fmap.size(1), width = fmap.size(3);
   const int64_t n = ids.numel();
@@ -217,7 +217,7 @@ std::tuple<Tensor, Tensor> gather_normalize(const Tensor& fmap, const Tensor& id
   const Tensor ids_c = ids.contiguous();
   const int64_t* id = ids_c.const_data_ptr<int64_t>();
   const int64_t sb = fmap.stride(0), sc = fmap.stride(1), sh = fmap.stride(2), sw = fmap.stride(3);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fmap.scalar_type(), "pdml_gather_normalize", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fmap.scalar_type(), "pdml_gather_normalise", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* src = fmap.const_data_ptr<scalar_t>();
     acc_t* out = rows.data_ptr<acc_t>();
@@ -239,7 +239,7 @@ std::tuple<Tensor, Tensor> gather_normalize(const Tensor& fmap, const Tensor& id
           sumsq += v * v;
         }
         const acc_t norm = math::norm_from_scaled_sumsq(sumsq, scale);
-        for (int64_t c = 0; c < channels; ++c) y[c] = math::normalized(y[c], norm);
+        for (int64_t c = 0; c < channels; ++c) y[c] = math::normalised(y[c], norm);
         out_norm[r] = norm;
       }
     });
@@ -247,7 +247,7 @@ std::tuple<Tensor, Tensor> gather_normalize(const Tensor& fmap, const Tensor& id
   return {rows, norms};
 }
 
-Tensor normalize_backward_scatter(const Tensor& d_rows, const Tensor& rows_hat, const Tensor& norms,
+Tensor normalise_backward_scatter(const Tensor& d_rows, const Tensor& rows_hat, const Tensor& norms,
                                   const Tensor& ids, at::IntArrayRef map_sizes, at::ScalarType out_dtype) {
   const int64_t channels = map_sizes[1], hw = map_sizes[2] * map_sizes[3];
   const int64_t n = ids.numel(), rows = d_rows.size(0);
@@ -255,7 +255,7 @@ Tensor normalize_backward_scatter(const Tensor& d_rows, const Tensor& rows_hat, 
   const Tensor g_c = d_rows.contiguous(), x_c = rows_hat.contiguous(), n_c = norms.contiguous();
   const Tensor ids_c = ids.contiguous();
   const int64_t* id = ids_c.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "pdml_normalize_backward_scatter", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "pdml_normalise_backward_scatter", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     TORCH_INTERNAL_ASSERT(g_c.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
     const acc_t* g = g_c.const_data_ptr<acc_t>();
@@ -267,7 +267,7 @@ Tensor normalize_backward_scatter(const Tensor& d_rows, const Tensor& rows_hat, 
       for (int64_t r = r0; r < r1; ++r) {
         const acc_t* gr = g + r * channels;
         const acc_t* xr = xhat + r * channels;
-        const auto s = math::normalize_backward_scales(norm[r], row_dot(gr, xr, channels));
+        const auto s = math::normalise_backward_scales(norm[r], row_dot(gr, xr, channels));
         scalar_t* dst = out + (r / n) * channels * hw + id[r % n];
         for (int64_t c = 0; c < channels; ++c) {
           dst[c * hw] = static_cast<scalar_t>(gr[c] * s.scale_g - xr[c] * s.scale_xhat);

@@ -63,11 +63,44 @@ __device__ __forceinline__ float row16_max(float v) {
   return v;
 }
 
+// One step of a tile product in a thread's kPer×kPer register block (rows ty + 16·i,
+// columns tx + 16·j): acc[i][j] += a[i·a_stride] · b[16·j] in float32 FMAs. `a` points
+// into shared memory at the operand of the thread's first row, `a_stride` elements apart
+// from row to row (its tiles store rows along either axis); `b` at the operand of its
+// first column, the columns 16 elements apart.
+__device__ __forceinline__ void fma_register_block(float (&acc)[kPer][kPer], const float* a, int a_stride,
+                                                   const float* b) {
+  float av[kPer], bv[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) av[i] = a[i * a_stride];
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) bv[j] = b[16 * j];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i)
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+}
+
+// out[r, c] += acc[i][j] at the thread's rows r = row + 16·i and columns c = col + 16·j
+// of a row-major [rows, cols] matrix, those inside it only.
+__device__ __forceinline__ void add_register_block(float* out, const float (&acc)[kPer][kPer], int64_t row,
+                                                   int64_t col, int64_t rows, int64_t cols) {
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int64_t r = row + 16 * i;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int64_t c = col + 16 * j;
+      if (r < rows && c < cols) out[r * cols + c] += acc[i][j];
+    }
+  }
+}
+
 // ------------------------------------------------------------------ gather / scatter
 
 // One warp per row r = b·N + i: rows[r] = fmap[b, :, ids[i]] / (‖·‖ + eps).
 template <typename scalar_t>
-__global__ void gather_normalize_kernel(const scalar_t* __restrict__ fmap, const int64_t* __restrict__ ids,
+__global__ void gather_normalise_kernel(const scalar_t* __restrict__ fmap, const int64_t* __restrict__ ids,
                                         float* __restrict__ rows, float* __restrict__ norms, int64_t total_rows,
                                         int64_t n, int64_t channels, int64_t height, int64_t width,
                                         int64_t sb, int64_t sc, int64_t sh, int64_t sw) {
@@ -92,13 +125,13 @@ __global__ void gather_normalize_kernel(const scalar_t* __restrict__ fmap, const
     sumsq += v * v;
   }
   const float norm = math::norm_from_scaled_sumsq(warp_sum(sumsq), scale);
-  for (int64_t c = lane; c < channels; c += kWarp) y[c] = math::normalized(static_cast<float>(x[c * sc]), norm);
+  for (int64_t c = lane; c < channels; c += kWarp) y[c] = math::normalised(static_cast<float>(x[c * sc]), norm);
   if (lane == 0) norms[r] = norm;
 }
 
 // One warp per row: grad[b, :, ids[i]] = normaliser backward of d_rows[r] (ids distinct).
 template <typename scalar_t>
-__global__ void normalize_backward_scatter_kernel(const float* __restrict__ d_rows, const float* __restrict__ xhat,
+__global__ void normalise_backward_scatter_kernel(const float* __restrict__ d_rows, const float* __restrict__ xhat,
                                                   const float* __restrict__ norms, const int64_t* __restrict__ ids,
                                                   scalar_t* __restrict__ grad, int64_t total_rows, int64_t n,
                                                   int64_t channels, int64_t hw) {
@@ -114,7 +147,7 @@ __global__ void normalize_backward_scatter_kernel(const float* __restrict__ d_ro
   const float* x = xhat + r * channels;
   float dot = 0.f;
   for (int64_t c = lane; c < channels; c += kWarp) dot += g[c] * x[c];
-  const auto s = math::normalize_backward_scales(norms[r], warp_sum(dot));
+  const auto s = math::normalise_backward_scales(norms[r], warp_sum(dot));
   scalar_t* dst = grad + (r / n) * channels * hw + pos;
   for (int64_t c = lane; c < channels; c += kWarp) dst[c * hw] = static_cast<scalar_t>(g[c] * s.scale_g - x[c] * s.scale_xhat);
 }
@@ -180,11 +213,7 @@ __global__ void __launch_bounds__(kThreads) tile_sweep_kernel(SweepArgs args) {
 
   for (int64_t col0 = 0; col0 < n; col0 += kTile) {
     // S tile = A_I B_Jᵀ, 16 channels at a time through shared memory.
-    float s[kPer][kPer];
-#pragma unroll
-    for (int i = 0; i < kPer; ++i)
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) s[i][j] = 0.f;
+    float s[kPer][kPer] = {};
     for (int64_t k0 = 0; k0 < channels; k0 += kChunk) {
 #pragma unroll
       for (int l = 0; l < kTile * kChunk / kThreads; ++l) {
@@ -195,17 +224,7 @@ __global__ void __launch_bounds__(kThreads) tile_sweep_kernel(SweepArgs args) {
       }
       __syncthreads();
 #pragma unroll
-      for (int kk = 0; kk < kChunk; ++kk) {
-        float av[kPer], bv[kPer];
-#pragma unroll
-        for (int i = 0; i < kPer; ++i) av[i] = a_s[kk][ty + 16 * i];
-#pragma unroll
-        for (int j = 0; j < kPer; ++j) bv[j] = b_s[kk][tx + 16 * j];
-#pragma unroll
-        for (int i = 0; i < kPer; ++i)
-#pragma unroll
-          for (int j = 0; j < kPer; ++j) s[i][j] = fmaf(av[i], bv[j], s[i][j]);
-      }
+      for (int kk = 0; kk < kChunk; ++kk) fma_register_block(s, &a_s[kk][ty], 16, &b_s[kk][tx]);
       __syncthreads();
     }
 
@@ -262,31 +281,9 @@ __global__ void __launch_bounds__(kThreads) tile_sweep_kernel(SweepArgs args) {
             v_s[jj][cc] = (rb < n && ch < channels) ? b[rb * channels + ch] : 0.f;
           }
           __syncthreads();
-          float o[kPer][kPer];
-#pragma unroll
-          for (int i = 0; i < kPer; ++i)
-#pragma unroll
-            for (int j = 0; j < kPer; ++j) o[i][j] = 0.f;
-          for (int jj = 0; jj < kTile; ++jj) {
-            float wv[kPer], vv[kPer];
-#pragma unroll
-            for (int i = 0; i < kPer; ++i) wv[i] = w_s[ty + 16 * i][jj];
-#pragma unroll
-            for (int j = 0; j < kPer; ++j) vv[j] = v_s[jj][tx + 16 * j];
-#pragma unroll
-            for (int i = 0; i < kPer; ++i)
-#pragma unroll
-              for (int j = 0; j < kPer; ++j) o[i][j] = fmaf(wv[i], vv[j], o[i][j]);
-          }
-#pragma unroll
-          for (int i = 0; i < kPer; ++i) {
-            const int64_t row = row0 + ty + 16 * i;
-#pragma unroll
-            for (int j = 0; j < kPer; ++j) {
-              const int64_t ch = c0 + tx + 16 * j;
-              if (row < n && ch < channels) grad[row * channels + ch] += o[i][j];
-            }
-          }
+          float o[kPer][kPer] = {};
+          for (int jj = 0; jj < kTile; ++jj) fma_register_block(o, &w_s[ty][jj], 16 * (kTile + 1), &v_s[jj][tx]);
+          add_register_block(grad, o, row0 + ty, c0 + tx, n, channels);
           __syncthreads();
         }
       }
@@ -386,7 +383,7 @@ int64_t warp_blocks(int64_t rows) { return ceil_div(rows * kWarp, kThreads); }
 
 // ------------------------------------------------------------------ entry points
 
-std::tuple<Tensor, Tensor> gather_normalize(const Tensor& fmap, const Tensor& ids) {
+std::tuple<Tensor, Tensor> gather_normalise(const Tensor& fmap, const Tensor& ids) {
   const c10::cuda::CUDAGuard guard(fmap.device());
   const int64_t batch = fmap.size(0), channels = fmap.size(1), n = ids.numel();
   Tensor rows = at::empty({batch * n, channels}, fmap.options().dtype(at::kFloat));
@@ -395,7 +392,7 @@ std::tuple<Tensor, Tensor> gather_normalize(const Tensor& fmap, const Tensor& id
   const int64_t total = batch * n;
   const dim3 grid(static_cast<unsigned>(warp_blocks(total)));
 #define PDML_GATHER(scalar_t)                                                                               \
-  gather_normalize_kernel<scalar_t><<<grid, kThreads, 0, stream()>>>(                                       \
+  gather_normalise_kernel<scalar_t><<<grid, kThreads, 0, stream()>>>(                                       \
       fmap.const_data_ptr<scalar_t>(), ids_c.const_data_ptr<int64_t>(), rows.data_ptr<float>(),              \
       norms.data_ptr<float>(), total, n, channels, fmap.size(2), fmap.size(3), fmap.stride(0), fmap.stride(1), \
       fmap.stride(2), fmap.stride(3))
@@ -410,7 +407,7 @@ std::tuple<Tensor, Tensor> gather_normalize(const Tensor& fmap, const Tensor& id
   return {rows, norms};
 }
 
-Tensor normalize_backward_scatter(const Tensor& d_rows, const Tensor& rows_hat, const Tensor& norms,
+Tensor normalise_backward_scatter(const Tensor& d_rows, const Tensor& rows_hat, const Tensor& norms,
                                   const Tensor& ids, at::IntArrayRef map_sizes, at::ScalarType out_dtype) {
   const c10::cuda::CUDAGuard guard(d_rows.device());
   Tensor grad = at::zeros(map_sizes, d_rows.options().dtype(out_dtype));
@@ -419,7 +416,7 @@ Tensor normalize_backward_scatter(const Tensor& d_rows, const Tensor& rows_hat, 
   const int64_t total = g.size(0), channels = map_sizes[1], hw = map_sizes[2] * map_sizes[3];
   const dim3 grid(static_cast<unsigned>(warp_blocks(total)));
 #define PDML_SCATTER(scalar_t)                                                                               \
-  normalize_backward_scatter_kernel<scalar_t><<<grid, kThreads, 0, stream()>>>(                              \
+  normalise_backward_scatter_kernel<scalar_t><<<grid, kThreads, 0, stream()>>>(                              \
       g.const_data_ptr<float>(), x.const_data_ptr<float>(), nr.const_data_ptr<float>(),                        \
       ids_c.const_data_ptr<int64_t>(), grad.data_ptr<scalar_t>(), total, ids.numel(), channels, hw)
   switch (out_dtype) {

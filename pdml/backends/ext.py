@@ -1,8 +1,10 @@
 """Backend "ext": the C++/CUDA ops of the extension ``pdml._C`` (``csrc/``).
 
 When ``pdml._C`` loads, this module registers, for each op the library defines
-(``csrc/pdml.cpp``), its fake (meta) impl and its autograd formula, then the backend
-"ext"; otherwise it marks the backend unavailable with the reason (registry.py).
+(``csrc/pdml.cpp``), its fake (meta) impl and its autograd formula (one section per op,
+registered as it is defined: :func:`_fake`, :func:`_autograd`), then the backend "ext";
+otherwise it marks the backend unavailable with the reason
+(:func:`pdml.backends.registry.register_module_backend`).
 
 The ops (all features ``[B, C, H, W]`` or rows ``[R, C]``; "acc" = float64 for float64
 inputs, float32 otherwise; ``groups`` = the number of groups of negatives, docs/ops.md:
@@ -42,7 +44,7 @@ import torch
 
 from pdml import reference
 from pdml.backends.higher_order import creating_graph, reference_grads
-from pdml.backends.registry import Backend, device_index, mark_unavailable, register_backend
+from pdml.backends.registry import device_index, register_module_backend
 
 
 def _load() -> Optional[str]:
@@ -106,219 +108,161 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _register_fakes_and_autograd() -> None:
-    # ------------------------------------------------------------------ fake impls
-    @torch.library.register_fake("pdml::patch_nce")
-    def _(fq, fk, ids, tau, groups):
-        rows = fq.shape[0] * ids.shape[0]
-        acc = _acc_dtype(fq.dtype)
-        return fq.new_empty(rows, dtype=acc), fq.new_empty(rows, dtype=acc)
-
-    @torch.library.register_fake("pdml::patch_nce_backward")
-    def _(grad_loss, fq, fk, ids, loss, lse, tau, groups):
-        return fq.new_empty(fq.shape)
-
-    @torch.library.register_fake("pdml::patch_metric")
-    def _(fq, fk, ids, tau, groups, compute_grad):
-        acc = _acc_dtype(fq.dtype)
-        shape = (fq.shape[0] * ids.shape[0], fq.shape[1]) if compute_grad else (0,)
-        return fq.new_empty((), dtype=acc), fq.new_empty(shape, dtype=acc), fq.new_empty(shape, dtype=acc)
-
-    @torch.library.register_fake("pdml::patch_metric_backward")
-    def _(grad, d_q, d_k, fq, fk, ids):
-        return fq.new_empty(fq.shape), fk.new_empty(fk.shape)
-
-    @torch.library.register_fake("pdml::patch_similarity")
-    def _(fq, fk, ids):
-        n = ids.shape[0]
-        return fq.new_empty((fq.shape[0], n, n), dtype=_acc_dtype(fq.dtype))
-
-    @torch.library.register_fake("pdml::patch_similarity_backward")
-    def _(grad, fq, fk, ids):
-        return fq.new_empty(fq.shape), fk.new_empty(fk.shape)
-
-    @torch.library.register_fake("pdml::patch_nce_rows")
-    def _(feat_q, feat_k, tau, groups):
-        acc = _acc_dtype(feat_q.dtype)
-        return feat_q.new_empty(feat_q.shape[0], dtype=acc), feat_q.new_empty(feat_q.shape[0], dtype=acc)
-
-    @torch.library.register_fake("pdml::patch_nce_rows_with_grad")
-    def _(feat_q, feat_k, tau, groups):
-        acc = _acc_dtype(feat_q.dtype)
-        rows = feat_q.shape[0]
-        return (feat_q.new_empty(rows, dtype=acc), feat_q.new_empty(rows, dtype=acc),
-                feat_q.new_empty(feat_q.shape, dtype=acc))
-
-    @torch.library.register_fake("pdml::patch_nce_rows_backward")
-    def _(grad_loss, feat_q, feat_k, loss, lse, tau, groups):
-        return feat_q.new_empty(feat_q.shape)
-
-    @torch.library.register_fake("pdml::patch_metric_rows")
-    def _(feat_q, feat_k, tau, groups, compute_grad):
-        acc = _acc_dtype(feat_q.dtype)
-        shape = feat_q.shape if compute_grad else (0,)
-        return (feat_q.new_empty((), dtype=acc), feat_q.new_empty(shape, dtype=acc),
-                feat_q.new_empty(shape, dtype=acc))
-
-    # ------------------------------------------------------------------ autograd
-    _register_gather_project()
-
-    def nce_setup(ctx, inputs, output):
-        fq, fk, ids, tau, groups = inputs
-        ctx.save_for_backward(fq, fk, ids, output[0], output[1])
-        ctx.tau, ctx.groups = tau, groups
-        ctx.mark_non_differentiable(output[1])
-
-    def nce_backward(ctx, grad_loss, _grad_lse):
-        fq, fk, ids, loss, lse = ctx.saved_tensors
-        if creating_graph():
-            return tuple(reference_grads(reference.map_nce, (fq, fk, ids, ctx.tau, ctx.groups),
-                                         ctx.needs_input_grad, grad_loss))
-        grad_fq = None
-        if ctx.needs_input_grad[0]:
-            grad_fq = torch.ops.pdml.patch_nce_backward(grad_loss, fq, fk, ids, loss, lse, ctx.tau,
-                                                        ctx.groups)
-        return grad_fq, None, None, None, None  # fk is detached (CUT)
-
-    torch.library.register_autograd("pdml::patch_nce", nce_backward, setup_context=nce_setup)
-
-    def metric_setup(ctx, inputs, output):
-        fq, fk, ids, tau, groups, compute_grad = inputs
-        ctx.save_for_backward(fq, fk, ids, output[1], output[2])
-        ctx.tau, ctx.groups, ctx.compute_grad = tau, groups, compute_grad
-        ctx.mark_non_differentiable(output[1], output[2])
-
-    def metric_backward(ctx, grad, _grad_d_q, _grad_d_k):
-        if not ctx.compute_grad:
-            raise RuntimeError("pdml::patch_metric ran with compute_grad=False, so it has no "
-                               "gradient to give; call it with compute_grad=True")
-        fq, fk, ids, d_q, d_k = ctx.saved_tensors
-        if creating_graph():
-            return tuple(reference_grads(reference.map_metric, (fq, fk, ids, ctx.tau, ctx.groups, None),
-                                         ctx.needs_input_grad, grad))
-        grad_fq, grad_fk = torch.ops.pdml.patch_metric_backward(grad, d_q, d_k, fq, fk, ids)
-        return grad_fq, grad_fk, None, None, None, None
-
-    torch.library.register_autograd("pdml::patch_metric", metric_backward, setup_context=metric_setup)
-
-    def similarity_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def similarity_backward(ctx, grad):
-        fq, fk, ids = ctx.saved_tensors
-        if creating_graph():
-            return tuple(reference_grads(reference.patch_similarity, (fq, fk, ids), ctx.needs_input_grad, grad))
-        grad_fq, grad_fk = torch.ops.pdml.patch_similarity_backward(grad, fq, fk, ids)
-        return grad_fq, grad_fk, None
-
-    torch.library.register_autograd("pdml::patch_similarity", similarity_backward,
-                                    setup_context=similarity_setup)
-
-    def nce_rows_setup(ctx, inputs, output):
-        feat_q, feat_k, tau, groups = inputs
-        ctx.save_for_backward(feat_q, feat_k, output[0], output[1])
-        ctx.tau, ctx.groups = tau, groups
-        ctx.mark_non_differentiable(output[1])
-
-    def nce_rows_backward(ctx, grad_loss, _grad_lse):
-        feat_q, feat_k, loss, lse = ctx.saved_tensors
-        if creating_graph():
-            return tuple(reference_grads(reference.rows_nce, (feat_q, feat_k, ctx.tau, ctx.groups),
-                                         ctx.needs_input_grad, grad_loss))
-        grad_q = None
-        if ctx.needs_input_grad[0]:
-            grad_q = torch.ops.pdml.patch_nce_rows_backward(grad_loss, feat_q, feat_k, loss, lse, ctx.tau,
-                                                            ctx.groups)
-        return grad_q, None, None, None
-
-    torch.library.register_autograd("pdml::patch_nce_rows", nce_rows_backward, setup_context=nce_rows_setup)
-
-    def nce_rows_with_grad_setup(ctx, inputs, output):
-        feat_q, feat_k, tau, groups = inputs
-        ctx.save_for_backward(feat_q, feat_k, output[2])
-        ctx.tau, ctx.groups = tau, groups
-        ctx.mark_non_differentiable(output[1], output[2])
-
-    def nce_rows_with_grad_backward(ctx, grad_loss, _grad_lse, _grad_d_q):
-        feat_q, feat_k, d_q = ctx.saved_tensors
-        return _nce_rows_grad(feat_q, feat_k, d_q, ctx.tau, ctx.groups, ctx.needs_input_grad, grad_loss)
-
-    torch.library.register_autograd("pdml::patch_nce_rows_with_grad", nce_rows_with_grad_backward,
-                                    setup_context=nce_rows_with_grad_setup)
-
-    def metric_rows_setup(ctx, inputs, output):
-        feat_q, feat_k, tau, groups, compute_grad = inputs
-        ctx.save_for_backward(feat_q, feat_k, output[1], output[2])
-        ctx.tau, ctx.groups, ctx.compute_grad = tau, groups, compute_grad
-        ctx.mark_non_differentiable(output[1], output[2])
-
-    def metric_rows_backward(ctx, grad, _grad_d_q, _grad_d_k):
-        if not ctx.compute_grad:
-            raise RuntimeError("pdml::patch_metric_rows ran with compute_grad=False, so it has no "
-                               "gradient to give; call it with compute_grad=True")
-        feat_q, feat_k, d_q, d_k = ctx.saved_tensors
-        if creating_graph():
-            return tuple(reference_grads(reference.rows_metric, (feat_q, feat_k, ctx.tau, ctx.groups, None),
-                                         ctx.needs_input_grad, grad))
-        return (d_q * grad).to(feat_q.dtype), (d_k * grad).to(feat_k.dtype), None, None, None
-
-    torch.library.register_autograd("pdml::patch_metric_rows", metric_rows_backward,
-                                    setup_context=metric_rows_setup)
+def _defines(op: str) -> bool:
+    """Whether the loaded ``pdml._C`` defines ``pdml::<op>`` (older builds lack gather_project)."""
+    return LOAD_ERROR is None and hasattr(torch.ops.pdml, op)
 
 
-def _has_gather_project() -> bool:
-    """Whether this build of ``pdml._C`` has the gather_project ops (older builds lack them)."""
-    return hasattr(torch.ops.pdml, "gather_project")
+def _fake(op: str):
+    """Decorator: the function is the fake (meta) impl of ``pdml::<op>``, registered when
+    ``pdml._C`` defines the op."""
+    def register(fn):
+        if _defines(op):
+            torch.library.register_fake(f"pdml::{op}")(fn)
+        return fn
+    return register
 
 
-def _register_gather_project() -> None:
-    if not _has_gather_project():
-        return
-
-    @torch.library.register_fake("pdml::gather_project")
-    def _(fmap, ids, weight, bias):
-        return fmap.new_empty(fmap.shape[0] * ids.shape[0], weight.shape[0])
-
-    @torch.library.register_fake("pdml::gather_project_backward")
-    def _(grad, fmap, ids, weight, bias_grad):
-        # the kernels allocate grad_fmap with zeros_like(fmap): fmap's memory format when dense
-        return (torch.empty_like(fmap), weight.new_empty(weight.shape),
-                weight.new_empty(weight.shape[0] if bias_grad else 0))
-
-    def gather_project_setup(ctx, inputs, output):
-        fmap, ids, weight, bias = inputs
-        ctx.save_for_backward(fmap, ids, weight, bias)
-        ctx.has_bias = bias is not None
-
-    def gather_project_grad(ctx, grad):
-        fmap, ids, weight, bias = ctx.saved_tensors
-        if creating_graph():
-            return tuple(reference_grads(reference.gather_project, (fmap, ids, weight, bias),
-                                         ctx.needs_input_grad, grad))
-        need_fmap, _, need_weight, need_bias = ctx.needs_input_grad
-        bias_grad = ctx.has_bias and need_bias
-        grad_fmap, grad_weight, grad_bias = torch.ops.pdml.gather_project_backward(grad, fmap, ids, weight,
-                                                                                   bias_grad)
-        return (grad_fmap if need_fmap else None, None, grad_weight if need_weight else None,
-                grad_bias if bias_grad else None)
-
-    torch.library.register_autograd("pdml::gather_project", gather_project_grad,
-                                    setup_context=gather_project_setup)
+def _autograd(op: str, setup_context):
+    """Decorator: the function is the autograd formula of ``pdml::<op>`` (with its
+    ``setup_context``), registered when ``pdml._C`` defines the op."""
+    def register(fn):
+        if _defines(op):
+            torch.library.register_autograd(f"pdml::{op}", fn, setup_context=setup_context)
+        return fn
+    return register
 
 
-# ---------------------------------------------------------------------- backend callables
-# Validated arguments (pdml/_validation.py), in the order of registry.Backend's fields.
+# ---------------------------------------------------------------------- pdml::patch_nce
 
-def _patch_nce(fq, fk, ids, tau, groups):
-    return torch.ops.pdml.patch_nce(fq, fk, ids, tau, groups)[0]
-
-
-def _patch_metric(fq, fk, ids, tau, groups):
-    return torch.ops.pdml.patch_metric(fq, fk, ids, tau, groups, _needs_grad(fq, fk))[0]
+@_fake("patch_nce")
+def _(fq, fk, ids, tau, groups):
+    rows = fq.shape[0] * ids.shape[0]
+    acc = _acc_dtype(fq.dtype)
+    return fq.new_empty(rows, dtype=acc), fq.new_empty(rows, dtype=acc)
 
 
-def _patch_similarity(fq, fk, ids):
-    return torch.ops.pdml.patch_similarity(fq, fk, ids)
+@_fake("patch_nce_backward")
+def _(grad_loss, fq, fk, ids, loss, lse, tau, groups):
+    return fq.new_empty(fq.shape)
+
+
+def _patch_nce_setup(ctx, inputs, output):
+    fq, fk, ids, tau, groups = inputs
+    ctx.save_for_backward(fq, fk, ids, output[0], output[1])
+    ctx.tau, ctx.groups = tau, groups
+    ctx.mark_non_differentiable(output[1])
+
+
+@_autograd("patch_nce", _patch_nce_setup)
+def _patch_nce_grad(ctx, grad_loss, _grad_lse):
+    fq, fk, ids, loss, lse = ctx.saved_tensors
+    if creating_graph():
+        return tuple(reference_grads(reference.map_nce, (fq, fk, ids, ctx.tau, ctx.groups),
+                                     ctx.needs_input_grad, grad_loss))
+    grad_fq = None
+    if ctx.needs_input_grad[0]:
+        grad_fq = torch.ops.pdml.patch_nce_backward(grad_loss, fq, fk, ids, loss, lse, ctx.tau, ctx.groups)
+    return grad_fq, None, None, None, None  # fk is detached (CUT)
+
+
+# ---------------------------------------------------------------------- pdml::patch_metric
+
+@_fake("patch_metric")
+def _(fq, fk, ids, tau, groups, compute_grad):
+    acc = _acc_dtype(fq.dtype)
+    shape = (fq.shape[0] * ids.shape[0], fq.shape[1]) if compute_grad else (0,)
+    return fq.new_empty((), dtype=acc), fq.new_empty(shape, dtype=acc), fq.new_empty(shape, dtype=acc)
+
+
+@_fake("patch_metric_backward")
+def _(grad, d_q, d_k, fq, fk, ids):
+    return fq.new_empty(fq.shape), fk.new_empty(fk.shape)
+
+
+def _metric_setup(ctx, inputs, output):
+    """setup_context of both metric ops (map and rows form): their feature inputs (and ids)
+    and the gradients ``d_q``, ``d_k`` the forward kept."""
+    *features, tau, groups, compute_grad = inputs
+    ctx.save_for_backward(*features, output[1], output[2])
+    ctx.tau, ctx.groups, ctx.compute_grad = tau, groups, compute_grad
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _check_kept_grads(ctx, op: str) -> None:
+    """A metric op's backward scales the gradients its forward kept: none without compute_grad."""
+    if not ctx.compute_grad:
+        raise RuntimeError(f"pdml::{op} ran with compute_grad=False, so it has no "
+                           "gradient to give; call it with compute_grad=True")
+
+
+@_autograd("patch_metric", _metric_setup)
+def _patch_metric_grad(ctx, grad, _grad_d_q, _grad_d_k):
+    _check_kept_grads(ctx, "patch_metric")
+    fq, fk, ids, d_q, d_k = ctx.saved_tensors
+    if creating_graph():
+        return tuple(reference_grads(reference.map_metric, (fq, fk, ids, ctx.tau, ctx.groups, None),
+                                     ctx.needs_input_grad, grad))
+    grad_fq, grad_fk = torch.ops.pdml.patch_metric_backward(grad, d_q, d_k, fq, fk, ids)
+    return grad_fq, grad_fk, None, None, None, None
+
+
+# ---------------------------------------------------------------------- pdml::patch_similarity
+
+@_fake("patch_similarity")
+def _(fq, fk, ids):
+    n = ids.shape[0]
+    return fq.new_empty((fq.shape[0], n, n), dtype=_acc_dtype(fq.dtype))
+
+
+@_fake("patch_similarity_backward")
+def _(grad, fq, fk, ids):
+    return fq.new_empty(fq.shape), fk.new_empty(fk.shape)
+
+
+def _patch_similarity_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+@_autograd("patch_similarity", _patch_similarity_setup)
+def _patch_similarity_grad(ctx, grad):
+    fq, fk, ids = ctx.saved_tensors
+    if creating_graph():
+        return tuple(reference_grads(reference.patch_similarity, (fq, fk, ids), ctx.needs_input_grad, grad))
+    grad_fq, grad_fk = torch.ops.pdml.patch_similarity_backward(grad, fq, fk, ids)
+    return grad_fq, grad_fk, None
+
+
+# ---------------------------------------------------------------------- pdml::patch_nce_rows
+
+@_fake("patch_nce_rows")
+def _(feat_q, feat_k, tau, groups):
+    acc = _acc_dtype(feat_q.dtype)
+    return feat_q.new_empty(feat_q.shape[0], dtype=acc), feat_q.new_empty(feat_q.shape[0], dtype=acc)
+
+
+@_fake("patch_nce_rows_backward")
+def _(grad_loss, feat_q, feat_k, loss, lse, tau, groups):
+    return feat_q.new_empty(feat_q.shape)
+
+
+def _patch_nce_rows_setup(ctx, inputs, output):
+    feat_q, feat_k, tau, groups = inputs
+    ctx.save_for_backward(feat_q, feat_k, output[0], output[1])
+    ctx.tau, ctx.groups = tau, groups
+    ctx.mark_non_differentiable(output[1])
+
+
+@_autograd("patch_nce_rows", _patch_nce_rows_setup)
+def _patch_nce_rows_grad(ctx, grad_loss, _grad_lse):
+    feat_q, feat_k, loss, lse = ctx.saved_tensors
+    if creating_graph():
+        return tuple(reference_grads(reference.rows_nce, (feat_q, feat_k, ctx.tau, ctx.groups),
+                                     ctx.needs_input_grad, grad_loss))
+    grad_q = None
+    if ctx.needs_input_grad[0]:
+        grad_q = torch.ops.pdml.patch_nce_rows_backward(grad_loss, feat_q, feat_k, loss, lse, ctx.tau, ctx.groups)
+    return grad_q, None, None, None
 
 
 def _nce_rows_grad(feat_q, feat_k, d_q, tau, groups, needs_input_grad, grad_loss) -> tuple:
@@ -329,6 +273,94 @@ def _nce_rows_grad(feat_q, feat_k, d_q, tau, groups, needs_input_grad, grad_loss
         return tuple(reference_grads(reference.rows_nce, (feat_q, feat_k, tau, groups),
                                      needs_input_grad, grad_loss))
     return (d_q * grad_loss.to(d_q.dtype).unsqueeze(1)).to(feat_q.dtype), None, None, None
+
+
+@_fake("patch_nce_rows_with_grad")
+def _(feat_q, feat_k, tau, groups):
+    acc = _acc_dtype(feat_q.dtype)
+    rows = feat_q.shape[0]
+    return (feat_q.new_empty(rows, dtype=acc), feat_q.new_empty(rows, dtype=acc),
+            feat_q.new_empty(feat_q.shape, dtype=acc))
+
+
+def _patch_nce_rows_with_grad_setup(ctx, inputs, output):
+    feat_q, feat_k, tau, groups = inputs
+    ctx.save_for_backward(feat_q, feat_k, output[2])
+    ctx.tau, ctx.groups = tau, groups
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+@_autograd("patch_nce_rows_with_grad", _patch_nce_rows_with_grad_setup)
+def _patch_nce_rows_with_grad_grad(ctx, grad_loss, _grad_lse, _grad_d_q):
+    feat_q, feat_k, d_q = ctx.saved_tensors
+    return _nce_rows_grad(feat_q, feat_k, d_q, ctx.tau, ctx.groups, ctx.needs_input_grad, grad_loss)
+
+
+# ---------------------------------------------------------------------- pdml::patch_metric_rows
+
+@_fake("patch_metric_rows")
+def _(feat_q, feat_k, tau, groups, compute_grad):
+    acc = _acc_dtype(feat_q.dtype)
+    shape = feat_q.shape if compute_grad else (0,)
+    return feat_q.new_empty((), dtype=acc), feat_q.new_empty(shape, dtype=acc), feat_q.new_empty(shape, dtype=acc)
+
+
+@_autograd("patch_metric_rows", _metric_setup)
+def _patch_metric_rows_grad(ctx, grad, _grad_d_q, _grad_d_k):
+    _check_kept_grads(ctx, "patch_metric_rows")
+    feat_q, feat_k, d_q, d_k = ctx.saved_tensors
+    if creating_graph():
+        return tuple(reference_grads(reference.rows_metric, (feat_q, feat_k, ctx.tau, ctx.groups, None),
+                                     ctx.needs_input_grad, grad))
+    return (d_q * grad).to(feat_q.dtype), (d_k * grad).to(feat_k.dtype), None, None, None
+
+
+# ---------------------------------------------------------------------- pdml::gather_project
+
+@_fake("gather_project")
+def _(fmap, ids, weight, bias):
+    return fmap.new_empty(fmap.shape[0] * ids.shape[0], weight.shape[0])
+
+
+@_fake("gather_project_backward")
+def _(grad, fmap, ids, weight, bias_grad):
+    # the kernels allocate grad_fmap with zeros_like(fmap): fmap's memory format when dense
+    return (torch.empty_like(fmap), weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape[0] if bias_grad else 0))
+
+
+def _gather_project_setup(ctx, inputs, output):
+    fmap, ids, weight, bias = inputs
+    ctx.save_for_backward(fmap, ids, weight, bias)
+    ctx.has_bias = bias is not None
+
+
+@_autograd("gather_project", _gather_project_setup)
+def _gather_project_grad(ctx, grad):
+    fmap, ids, weight, bias = ctx.saved_tensors
+    if creating_graph():
+        return tuple(reference_grads(reference.gather_project, (fmap, ids, weight, bias),
+                                     ctx.needs_input_grad, grad))
+    need_fmap, _, need_weight, need_bias = ctx.needs_input_grad
+    bias_grad = ctx.has_bias and need_bias
+    grad_fmap, grad_weight, grad_bias = torch.ops.pdml.gather_project_backward(grad, fmap, ids, weight, bias_grad)
+    return (grad_fmap if need_fmap else None, None, grad_weight if need_weight else None,
+            grad_bias if bias_grad else None)
+
+
+# ---------------------------------------------------------------------- backend callables
+# Validated arguments (pdml/_validation.py), named as registry.Backend's fields.
+
+def patch_nce(fq, fk, ids, tau, groups):
+    return torch.ops.pdml.patch_nce(fq, fk, ids, tau, groups)[0]
+
+
+def patch_metric(fq, fk, ids, tau, groups):
+    return torch.ops.pdml.patch_metric(fq, fk, ids, tau, groups, _needs_grad(fq, fk))[0]
+
+
+def patch_similarity(fq, fk, ids):
+    return torch.ops.pdml.patch_similarity(fq, fk, ids)
 
 
 class _NceRowsOneSweep(torch.autograd.Function):
@@ -349,7 +381,7 @@ class _NceRowsOneSweep(torch.autograd.Function):
         return _nce_rows_grad(feat_q, feat_k, d_q, ctx.tau, ctx.groups, ctx.needs_input_grad, grad_loss)
 
 
-def _patch_nce_rows(feat_q, feat_k, tau, groups):
+def patch_nce_rows(feat_q, feat_k, tau, groups):
     if feat_q.device.type == "cpu" and _needs_grad(feat_q) and not torch.compiler.is_compiling():
         # One CPU sweep gives the loss and d loss_i / d feat_q_i; the backward scales the
         # rows instead of a second sweep that recomputes the similarities. Through a plain
@@ -359,26 +391,13 @@ def _patch_nce_rows(feat_q, feat_k, tau, groups):
     return torch.ops.pdml.patch_nce_rows(feat_q, feat_k, tau, groups)[0]
 
 
-def _patch_metric_rows(feat_q, feat_k, tau, groups):
+def patch_metric_rows(feat_q, feat_k, tau, groups):
     return torch.ops.pdml.patch_metric_rows(feat_q, feat_k, tau, groups, _needs_grad(feat_q, feat_k))[0]
 
 
-def _gather_project(fmap, ids, weight, bias):
+def gather_project(fmap, ids, weight, bias):
     return torch.ops.pdml.gather_project(fmap, ids, weight, bias)
 
 
-if LOAD_ERROR is None:
-    _register_fakes_and_autograd()
-    register_backend(Backend(
-        name="ext",
-        unavailable=lambda: None,
-        unsupported=_unsupported,
-        patch_nce=_patch_nce,
-        patch_metric=_patch_metric,
-        patch_similarity=_patch_similarity,
-        patch_nce_rows=_patch_nce_rows,
-        patch_metric_rows=_patch_metric_rows,
-        gather_project=_gather_project if _has_gather_project() else None,
-    ))
-else:
-    mark_unavailable("ext", LOAD_ERROR)
+register_module_backend("ext", globals(), load_error=LOAD_ERROR, unavailable=lambda: None,
+                        unsupported=_unsupported, has_op=_defines)

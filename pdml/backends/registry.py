@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -67,6 +67,23 @@ def mark_unavailable(name: str, reason: str) -> None:
     """Record why backend ``name`` is not part of this process (e.g. its module failed to load)."""
     _REGISTRY.pop(name, None)
     _UNAVAILABLE[name] = reason
+
+
+def register_module_backend(name: str, namespace: Mapping[str, Any], *, load_error: Optional[str],
+                            unavailable: Callable[[], Optional[str]],
+                            unsupported: Callable[[torch.Tensor], Optional[str]],
+                            has_op: Callable[[str], bool] = lambda op: True) -> None:
+    """The last statement of a backend module: register backend ``name`` whose op callables
+    are the functions of ``namespace`` (the module's ``globals()``) named as the ops of
+    :data:`OP_NAMES` (an op with no such function, or for which ``has_op(op)`` is false,
+    is None) -- or, given ``load_error`` (why the module's kernels cannot load at all),
+    :func:`mark_unavailable` it with that reason. Naming the callables as the registry's
+    fields keeps one name per op across the layers (docs/layout.md, "Vocabulary")."""
+    if load_error is not None:
+        mark_unavailable(name, load_error)
+        return
+    callables = {op: namespace.get(op) if has_op(op) else None for op in OP_NAMES}
+    register_backend(Backend(name=name, unavailable=unavailable, unsupported=unsupported, **callables))
 
 
 def device_index(t) -> int:

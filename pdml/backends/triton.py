@@ -38,14 +38,13 @@ from torch import Tensor
 
 from pdml import _validation, reference
 from pdml.backends.higher_order import creating_graph, reference_grads
-from pdml.backends.registry import Backend, mark_unavailable, register_backend
+from pdml.backends.registry import register_module_backend
 
 try:
-    from pdml.kernels import gather_project_launch as _gather_launch
-    from pdml.kernels import launch as _launch
+    from pdml.kernels import gather_project_launch, patch_loss_launch
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as exc:  # no triton in this environment
-    _launch = _gather_launch = None
+    gather_project_launch = patch_loss_launch = None
     _IMPORT_ERROR = f"triton cannot be imported ({exc})"
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -59,7 +58,7 @@ def _rows_of(q: Tensor, ids: Optional[Tensor]) -> int:
 
 def _check_args(q: Tensor, k: Tensor, ids: Optional[Tensor], groups: int, check_ids: bool) -> None:
     """What the kernels rely on, for callers that reach the ops without :mod:`pdml.ops`."""
-    if _launch is None:
+    if patch_loss_launch is None:
         raise RuntimeError(f"backend 'triton' is not available: {_IMPORT_ERROR}")
     if q.shape != k.shape or q.dtype != k.dtype or q.device != k.device:
         raise ValueError(f"q and k must match in shape, dtype and device, got {tuple(q.shape)} "
@@ -68,8 +67,8 @@ def _check_args(q: Tensor, k: Tensor, ids: Optional[Tensor], groups: int, check_
         raise TypeError(f"the Triton kernels take float32, float16 or bfloat16, got {q.dtype}")
     if q.dim() != (4 if ids is not None else 2):
         raise ValueError(f"features must be [B, C, H, W] with ids or [R, C] without, got {tuple(q.shape)}")
-    if q.shape[1] > _launch.MAX_CHANNELS:
-        raise ValueError(f"the Triton kernels take at most {_launch.MAX_CHANNELS} channels, got {q.shape[1]}")
+    if q.shape[1] > patch_loss_launch.MAX_CHANNELS:
+        raise ValueError(f"the Triton kernels take at most {patch_loss_launch.MAX_CHANNELS} channels, got {q.shape[1]}")
     # groups never split an image of the map form
     units = q.shape[0]
     if groups < 1 or units % groups != 0:
@@ -97,7 +96,7 @@ def nce(q: Tensor, k: Tensor, ids: Optional[Tensor], tau: float, groups: int,
         check_ids: bool = True) -> tuple[Tensor, Tensor]:
     """Per-row PatchNCE ``[R]`` and its logsumexp ``[R]`` (fp32); see the module docstring."""
     _check_args(q, k, ids, groups, check_ids)
-    return _launch.nce_forward(q, k, _contiguous(ids), tau, groups)
+    return patch_loss_launch.nce_forward(q, k, _contiguous(ids), tau, groups)
 
 
 @nce.register_fake
@@ -110,7 +109,7 @@ def nce_backward(grad: Tensor, q: Tensor, k: Tensor, ids: Optional[Tensor], lse:
                  tau: float, groups: int) -> Tensor:
     """``dL/dq`` (shape and dtype of ``q``, zero off the gathered rows) from ``grad [R]``."""
     _check_args(q, k, ids, groups, False)
-    return _launch.nce_backward(grad, q, k, _contiguous(ids), lse, tau, groups)
+    return patch_loss_launch.nce_backward(grad, q, k, _contiguous(ids), lse, tau, groups)
 
 
 @nce_backward.register_fake
@@ -158,7 +157,7 @@ def metric(q: Tensor, k: Tensor, ids: Optional[Tensor], tau: float, groups: int,
            check_ids: bool = True) -> Tensor:
     """Per-row contributions ``v [R]`` (fp32) to the metric loss: ``v.sum()`` is the loss."""
     _check_args(q, k, ids, groups, check_ids)
-    return _launch.metric_forward(q, k, _contiguous(ids), tau, groups)
+    return patch_loss_launch.metric_forward(q, k, _contiguous(ids), tau, groups)
 
 
 @metric.register_fake
@@ -171,7 +170,7 @@ def metric_backward(grad: Tensor, q: Tensor, k: Tensor, ids: Optional[Tensor], t
                     groups: int) -> tuple[Tensor, Tensor]:
     """``(dL/dq, dL/dk)`` (shapes and dtypes of ``q``/``k``) from ``grad [R]`` of ``v``."""
     _check_args(q, k, ids, groups, False)
-    return _launch.metric_backward(grad, q, k, _contiguous(ids), tau, groups)
+    return patch_loss_launch.metric_backward(grad, q, k, _contiguous(ids), tau, groups)
 
 
 @metric_backward.register_fake
@@ -209,7 +208,7 @@ metric.register_autograd(_metric_grad, setup_context=_metric_setup_context)
 def similarity(q: Tensor, k: Tensor, ids: Tensor, check_ids: bool = True) -> Tensor:
     """Normalised ``q̂ k̂ᵀ`` per image of two maps ``[B, C, H, W]`` -> ``[B, N, N]`` fp32."""
     _check_args(q, k, ids, q.shape[0], check_ids)
-    return _launch.similarity_forward(q, k, ids.contiguous())
+    return patch_loss_launch.similarity_forward(q, k, ids.contiguous())
 
 
 @similarity.register_fake
@@ -221,7 +220,7 @@ def _(q, k, ids, check_ids=True):
 def similarity_backward(grad: Tensor, q: Tensor, k: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
     """``(dL/dq, dL/dk)`` of :func:`similarity` from ``grad [B, N, N]``."""
     _check_args(q, k, ids, q.shape[0], False)
-    return _launch.similarity_backward(grad, q, k, ids.contiguous())
+    return patch_loss_launch.similarity_backward(grad, q, k, ids.contiguous())
 
 
 @similarity_backward.register_fake
@@ -249,7 +248,7 @@ similarity.register_autograd(_similarity_grad, setup_context=_similarity_setup_c
 
 def _check_gather_args(fmap: Tensor, ids: Tensor, weight: Tensor, bias: Optional[Tensor], check_ids: bool) -> None:
     """What the gather_project kernels rely on, for callers that reach the ops without :mod:`pdml.ops`."""
-    if _gather_launch is None:
+    if gather_project_launch is None:
         raise RuntimeError(f"backend 'triton' is not available: {_IMPORT_ERROR}")
     if fmap.dim() != 4:
         raise ValueError(f"fmap must have shape [B, F, H, W], got {tuple(fmap.shape)}")
@@ -273,7 +272,7 @@ def gather_project_op(fmap: Tensor, ids: Tensor, weight: Tensor, bias: Optional[
                       check_ids: bool = True) -> Tensor:
     """``[B·N, D]`` rows ``fmap[b, :, ids[i]] @ weight.T + bias`` in fmap's dtype."""
     _check_gather_args(fmap, ids, weight, bias, check_ids)
-    return _gather_launch.gather_project_forward(fmap, ids.contiguous(), weight, bias)
+    return gather_project_launch.gather_project_forward(fmap, ids.contiguous(), weight, bias)
 
 
 @gather_project_op.register_fake
@@ -286,7 +285,7 @@ def gather_project_backward(grad: Tensor, fmap: Tensor, ids: Tensor, weight: Ten
                             bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_fmap, grad_weight [D, F], grad_bias [D] or [0])`` from ``grad [B·N, D]``."""
     _check_gather_args(fmap, ids, weight, None, False)
-    grad_fmap, grad_weight, grad_bias = _gather_launch.gather_project_backward(
+    grad_fmap, grad_weight, grad_bias = gather_project_launch.gather_project_backward(
         grad.to(fmap.dtype), fmap, ids.contiguous(), weight, bias_grad)
     return grad_fmap, grad_weight, grad_bias if bias_grad else weight.new_empty(0)
 
@@ -319,8 +318,8 @@ def _gather_project_grad(ctx, grad):
 gather_project_op.register_autograd(_gather_project_grad, setup_context=_gather_project_setup_context)
 
 
-# --------------------------------------------------------------------------- backend functions
-# Validated arguments (pdml/_validation.py), in the order of registry.Backend's fields.
+# --------------------------------------------------------------------------- backend callables
+# Validated arguments (pdml/_validation.py), named as registry.Backend's fields.
 
 def patch_nce(fq: Tensor, fk: Tensor, ids: Tensor, tau: float, groups: int) -> Tensor:
     return nce(fq, fk, ids, tau, groups, False)[0]
@@ -348,11 +347,18 @@ def gather_project(fmap: Tensor, ids: Tensor, weight: Tensor, bias: Optional[Ten
 
 # --------------------------------------------------------------------------- registration
 
+def _interpreter_asked() -> bool:
+    """``TRITON_INTERPRET=1``, read from the environment rather than through
+    :func:`pdml.kernels.runtime.interpret_everywhere`: torch.compile traces this check
+    (``resolve_backend`` runs inside a compiled loss) and cannot trace triton's knobs."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _unavailable() -> Optional[str]:
     """Why Triton cannot run here at all: not importable, or no CUDA GPU and no interpreter."""
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not torch.cuda.is_available() and not _interpreter_asked():
         return ("no CUDA GPU is visible (on a CPU Triton runs only under its interpreter: "
                 "set TRITON_INTERPRET=1)")
     return None
@@ -365,28 +371,16 @@ def _unsupported(t: Tensor) -> Optional[str]:
         if t.dtype == torch.bfloat16 and torch.cuda.get_device_capability(t.device)[0] < 8:
             return "bfloat16 needs a GPU of compute capability 8.0 or newer"
     elif t.device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        if not _interpreter_asked():
             return "CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1)"
         if t.dtype == torch.bfloat16:
             return "the Triton interpreter computes bfloat16 dots wrongly; bfloat16 needs a GPU"
     else:
         return f"it runs on CUDA tensors (CPU under TRITON_INTERPRET=1), got a {t.device.type} tensor"
-    if t.dim() >= 2 and t.shape[1] > _launch.MAX_CHANNELS:
-        return f"its kernels take at most {_launch.MAX_CHANNELS} channels, got {t.shape[1]}"
+    if t.dim() >= 2 and t.shape[1] > patch_loss_launch.MAX_CHANNELS:
+        return f"its kernels take at most {patch_loss_launch.MAX_CHANNELS} channels, got {t.shape[1]}"
     return None
 
 
-if _launch is None:
-    mark_unavailable("triton", _IMPORT_ERROR)
-else:
-    register_backend(Backend(
-        name="triton",
-        unavailable=_unavailable,
-        unsupported=_unsupported,
-        patch_nce=patch_nce,
-        patch_metric=patch_metric,
-        patch_similarity=patch_similarity,
-        patch_nce_rows=patch_nce_rows,
-        patch_metric_rows=patch_metric_rows,
-        gather_project=gather_project,
-    ))
+register_module_backend("triton", globals(), load_error=_IMPORT_ERROR, unavailable=_unavailable,
+                        unsupported=_unsupported)

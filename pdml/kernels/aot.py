@@ -2,7 +2,7 @@
 
 Every kernel × dtype (fp32, fp16, bf16) × every launch configuration its launcher can pick
 is compiled: the patch-loss kernels (:mod:`pdml.kernels.patch_loss`) × feature form (map:
-gathered and normalised in the kernel; rows) × the tiles :mod:`pdml.kernels.launch` picks
+gathered and normalised in the kernel; rows) × the tiles :mod:`pdml.kernels.patch_loss_launch` picks
 for the shapes in :data:`SHAPES`, and the gather + projection kernels
 (:mod:`pdml.kernels.gather_project`) × bias or not × the blocks
 :mod:`pdml.kernels.gather_project_launch` picks for :data:`GATHER_PROJECT_SHAPES`. Each is
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
-from pdml.kernels import gather_project_launch, kernel_module
+from pdml.kernels import gather_project_launch, patch_loss_launch
 
 LOSS_KERNELS = ("nce_forward_kernel", "nce_backward_kernel", "metric_forward_kernel",
            "metric_backward_kernel", "similarity_forward_kernel", "similarity_backward_kernel",
@@ -75,7 +75,7 @@ class LossJob(NamedTuple):
     num_warps: int
     num_stages: int
 
-    module = "patch_loss"  # the kernel module (a class attribute, not a field)
+    launcher = patch_loss_launch  # the kernels' launcher (a class attribute, not a field)
 
     @property
     def config(self) -> str:
@@ -89,7 +89,7 @@ class LossJob(NamedTuple):
 
     def constexprs(self) -> dict:
         """Every constexpr the launcher may pass (each kernel takes a subset)."""
-        return {"GATHER": self.gather, "NORMALIZE": self.gather, "SCALE": self.gather and self.dtype != "fp16",
+        return {"GATHER": self.gather, "NORMALISE": self.gather, "SCALE": self.gather and self.dtype != "fp16",
                 "IEEE": self.dtype == "fp32",
                 "BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_C": self.block_c}
 
@@ -115,7 +115,7 @@ class GatherProjectJob(NamedTuple):
     block_f: int
     num_warps: int
 
-    module = "gather_project"  # the kernel module (a class attribute, not a field)
+    launcher = gather_project_launch  # the kernels' launcher (a class attribute, not a field)
 
     @property
     def config(self) -> str:
@@ -177,7 +177,6 @@ def _torch_dtype(dtype: str):
 def loss_jobs(shapes: dict = SHAPES, kernels=LOSS_KERNELS, dtypes=DTYPES) -> dict[LossJob, list[str]]:
     """Every distinct patch-loss compilation the launcher can need for ``shapes`` -> the
     shape names (``name:n:C``) that need it."""
-    from pdml.kernels import launch
     jobs: dict[LossJob, list[str]] = {}
     for kernel in kernels:
         forms = (True,) if kernel.startswith(("similarity", "normaliser")) else (True, False)
@@ -185,8 +184,8 @@ def loss_jobs(shapes: dict = SHAPES, kernels=LOSS_KERNELS, dtypes=DTYPES) -> dic
             for name, sizes in shapes.items():
                 for rows, channels in sizes:
                     for gather in forms:
-                        for tiles in launch.launch_configs(_torch_dtype(dtype), rows, channels, kernel, gather):
-                            if kernel in WITHOUT_DOTS:  # no column tiles (see launch._normaliser_backward)
+                        for tiles in patch_loss_launch.launch_configs(_torch_dtype(dtype), rows, channels, kernel, gather):
+                            if kernel in WITHOUT_DOTS:  # no column tiles (see patch_loss_launch._normaliser_backward)
                                 tiles = tiles._replace(block_n=16)
                             job = LossJob(kernel, dtype, gather, *tiles)
                             jobs.setdefault(job, []).append(f"{name}:{rows}:{channels}")
@@ -199,7 +198,7 @@ def gather_project_jobs(shapes: dict = GATHER_PROJECT_SHAPES, kernels=gather_pro
     and without bias where the kernel takes one) -> the shape names (``name:R:F:D``)."""
     jobs: dict[GatherProjectJob, list[str]] = {}
     for kernel in kernels:
-        takes_bias = "HAS_BIAS" in getattr(kernel_module(False, "gather_project"), kernel).arg_names
+        takes_bias = "HAS_BIAS" in getattr(gather_project_launch.kernels(False), kernel).arg_names
         for dtype in dtypes:
             for name, sizes in shapes.items():
                 for rows, channels, out_dim in sizes:
@@ -223,7 +222,7 @@ def jobs_for(kernels=KERNELS, dtypes=DTYPES) -> dict[Job, list[str]]:
 def _source(job: Job):
     """ASTSource of ``job.kernel`` with the argument types the launch helpers pass."""
     from triton.compiler import ASTSource
-    fn = getattr(kernel_module(False, job.module), job.kernel)
+    fn = getattr(job.launcher.kernels(False), job.kernel)
     constexprs = {name: value for name, value in job.constexprs().items() if name in fn.arg_names}
     signature = {name: "constexpr" if name in constexprs else job.argument_type(name) for name in fn.arg_names}
     return ASTSource(fn, signature, constexprs)

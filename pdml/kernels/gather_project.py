@@ -19,8 +19,8 @@ Numerics: operands are loaded in the input dtype (fp32/fp16/bf16) and multiplied
 GPU does not round the operands to tf32; fp16/bf16 use the tensor cores. Results are cast
 to the output's dtype on store. Every block is >= 16 (the smallest dot a GPU accepts).
 
-Like :mod:`pdml.kernels.patch_loss`, this module is loaded once per Triton mode
-(:func:`pdml.kernels.kernel_module`), so reductions use ``tl.reduce`` with triton's
+Like :mod:`pdml.kernels.patch_loss`, this module may be loaded once per Triton mode
+(:func:`pdml.kernels.runtime.kernel_module`), so reductions use ``tl.reduce`` with triton's
 combine function and ``tl.full`` instead of the jitted ``tl.sum`` / ``tl.zeros``.
 """
 import triton

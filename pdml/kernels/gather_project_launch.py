@@ -7,20 +7,28 @@ bias in fmap's dtype, fp32/fp16/bf16, on its device); the kernels mask every loa
 store to the rows and columns that exist.
 
 CUDA tensors run compiled kernels (under a device guard of the tensors' GPU); CPU tensors
-run the Triton interpreter.
+run the Triton interpreter (:mod:`pdml.kernels.runtime`).
 """
 from __future__ import annotations
 
+import types
 from typing import Optional
 
 import torch
 import triton
 
-from pdml.kernels import interprets, kernel_module, launch_guard
+from pdml.kernels import gather_project
+from pdml.kernels.runtime import interprets, kernel_module, launch_guard
+
+
+def kernels(interpret: bool) -> types.ModuleType:
+    """:mod:`pdml.kernels.gather_project` decorated for the interpreter or for compilation
+    (:func:`pdml.kernels.runtime.kernel_module`)."""
+    return kernel_module(gather_project, interpret)
 
 
 def _kernel(t: torch.Tensor, name: str):
-    return getattr(kernel_module(interprets(t), "gather_project"), name)
+    return getattr(kernels(interprets(t)), name)
 
 
 def _block(size: int, cap: int) -> int:

@@ -33,7 +33,7 @@ form are not scaled (``P = 1``).
 Numerics. Rows are loaded in the input dtype (fp32/fp16/bf16) and everything else is
 fp32: norms, exp, logsumexp, sums, accumulators. The similarity of a tile is the dot of
 the scaled rows ``x·P`` (fp32 accumulation) multiplied afterwards by the fp32 inverse
-norms ``1 / (‖x·P‖₂ + 1e-7·P)`` (CUT's Normalize; ``NORMALIZE`` off for the rows form,
+norms ``1 / (‖x·P‖₂ + 1e-7·P)`` (CUT's Normalize; ``NORMALISE`` off for the rows form,
 whose rows arrive normalised). fp32 inputs use ``tl.dot(..., input_precision="ieee")`` (``IEEE``):
 the logits are ``S / τ`` with τ = 0.07 … 0.15, so tf32's 10-bit mantissa (≈5e-4 relative
 on S) would become ≈1e-2 absolute error on a logit, far off the fp32 reference; fp16/bf16
@@ -67,7 +67,7 @@ DIAG_FILL = tl.constexpr(-10.0)
 
 # ----------------------------------------------------------------------------- helpers
 # tl.sum / tl.max are @triton.jit functions, decorated once for the mode triton was
-# imported in, while pdml.kernels loads this module once per mode (kernel_module) and a
+# imported in, while this module may be loaded once per mode (pdml.kernels.runtime) and a
 # jitted callee must match its caller's mode: the raw functions (``.fn``) are decorated
 # again here, in this module's mode.
 _sum = triton.jit(tl.sum.fn)
@@ -178,10 +178,10 @@ def _row_stats(a, a_offs, a_p, b, b_offs, b_p, mask, C, SCALE: tl.constexpr, BLO
 
 
 @triton.jit
-def _inv_norm(sq, p, NORMALIZE: tl.constexpr):
+def _inv_norm(sq, p, NORMALISE: tl.constexpr):
     """``1 / (‖x·p‖₂ + eps·p)`` from ``‖x·p‖²``: times ``x·p`` it is CUT's ``x / (‖x‖₂ + eps)``
     (ones when the rows arrive normalised)."""
-    if NORMALIZE:
+    if NORMALISE:
         inv = 1.0 / (tl.sqrt(sq) + NORM_EPS * p)
     else:
         inv = sq * 0.0 + 1.0
@@ -251,7 +251,7 @@ def nce_forward_kernel(
     q_ptr, k_ptr, ids_ptr, scale_ptr, loss_ptr, lse_ptr,
     group_rows, n_img, width, C, inv_tau,
     q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw,
-    GATHER: tl.constexpr, NORMALIZE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
+    GATHER: tl.constexpr, NORMALISE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per-row PatchNCE loss and logsumexp (both fp32 ``[R]``) of BLOCK_M rows of one group.
@@ -264,7 +264,7 @@ def nce_forward_kernel(
     group, local_m = _program_tile(group_rows, BLOCK_M)
     p_q, p_k = _map_scales(scale_ptr, SCALE)
     q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
-    inv_q = _inv_norm(_row_stats(q, q_offs, p_q, q, q_offs, p_q, mask_m, C, SCALE, BLOCK_C)[0], p_q, NORMALIZE)
+    inv_q = _inv_norm(_row_stats(q, q_offs, p_q, q, q_offs, p_q, mask_m, C, SCALE, BLOCK_C)[0], p_q, NORMALISE)
 
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     run_sum = tl.full([BLOCK_M], 0.0, tl.float32)
@@ -273,7 +273,7 @@ def nce_forward_kernel(
         local_n = start + tl.arange(0, BLOCK_N)
         k_offs, mask_n = _tile_offsets(k, where, group, local_n, group_rows, GATHER)
         s, sq_k = _tile_dot(q, q_offs, mask_m, p_q, k, k_offs, mask_n, p_k, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
-        logits = s * (inv_q[:, None] * inv_tau) * _inv_norm(sq_k, p_k, NORMALIZE)[None, :]
+        logits = s * (inv_q[:, None] * inv_tau) * _inv_norm(sq_k, p_k, NORMALISE)[None, :]
         diag = local_m[:, None] == local_n[None, :]
         pos += _row_sum(tl.where(diag, logits, 0.0))
         logits = tl.where(diag, DIAG_FILL * inv_tau, logits)
@@ -294,7 +294,7 @@ def nce_backward_kernel(
     q_ptr, k_ptr, ids_ptr, scale_ptr, lse_ptr, grad_ptr, dqhat_ptr,
     group_rows, n_img, width, C, inv_tau, grad_stride,
     q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw,
-    GATHER: tl.constexpr, NORMALIZE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
+    GATHER: tl.constexpr, NORMALISE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dL/dq̂ of PatchNCE for BLOCK_M rows and channel chunk ``program_id(1)``, into the
@@ -312,7 +312,7 @@ def nce_backward_kernel(
     chunk = tl.program_id(1) * BLOCK_C
     p_q, p_k = _map_scales(scale_ptr, SCALE)
     q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
-    inv_q = _inv_norm(_row_stats(q, q_offs, p_q, q, q_offs, p_q, mask_m, C, SCALE, BLOCK_C)[0], p_q, NORMALIZE)
+    inv_q = _inv_norm(_row_stats(q, q_offs, p_q, q, q_offs, p_q, mask_m, C, SCALE, BLOCK_C)[0], p_q, NORMALISE)
     rows_m = group * group_rows + local_m
     lse = tl.load(lse_ptr + rows_m, mask=mask_m, other=0.0)
     grad = tl.load(grad_ptr + rows_m.to(tl.int64) * grad_stride, mask=mask_m, other=0.0).to(tl.float32)
@@ -322,7 +322,7 @@ def nce_backward_kernel(
         local_n = start + tl.arange(0, BLOCK_N)
         k_offs, mask_n = _tile_offsets(k, where, group, local_n, group_rows, GATHER)
         s, sq_k = _tile_dot(q, q_offs, mask_m, p_q, k, k_offs, mask_n, p_k, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
-        inv_k = _inv_norm(sq_k, p_k, NORMALIZE)
+        inv_k = _inv_norm(sq_k, p_k, NORMALISE)
         # the logits exactly as in forward, so softmax is consistent with the saved lse
         logits = s * (inv_q[:, None] * inv_tau) * inv_k[None, :]
         weight = tl.exp(logits - lse[:, None]) - tl.where(local_m[:, None] == local_n[None, :], 1.0, 0.0)
@@ -340,7 +340,7 @@ def metric_forward_kernel(
     q_ptr, k_ptr, ids_ptr, scale_ptr, out_ptr,
     group_rows, n_img, width, C, inv_tau, pos_scale, pair_scale,
     q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw,
-    GATHER: tl.constexpr, NORMALIZE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
+    GATHER: tl.constexpr, NORMALISE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per-row contribution ``v_i`` (fp32 ``[R]``) to the metric loss; the loss is ``Σ_i v_i``.
@@ -356,8 +356,8 @@ def metric_forward_kernel(
     k_offs = _tile_offsets(k, where, group, local_m, group_rows, GATHER)[0]
     p_q, p_k = _map_scales(scale_ptr, SCALE)
     sq_q, sq_k, qk = _row_stats(q, q_offs, p_q, k, k_offs, p_k, mask_m, C, SCALE, BLOCK_C)
-    inv_q = _inv_norm(sq_q, p_q, NORMALIZE)
-    inv_k = _inv_norm(sq_k, p_k, NORMALIZE)
+    inv_q = _inv_norm(sq_q, p_q, NORMALISE)
+    inv_k = _inv_norm(sq_k, p_k, NORMALISE)
     pos = qk * inv_q * inv_k
 
     sum_qq = tl.full([BLOCK_M], 0.0, tl.float32)
@@ -370,8 +370,8 @@ def metric_forward_kernel(
         s_qq, sq_qn = _tile_dot(q, q_offs, mask_m, p_q, q, qn_offs, mask_n, p_q, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
         s_kk, sq_kn = _tile_dot(k, k_offs, mask_m, p_k, k, kn_offs, mask_n, p_k, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
         diag = local_m[:, None] == local_n[None, :]
-        e_qq = tl.exp(s_qq * (inv_q[:, None] * inv_tau) * _inv_norm(sq_qn, p_q, NORMALIZE)[None, :])
-        e_kk = tl.exp(s_kk * (inv_k[:, None] * inv_tau) * _inv_norm(sq_kn, p_k, NORMALIZE)[None, :])
+        e_qq = tl.exp(s_qq * (inv_q[:, None] * inv_tau) * _inv_norm(sq_qn, p_q, NORMALISE)[None, :])
+        e_kk = tl.exp(s_kk * (inv_k[:, None] * inv_tau) * _inv_norm(sq_kn, p_k, NORMALISE)[None, :])
         sum_qq += _row_sum(tl.where(mask_n[None, :], tl.where(diag, diag_exp, e_qq), 0.0))
         sum_kk += _row_sum(tl.where(mask_n[None, :], tl.where(diag, diag_exp, e_kk), 0.0))
     v = -pos_scale * tl.exp(pos * inv_tau) + pair_scale * (sum_qq + sum_kk)
@@ -383,7 +383,7 @@ def metric_backward_kernel(
     q_ptr, k_ptr, ids_ptr, scale_ptr, grad_ptr, dqhat_ptr, dkhat_ptr,
     group_rows, n_img, width, C, inv_tau, pos_scale, pair_scale, grad_stride,
     q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw,
-    GATHER: tl.constexpr, NORMALIZE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
+    GATHER: tl.constexpr, NORMALISE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dL/dq̂ and dL/dk̂ of ``L = Σ_i g_i v_i`` (v from the forward kernel) for BLOCK_M rows
@@ -405,8 +405,8 @@ def metric_backward_kernel(
     k_offs = _tile_offsets(k, where, group, local_m, group_rows, GATHER)[0]
     p_q, p_k = _map_scales(scale_ptr, SCALE)
     sq_q, sq_k, qk = _row_stats(q, q_offs, p_q, k, k_offs, p_k, mask_m, C, SCALE, BLOCK_C)
-    inv_q = _inv_norm(sq_q, p_q, NORMALIZE)
-    inv_k = _inv_norm(sq_k, p_k, NORMALIZE)
+    inv_q = _inv_norm(sq_q, p_q, NORMALISE)
+    inv_k = _inv_norm(sq_k, p_k, NORMALISE)
     pos = qk * inv_q * inv_k
     rows_m = group * group_rows + local_m
     grad_m = tl.load(grad_ptr + rows_m.to(tl.int64) * grad_stride, mask=mask_m, other=0.0).to(tl.float32)
@@ -422,12 +422,12 @@ def metric_backward_kernel(
         pair_grad = grad_m[:, None] + grad_n[None, :]
         off = (local_m[:, None] == local_n[None, :]) | (mask_n[None, :] == 0)
         s_qq, sq_qn = _tile_dot(q, q_offs, mask_m, p_q, q, qn_offs, mask_n, p_q, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
-        inv_qn = _inv_norm(sq_qn, p_q, NORMALIZE)
+        inv_qn = _inv_norm(sq_qn, p_q, NORMALISE)
         s_qq = s_qq * inv_q[:, None] * inv_qn[None, :]
         w_qq = tl.where(off, 0.0, tl.exp((s_qq - 1.0) * inv_tau)) * pair_grad
         acc_q += _scaled_dot(w_qq, _normalised_chunk(q, qn_offs, mask_n, chunk, C, p_q, inv_qn, BLOCK_C), IEEE)
         s_kk, sq_kn = _tile_dot(k, k_offs, mask_m, p_k, k, kn_offs, mask_n, p_k, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
-        inv_kn = _inv_norm(sq_kn, p_k, NORMALIZE)
+        inv_kn = _inv_norm(sq_kn, p_k, NORMALISE)
         s_kk = s_kk * inv_k[:, None] * inv_kn[None, :]
         w_kk = tl.where(off, 0.0, tl.exp((s_kk - 1.0) * inv_tau)) * pair_grad
         acc_k += _scaled_dot(w_kk, _normalised_chunk(k, kn_offs, mask_n, chunk, C, p_k, inv_kn, BLOCK_C), IEEE)

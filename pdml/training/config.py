@@ -23,7 +23,13 @@ from pdml.data.builtin import LAYOUTS as BUILTIN_LAYOUTS
 from pdml.models import FEATURE_LAYERS
 from pdml.training.sources import SourceSettings, check_sources, uses_dicom
 
-LOSSES = ("dml", "patchnce", "none")
+METRIC_LOSS = "dml"
+"""The metric loss's name on the command line and in saved configs, checkpoints and
+experiment records (after DML_CT). Inside the code the loss is "metric"
+(:func:`pdml.ops.patch_metric_rows_layers`, :class:`pdml.PatchMetricLoss`): code compares
+``cfg.loss`` with this constant, never with the string."""
+LOSSES = (METRIC_LOSS, "patchnce", "none")
+"""``--loss``: the paper's patch-wise metric loss, CUT's PatchNCE, or none."""
 ARCHS = ("pdml", "dmlct")
 """Network sets: pdml's own (:class:`pdml.models.RRDNGenerator`), the paper's reference code's
 (:mod:`pdml.models.dmlct`). A config without ``arch`` (runs before it existed) is "pdml"."""
@@ -32,7 +38,7 @@ D_INPUTS = ("image", "highpass", "image+highpass")
 D_HIGHPASS_HU = 20.0
 """HU per unit of the discriminator's input with ``d_input="highpass"`` (LD noise of ~25 HU
 is then about one unit, whatever the networks' scale)."""
-DEFAULT_TAU = {"dml": 0.15, "patchnce": 0.07, "none": 0.15}
+DEFAULT_TAU = {METRIC_LOSS: 0.15, "patchnce": 0.07, "none": 0.15}
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -125,7 +131,7 @@ class TrainConfig(SourceSettings):
     # paired noiseless truth of the same crops (built-in "same-anatomy" layout only); no
     # discriminator, identity or patch loss. False: the paper's unsupervised training.
     supervised: bool = False
-    loss: str = "dml"
+    loss: str = METRIC_LOSS
     lambda_gan: float = 1.0
     lambda_identity: float = 5.0
     lambda_metric: float = 0.1
@@ -288,7 +294,7 @@ class TrainConfig(SourceSettings):
             raise TrainError(f"net_scale must be > 0, got {self.net_scale}")
         if self.resolved_tau <= 0:
             raise TrainError(f"--tau must be > 0, got {self.tau}")
-        if self.loss == "dml":
+        if self.loss == METRIC_LOSS:
             # the op's own bound (pdml/_validation.py), at float32: the trainer's reductions
             # run in float32 at least; refused here so the CLI says it before training
             try:

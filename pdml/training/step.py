@@ -28,23 +28,17 @@ from torch.profiler import record_function
 
 from pdml import ops
 from pdml.models import FeatureGenerator, ProjectionHeads
-from pdml.reference import normalize_rows
-from pdml.training.config import AUTOCAST_DTYPES, TrainConfig, TrainError
+from pdml.sample import draw_patch_ids, sampled_rows
+from pdml.training.config import AUTOCAST_DTYPES, METRIC_LOSS, TrainConfig, TrainError
 
 
 def sample_patch_ids(hw: int, num_patches: int, layers: int, device: torch.device
                      ) -> list[torch.Tensor]:
     """``layers`` draws of ``min(num_patches, hw)`` distinct flat positions in ``[0, hw)``
-    (int64 ``[N]`` each, on ``device``), fresh per layer from the CPU RNG, as DML_CT and CUT
-    draw them; the same ids serve the output's (q) and the input's (k) rows of a layer."""
-    return [torch.randperm(hw)[:min(num_patches, hw)].to(device) for _ in range(layers)]
-
-
-def normalise_patch_rows(rows: torch.Tensor) -> torch.Tensor:
-    """CUT's Normalize of projected rows ``[R, D]``, ``row / (‖row‖₂ + 1e-7)``, computed in
-    float32 at least (half rows from autocast) and returned in the rows' dtype."""
-    wide = rows if rows.dtype == torch.float64 else rows.float()
-    return normalize_rows(wide).to(rows.dtype)
+    (int64 ``[N]`` each, on ``device``), fresh per layer from the CPU RNG
+    (:func:`pdml.sample.draw_patch_ids`); the same ids serve the output's (q) and the
+    input's (k) rows of a layer."""
+    return [draw_patch_ids(hw, num_patches, device) for _ in range(layers)]
 
 
 def project_patches(heads: ProjectionHeads, q_maps: Sequence[torch.Tensor],
@@ -56,16 +50,21 @@ def project_patches(heads: ProjectionHeads, q_maps: Sequence[torch.Tensor],
     output and of the input); ``ids``: one int64 ``[N]`` per layer. -> ``(q, k)``, each
     ``[L·B·N, D]`` in the maps' dtype: layer ``l`` is rows ``l·B·N .. (l+1)·B·N − 1``,
     row ``b·N + i`` of a layer is pixel ``ids[i]`` of image ``b`` (CUT's order), each row
-    divided by ``‖row‖₂ + 1e-7`` (CUT's Normalize, computed in float32 at least). Only the
-    sampled pixels go through the heads (:meth:`ProjectionHead.forward_sampled`).
+    divided by ``‖row‖₂ + 1e-7`` (CUT's Normalize, computed in float32 at least): the rows
+    of :func:`pdml.sample.sampled_rows`, as :class:`pdml.sample.PatchSampleF` makes them.
+    Only the sampled pixels go through the heads (:meth:`ProjectionHead.forward_sampled`).
     ``backend`` (the run's loss backend) also runs the fused gather + first linear layer
     when it has that op for these maps, else "auto" picks one.
     """
     if backend != "auto" and ops.available_backends(q_maps[0], "gather_project")[backend]:
         backend = "auto"
+    for what, items in (("maps", q_maps), ("maps", k_maps), ("ids", ids)):
+        if len(items) != len(heads.layers):
+            raise ValueError(f"expected {len(heads.layers)} {what} (layers {heads.layers}), got {len(items)}")
 
     def rows(maps):
-        return normalise_patch_rows(torch.cat(heads.forward_sampled(maps, ids, backend=backend), dim=0))
+        return torch.cat([sampled_rows(fmap, layer_ids, heads.heads[name], backend)
+                          for name, fmap, layer_ids in zip(heads.layers, maps, ids)], dim=0)
 
     return rows(q_maps), rows(k_maps)
 
@@ -110,7 +109,7 @@ def patch_loss(cfg: TrainConfig, q: torch.Tensor, k: torch.Tensor, batch_size: i
     ``q``, ``k`` ``[L·B·N, D]`` (:func:`project_patches`), negatives from the same image,
     in ONE op call -> float32 scalar (float64 for float64 rows)."""
     layers = len(cfg.loss_layers)
-    if cfg.loss == "dml":
+    if cfg.loss == METRIC_LOSS:
         return ops.patch_metric_rows_layers(q, k, layers=layers, tau=cfg.resolved_tau,
                                             batch_size=batch_size, negatives="image",
                                             backend=cfg.loss_backend)
@@ -125,7 +124,7 @@ def loss_backend_used(cfg: TrainConfig, device: torch.device) -> Optional[str]:
     asked for by name cannot (Triton on a CPU, an extension not built, ...)."""
     if cfg.loss == "none":
         return None
-    op = "patch_metric_rows" if cfg.loss == "dml" else "patch_nce_rows"
+    op = "patch_metric_rows" if cfg.loss == METRIC_LOSS else "patch_nce_rows"
     rows = torch.empty(0, device=device, dtype=AUTOCAST_DTYPES.get(cfg.precision, torch.float32))
     if cfg.loss_backend != "auto":
         why = ops.available_backends(rows, op)[cfg.loss_backend]

@@ -10,16 +10,18 @@ for "batch"). The helpers trust their arguments (validated by the backend); the 
 mask every load and store to the rows and channels that exist.
 
 CUDA tensors run compiled kernels, under a device guard of the tensors' device; CPU
-tensors run the Triton interpreter.
+tensors run the Triton interpreter (:mod:`pdml.kernels.runtime`).
 """
 from __future__ import annotations
 
+import types
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 
-from pdml.kernels import interprets, kernel_module, launch_guard
+from pdml.kernels import patch_loss
+from pdml.kernels.runtime import interprets, kernel_module, launch_guard
 
 MAX_CHANNELS = 1024
 """Largest feature dimension C the launch configurations are checked for
@@ -95,8 +97,10 @@ def launch_configs(dtype: torch.dtype, group_rows: int, channels: int, kernel: s
     return [tiles_for(dtype, group_rows, channels, interpret=False, kernel=kernel, gather=gather)]
 
 
-def _kernels(t: torch.Tensor):
-    return kernel_module(interprets(t))
+def kernels(interpret: bool) -> types.ModuleType:
+    """:mod:`pdml.kernels.patch_loss` decorated for the interpreter or for compilation
+    (:func:`pdml.kernels.runtime.kernel_module`)."""
+    return kernel_module(patch_loss, interpret)
 
 
 def check_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
@@ -117,8 +121,8 @@ def loss_grid(groups: int, group_rows: int, channels: int, tiles: Tiles, backwar
 
 def _launch(t: torch.Tensor, name: str, grid_of, args: tuple, tiles: Tiles, meta: dict) -> None:
     """Launch kernel ``name`` of ``t``'s mode with ``tiles`` on ``grid_of(tiles)``, under
-    :func:`pdml.kernels.launch_guard`."""
-    kernel = getattr(_kernels(t), name)
+    :func:`pdml.kernels.runtime.launch_guard`."""
+    kernel = getattr(kernels(interprets(t)), name)
     grid = grid_of(tiles)
     with launch_guard(t, interprets(t)):
         kernel[grid](*args, **meta, **tiles.meta())
@@ -200,7 +204,7 @@ def _loss_setup(q: torch.Tensor, ids: Optional[torch.Tensor], groups: int, kerne
     group_rows = rows // groups
     interpret = interprets(q)
     tiles = tiles_for(q.dtype, group_rows, channels, interpret, kernel, ids is not None)
-    meta = dict(GATHER=ids is not None, NORMALIZE=ids is not None, SCALE=ids is not None and scales_rows(q.dtype),
+    meta = dict(GATHER=ids is not None, NORMALISE=ids is not None, SCALE=ids is not None and scales_rows(q.dtype),
                 IEEE=q.dtype == torch.float32)
     ids_arg = ids if ids is not None else q  # never read when GATHER is off
     return _Setup(rows, group_rows, channels, (group_rows, n_img, width, channels), q_strides, tiles, meta, ids_arg)
