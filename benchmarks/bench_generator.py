@@ -404,12 +404,16 @@ def cli_cases(arch: str, slices: int, tmp: str) -> list[Case]:
                  timed_inside=True)]
 
 
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child of this (large)
+# process would report the parent's resident size at the fork
 _RSS_PROBE = r"""
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {repo!r})
 from pdml.cli import denoise_main
 rc = denoise_main({argv!r})
-print(json.dumps({{"rc": rc, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+print(json.dumps({{"rc": rc, "peak_rss_bytes": peak}}))
 """
 
 
