@@ -17,7 +17,10 @@ shared machine affects baseline and new alike; medians over the rounds):
 - ``train step``: pdml-train's whole step (G + heads + loss, then D) at the paper's
   shapes (``benchmarks/bench_train.py``'s config: batch 8, 128² crops, 128 patches,
   default loss backend, fp32), with its peak resident memory over the resting process
-  (a fresh process each, VmHWM after a warm-up step).
+  (a fresh process each, VmHWM after a warm-up step); beside it, ``convs alone``: every
+  ``Conv2d`` call of that step (shapes recorded from a baseline step) as one channels-last
+  ``conv2d`` forward and backward to input and weight, nothing else: what the step would
+  take if everything but oneDNN's convolutions were free.
 - ``pdml-denoise``: the console script on a generated 512² DICOM series, each call in a
   fresh process: today's (fp32, baseline blocks, whole slices, glibc's default allocator)
   against its defaults; and (``--only rss``) its peak resident memory on series of
@@ -209,6 +212,44 @@ def step_flops(run, batch) -> int:
     return 3 * counter[0]
 
 
+def step_conv_calls(run, batch) -> list[tuple]:
+    """Every ``Conv2d`` call of one baseline step: ``(input shape, weight shape, stride,
+    padding, dilation, groups)``, in call order."""
+    calls = []
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Conv2d):
+            pad = module.padding if module.padding_mode == "zeros" else (0, 0)
+            calls.append((tuple(inputs[0].shape), tuple(module.weight.shape), module.stride,
+                          pad, module.dilation, module.groups))
+
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with baseline_blocks(run.generator):
+            run.train_step(*batch)
+    finally:
+        handle.remove()
+    return calls
+
+
+def convs_alone(calls: list[tuple]):
+    """A callable running each call of ``calls`` as one ``conv2d`` forward and its backward
+    to input and weight, channels-last fp32 (what oneDNN makes of these shapes with nothing
+    else in the step): the floor a step built on library convolutions can reach."""
+    g = torch.Generator().manual_seed(2)
+    tensors = []
+    for shape, wshape, stride, pad, dil, groups in calls:
+        x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(wshape, generator=g).contiguous(memory_format=torch.channels_last)
+        tensors.append((x.requires_grad_(), w.requires_grad_(), stride, pad, dil, groups))
+
+    def run():
+        for x, w, stride, pad, dil, groups in tensors:
+            out = torch.nn.functional.conv2d(x, w, None, stride, pad, dil, groups)
+            torch.autograd.grad(out, (x, w), torch.ones_like(out))
+    return run
+
+
 def step_cases(archs, tmp) -> list[Case]:
     cases = []
     for arch in archs:
@@ -224,6 +265,8 @@ def step_cases(archs, tmp) -> list[Case]:
         cases.append(Case(group, base, "fp32", lambda step=step: step(True), flops, base))
         cases.append(Case(group, f"{group} one-buffer fp32", "fp32", lambda step=step: step(False),
                           flops, base))
+        cases.append(Case(group, f"{group} convs alone fp32", "fp32",
+                          convs_alone(step_conv_calls(run, batch)), flops, base))
     return cases
 
 
@@ -345,12 +388,16 @@ def cli_cases(arch: str, slices: int, tmp: str) -> list[Case]:
                  timed_inside=True)]
 
 
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child of this (large)
+# process would report the parent's resident size at the fork
 _RSS_PROBE = r"""
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {repo!r})
 from pdml.cli import denoise_main
 rc = denoise_main({argv!r})
-print(json.dumps({{"rc": rc, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+print(json.dumps({{"rc": rc, "peak_rss_bytes": peak}}))
 """
 
 
@@ -407,6 +454,14 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| {r['case']} | {r['median_s']:.3f} s | {fmt(r['conv_gflop'] or None, 1)} | "
                      f"{fmt(r['gflop_per_s'] or None, 1)} | {fmt(r['x_floor'])} | "
                      f"{fmt(r.get('speedup_vs_baseline'))} |")
+    by_case = {r["case"]: r for r in result["rows"]}
+    for r in result["rows"]:
+        if r["case"].endswith("convs alone fp32"):
+            group = r["case"][:-len(" convs alone fp32")]
+            new = by_case.get(f"{group} one-buffer fp32")
+            if new:
+                lines.append(f"\n{group}: one-buffer step / its convolutions alone (median of "
+                             f"rounds) = {statistics.median(a / b for a, b in zip(new['times_s'], r['times_s'])):.2f}")
     for arch, m in result.get("step_memory", {}).items():
         lines.append(f"\ntrain step {arch}: peak memory over the resting process: baseline "
                      f"{m['baseline'] / 2**20:.0f} MiB, one-buffer {m['new'] / 2**20:.0f} MiB "
