@@ -313,6 +313,17 @@ def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+def use_backend(backend, monkeypatch):
+    """Skip when ``backend``'s gather_project is not here; for "triton" on CPU tensors, the
+    interpreter inside the test only."""
+    if backend == "ext" and not EXT:
+        pytest.skip("pdml._C with gather_project is not built")
+    if backend == "triton":
+        if gather_project_launch is None:
+            pytest.skip("triton cannot be imported")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 def run_public(backend, inputs):
     """``pdml.ops.gather_project`` forward and autograd gradients for upstream ``grad``."""
     fmap, ids, weight, bias, grad = inputs
@@ -329,12 +340,7 @@ PUBLIC_CASES += [("triton", c) for c in CASES if c[0] == torch.float32 or (c[0] 
 
 @pytest.mark.parametrize("backend,case", PUBLIC_CASES, ids=[f"{b}-{case_id(c)}" for b, c in PUBLIC_CASES])
 def test_public_op_and_gradients_match_float64_truth(backend, case, monkeypatch):
-    if backend == "ext" and not EXT:
-        pytest.skip("pdml._C with gather_project is not built")
-    if backend == "triton":
-        if gather_project_launch is None:
-            pytest.skip("triton cannot be imported")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_backend(backend, monkeypatch)
     dtype, layout, with_bias = case
     inputs = make_inputs(dtype, layout, with_bias, seed=1)
     out, grads = run_public(backend, inputs)
@@ -385,12 +391,7 @@ def test_opcheck_triton(interpreter):
 def test_torch_compile_fullgraph_through_ops(backend, monkeypatch):
     """Dynamo + AOTAutograd trace ops.gather_project → ReLU → Linear with no graph break
     (aot_eager: at run time the graph calls the CPU kernels / the interpreter)."""
-    if backend == "ext" and not EXT:
-        pytest.skip("pdml._C with gather_project is not built")
-    if backend == "triton":
-        if gather_project_launch is None:
-            pytest.skip("triton cannot be imported")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_backend(backend, monkeypatch)
     torch._dynamo.reset()
     fmap, ids, weight, bias, _ = make_inputs(torch.float32, "channels_last", True, seed=9)
     second = torch.randn(7, D, generator=torch.Generator().manual_seed(2))
