@@ -13,6 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, UID, generate_uid
 
+from pdml._files import TEMP_NAME
 from pdml.data import (DicomReadError, DuplicatePositionWarning, NoCTImagesError, SeriesPixels,
                        SeriesWriter, load_ct, save_ct)
 
@@ -143,7 +144,8 @@ def test_write_read_round_trip(tmp_path, name):
     assert len(sop_uids) == len(paths)
     assert len({pydicom.dcmread(p).SeriesInstanceUID for p in paths}) == 1
     assert sha256(src) == before
-    assert not list((tmp_path / "out").glob("*.part"))
+    # no temporary file of the atomic writes (pdml._files.TEMP_NAME) is left behind
+    assert not [f for f in (tmp_path / "out").iterdir() if TEMP_NAME.fullmatch(f.name)]
 
 
 def test_write_clips_to_int16_range(tmp_path):
