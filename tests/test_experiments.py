@@ -155,6 +155,47 @@ def test_a_results_folder_without_the_weights_is_reused_from_its_records(quick, 
     assert (copy / "examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_runs_whose_folders_are_gone_are_restored_from_ablation_json(quick, tmp_path):
+    """ablation.json kept without runs/ (or with some run folders lost): the kept records
+    are restored, a lost run that the file did not keep is trained, and a kept record with
+    other settings is refused."""
+    import shutil
+
+    out, before = quick
+    copy = tmp_path / "results"
+    shutil.copytree(out, copy)
+    doc = json.loads((copy / "ablation.json").read_text())
+    dropped = doc["runs"].pop()  # as if the invocation was stopped before this run ended
+    doc["complete"] = False
+    (copy / "ablation.json").write_text(json.dumps(doc))
+    shutil.rmtree(copy / "runs")
+    code, printed = _main(["--preset", "quick", "--out", str(copy), "--no-progress",
+                           "--no-classical"])
+    assert code == 0, printed[-2000:]
+    assert f"{len(before['runs']) - 1} runs restored" in printed
+    after = json.loads((copy / "ablation.json").read_text())
+    how = {(r["role"], r["arm"], r["seed"]): r["how"] for r in after["runs"]}
+    key = (dropped["role"], dropped["arm"], dropped["seed"])
+    assert how.pop(key) == "trained" and set(how.values()) == {"restored"}
+    assert sorted((r["role"], r["arm"], r["seed"], json.dumps(r["values"]))
+                  for r in after["runs"]) == \
+        sorted((r["role"], r["arm"], r["seed"], json.dumps(r["values"]))
+               for r in before["runs"])
+    assert all(r["run_dir"] == r["config"]["out"] and not Path(r["run_dir"]).is_absolute()
+               for r in after["runs"])
+    assert after["earlier_elapsed_s"] == pytest.approx(doc.get("earlier_elapsed_s", 0.0)
+                                                      + doc["elapsed_s"])
+    assert "min in all with the earlier ones" in (copy / "ablation.md").read_text()
+    # a kept record trained with other settings: refused, nothing trained
+    doc = json.loads((copy / "ablation.json").read_text())
+    doc["runs"][0]["config"]["lr"] *= 2
+    (copy / "ablation.json").write_text(json.dumps(doc))
+    shutil.rmtree(copy / "runs")
+    code, _ = _main(["--preset", "quick", "--out", str(copy), "--no-progress",
+                     "--no-classical"])
+    assert code == 2
+
+
 def test_a_run_stopped_by_its_time_limit_is_resumed_when_its_checkpoint_is_kept(
         tmp_path, monkeypatch):
     """A later invocation continues a capped run; without its weights it is kept as it is

@@ -11,7 +11,9 @@ far (``"complete": false``); at the end it holds the tables, the validity check,
 verdicts and the figures, and ``ablation.md`` the report (:mod:`pdml.experiments.report`).
 
 An invocation repeated after an interruption reuses the finished runs and resumes the
-interrupted ones (:func:`pdml.experiments.runner.train_or_reuse`).
+interrupted ones (:func:`pdml.experiments.runner.train_or_reuse`); a run whose folder no
+longer holds its records is restored from the record the earlier ``ablation.json`` kept
+(:func:`pdml.experiments.runner.restored_record`).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pdml.classical import METHODS as CLASSICAL_METHODS
 from pdml.experiments import design, report
 from pdml.experiments.design import Arm
 from pdml.experiments.provenance import environment
-from pdml.experiments.runner import RunPool
+from pdml.experiments.runner import RunPool, restored_record
 from pdml.experiments.tables import classical_table_rows, ld_row, summarize_arm
 from pdml.experiments.verdicts import choose_lambda, validity, verdict
 
@@ -84,6 +86,7 @@ class Experiment:
         self.choice: dict[str, dict] = {}
         self.classical: list[dict] = []
         self.started = time.time()
+        self.earlier_s = 0.0  # wall time of the invocations before this one, same folder
 
     def config(self, arm: Arm, seed: int):
         return _config(arm, seed, self.out, self.overrides)
@@ -150,7 +153,7 @@ class Experiment:
                                    "lambda_choice": design.LAMBDA_RULE,
                                    **design.VERDICT_RULES}},
             "environment": environment(_device(self.overrides)),
-            "elapsed_s": time.time() - self.started,
+            "elapsed_s": time.time() - self.started, "earlier_elapsed_s": self.earlier_s,
             "classical": self.classical, "lambda_choice": self.choice, "runs": runs,
         }
         if complete:
@@ -163,6 +166,21 @@ class Experiment:
         tmp = self.out / "ablation.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
         tmp.replace(self.out / "ablation.json")
+
+
+def _earlier(out: Path) -> tuple[dict, float]:
+    """What an earlier ``out/ablation.json`` of this format kept: its run records by
+    ``(setting, role, arm, seed)`` (their folders under ``out``) and the wall time of every
+    invocation that wrote it; ``({}, 0.0)`` when there is none."""
+    path = out / "ablation.json"
+    if not path.exists():
+        return {}, 0.0
+    doc = json.loads(path.read_text())
+    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        return {}, 0.0
+    runs = {(r["setting"], r["role"], r["arm"], r["seed"]):
+            {**r, "run_dir": str(out / r["run_dir"])} for r in doc["runs"]}
+    return runs, doc.get("earlier_elapsed_s", 0.0) + doc["elapsed_s"]
 
 
 def _device(overrides: dict):
@@ -206,20 +224,38 @@ def run_experiment(preset: str = "shift", out=None, jobs: Optional[int] = None,
         exp.classical = [row for row, _ in classical_rows(items, classical)]
         print(f"[hu-shift] classical baselines {', '.join(classical)}: tuned and scored in "
               f"{time.time() - t0:.0f} s", file=stream, flush=True)
+    kept, exp.earlier_s = _earlier(out)
     with RunPool(jobs, out / "logs", stream) as pool:
-        for arm in exp.arms:
+
+        def start(arm: Arm) -> None:
             for seed in arm.seeds:
-                pool.submit((arm, seed), exp.config(arm, seed))
+                cfg = exp.config(arm, seed)
+                record = restored_record(cfg, kept.get((arm.setting, arm.role, arm.key, seed)))
+                if record is None:
+                    pool.submit((arm, seed), cfg)
+                else:
+                    exp.add(arm, record)
+
+        def choose_when_swept() -> None:
+            if exp.choice or not exp.sweep_done():
+                return
+            for new in exp.choose():
+                start(new)
+            print(f"[hu-shift] λ chosen on the sweep seeds: metric learning "
+                  f"{exp.choice['dml']['statement']}; PatchNCE "
+                  f"{exp.choice['patchnce']['statement']}", file=stream, flush=True)
+
+        for arm in list(exp.arms):
+            start(arm)
+        choose_when_swept()  # a sweep restored whole: the chosen arms start (or restore) now
+        restored = sum(len(rs) for rs in exp.records.values())
+        if restored:
+            print(f"[hu-shift] {restored} runs restored from {out / 'ablation.json'} (their "
+                  f"folders no longer hold them)", file=stream, flush=True)
         while pool.pending:
             (arm, seed), record = pool.next_done()
             exp.add(arm, record)
-            if not exp.choice and exp.sweep_done():
-                for new in exp.choose():
-                    for s in new.seeds:
-                        pool.submit((new, s), exp.config(new, s))
-                print(f"[hu-shift] λ chosen on the sweep seeds: metric learning "
-                      f"{exp.choice['dml']['statement']}; PatchNCE "
-                      f"{exp.choice['patchnce']['statement']}", file=stream, flush=True)
+            choose_when_swept()
             exp.write(exp.result(complete=False))
     doc = exp.result(complete=True)
     doc["figures"] = report.write_report(doc, items, out)

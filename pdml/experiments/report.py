@@ -16,6 +16,17 @@ from pdml.experiments.provenance import commit_label
 FIGURES = {"tradeoff": "tradeoff.png", "curves": "curves.png", "examples": "examples.png"}
 
 
+
+def _earlier_wall(doc: dict) -> str:
+    """", N min in all with the earlier invocations (M runs restored from their
+    records)" when earlier invocations wrote this folder; else ""."""
+    earlier = doc.get("earlier_elapsed_s", 0.0)
+    if not earlier:
+        return ""
+    restored = sum(r["how"] == "restored" for r in doc["runs"])
+    note = f" ({restored} runs restored from their records)" if restored else ""
+    return f", {(earlier + doc['elapsed_s']) / 60:.0f} min in all with the earlier ones{note}"
+
 def _num(stat: dict, spec: str, ci: bool = False) -> str:
     text = format(stat["mean"], spec)
     if not math.isnan(stat.get("sd", math.nan)):
@@ -90,7 +101,8 @@ def markdown(doc: dict) -> str:
         "shifts them?", "",
         f"`{s['command']}`", "",
         f"- {env['device']}, torch {env['torch']}, pdml {env['pdml']}; finished "
-        f"{env['utc']}; {doc['elapsed_s'] / 60:.0f} min wall for this invocation; "
+        f"{env['utc']}; {doc['elapsed_s'] / 60:.0f} min wall for this invocation"
+        f"{_earlier_wall(doc)}; "
         f"{len(doc['runs'])} runs, "
         f"{sum(r['train_s'] for r in doc['runs']) / 60:.0f} min of training in total; "
         f"runs trained at commit(s) {', '.join(commits)}",

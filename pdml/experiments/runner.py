@@ -75,7 +75,8 @@ def train_or_reuse(cfg, stream) -> tuple[dict, str, dict]:
     without the weights); a run interrupted or stopped by its time limit is resumed exactly
     from its last checkpoint (one stopped by the limit whose checkpoints are gone is reused
     as it is: the experiment excludes it). -> ``(summary, "trained" | "reused" |
-    "resumed", provenance)``; TrainError for a folder holding other settings."""
+    "resumed", provenance)``; TrainError for a folder holding other settings. A folder that
+    lost its records may still be restored from ``ablation.json``: :func:`restored_record`."""
     from pdml.training import TrainError, train
 
     run_dir = Path(cfg.out)
@@ -96,6 +97,28 @@ def train_or_reuse(cfg, stream) -> tuple[dict, str, dict]:
         return summary, "reused", _provenance(run_dir)
     provenance = _record_session(run_dir, "resumed")
     return train(resume=str(run_dir), stream=stream), "resumed", provenance
+
+
+def restored_record(cfg, kept: Optional[dict]) -> Optional[dict]:
+    """The record of run ``cfg`` that an earlier ``ablation.json`` kept (``kept``, one of
+    its ``runs``; None when it kept none), for a run whose folder no longer holds it (no
+    ``summary.json``, no checkpoint: the results were moved or shared without ``runs/``).
+    -> that record, ``how`` "restored", its folder at ``cfg.out``; None when the folder
+    holds the run (:func:`train_or_reuse` reads it there) or nothing was kept; TrainError
+    when the kept record holds other settings."""
+    from pdml.training import TrainError
+
+    run_dir = Path(cfg.out)
+    if kept is None or _summary(run_dir) is not None or \
+            (run_dir / "checkpoints" / "last.pt").exists():
+        return None
+    saved, wanted = _comparable(kept["config"]), _comparable(cfg.to_dict())
+    if saved != wanted:
+        differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        raise TrainError(f"the ablation.json beside {run_dir} kept a run with other settings "
+                         f"({', '.join(differ)}); choose another --out")
+    return {**kept, "how": "restored", "run_dir": str(run_dir),
+            "config": {**kept["config"], "out": str(run_dir)}}
 
 
 def run_record(cfg, summary: dict, how: str, provenance: dict, wall_s: float) -> dict:
