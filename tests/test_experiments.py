@@ -29,6 +29,15 @@ def _main(args) -> tuple[int, str]:
     return code, printed.getvalue()
 
 
+def _again(out: Path) -> tuple[dict, str]:
+    """The quick experiment run again into ``out`` (no classical rows); it must succeed.
+    -> (its ablation.json, what it printed)."""
+    code, printed = _main(["--preset", "quick", "--out", str(out), "--no-progress",
+                           "--no-classical"])
+    assert code == 0, printed[-2000:]
+    return json.loads((out / "ablation.json").read_text()), printed
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     """``--preset quick`` through the command line -> (out dir, ablation.json)."""
@@ -115,10 +124,7 @@ def test_a_repeated_command_reuses_every_run_and_other_settings_are_refused(quic
         config.pop(key)
     config["tau"] = None
     old.write_text(json.dumps(config))
-    code, printed = _main(["--preset", "quick", "--out", str(out), "--no-progress",
-                           "--no-classical"])
-    assert code == 0, printed[-2000:]
-    after = json.loads((out / "ablation.json").read_text())
+    after, _ = _again(out)
     assert {r["how"] for r in after["runs"]} == {"reused"}
     assert [r["values"] for r in after["runs"]] == [r["values"] for r in before["runs"]]
     # the same folder with other training settings: one line, exit 2, nothing trained
@@ -145,10 +151,7 @@ def test_a_results_folder_without_the_weights_is_reused_from_its_records(quick, 
     copy = tmp_path / "results"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints", "*.log"))
     assert not list(copy.rglob("*.pt"))
-    code, printed = _main(["--preset", "quick", "--out", str(copy), "--no-progress",
-                           "--no-classical"])
-    assert code == 0, printed[-2000:]
-    after = json.loads((copy / "ablation.json").read_text())
+    after, printed = _again(copy)
     assert {r["how"] for r in after["runs"]} == {"reused"}
     assert [r["values"] for r in after["runs"]] == [r["values"] for r in before["runs"]]
     assert [r["provenance"] for r in after["runs"]] == [r["provenance"] for r in before["runs"]]
@@ -169,11 +172,8 @@ def test_runs_whose_folders_are_gone_are_restored_from_ablation_json(quick, tmp_
     doc["complete"] = False
     (copy / "ablation.json").write_text(json.dumps(doc))
     shutil.rmtree(copy / "runs")
-    code, printed = _main(["--preset", "quick", "--out", str(copy), "--no-progress",
-                           "--no-classical"])
-    assert code == 0, printed[-2000:]
+    after, printed = _again(copy)
     assert f"{len(before['runs']) - 1} runs restored" in printed
-    after = json.loads((copy / "ablation.json").read_text())
     how = {(r["role"], r["arm"], r["seed"]): r["how"] for r in after["runs"]}
     key = (dropped["role"], dropped["arm"], dropped["seed"])
     assert how.pop(key) == "trained" and set(how.values()) == {"restored"}
