@@ -50,12 +50,14 @@ rows) one gradient chunk per program (grid axis 1) and write it, fp32, to a cont
 ``[R, C]`` scratch; :func:`normaliser_backward_kernel` then takes each row through the
 normaliser's Jacobian (two passes over the chunks: ``x·dx̂``, then the gradient) and
 stores it in the input dtype: the only cast of a gradient. (The rows form has no
-normaliser: its kernels store dx̂ = dx directly.) Computing ``x·dx̂`` from the stored dx̂
-removes exactly the radial part of the rounded dx̂, as torch's reference does. Operands
-of fp16/bf16 dots are kept in [-1, 1]: upstream gradients (which GradScaler multiplies by
-up to 2^16) are applied in fp32 after the dot or divided out of the operand first
-(:func:`_scaled_dot`). Each gradient row has exactly one writer (ids are distinct; the
-caller zero-fills the rest): no atomics, deterministic.
+normaliser: PatchNCE stores dx̂ = dx directly; the metric's pair terms go to fp32 scratch
+in both forms, and :func:`metric_positive_kernel` adds the positive terms and writes the
+gradient.) Computing ``x·dx̂`` from the stored dx̂ removes exactly the radial part of the
+rounded dx̂, as torch's reference does. Operands of fp16/bf16 dots are kept in [-1, 1]:
+upstream gradients (which GradScaler multiplies by up to 2^16) are applied in fp32 after
+the dot or divided out of the operand first (:func:`_scaled_dot`, or the metric's per-row
+bound). Each gradient row has exactly one writer per launch (ids are distinct; the caller
+zero-fills the rest): no atomics, deterministic.
 
 All block sizes are >= 16 (the GPU's minimum dot shape; the interpreter would accept less).
 """
