@@ -311,8 +311,9 @@ def test_launch_runs_under_the_tensors_device_guard(interpreter, monkeypatch):
     q, k = _leaf(fq), _leaf(fk)
     (ops.patch_metric(q, k, ids, backend="triton") + ops.patch_nce(q, k, ids, backend="triton").sum()
      + ops.patch_similarity(q, k, ids, backend="triton").sum()).backward()
-    # 3 forward launches; backward: nce 1 + metric 1 + similarity 1, and 5 normaliser launches (dq; dq, dk; dq, dk)
-    assert len(guarded) == 11 and all(d == fq.device for d in guarded)
+    # 3 forward launches; backward: nce 1 + metric 2 (pair terms, positive terms) + similarity 1, and 5
+    # normaliser launches (dq; dq, dk; dq, dk)
+    assert len(guarded) == 12 and all(d == fq.device for d in guarded)
 
 
 def test_interpreted_launches_leave_triton_language_as_they_found_it(interpreter):
@@ -336,12 +337,14 @@ def test_grid_folds_groups_and_checks_cuda_limits():
     from pdml.kernels import patch_loss_launch as launch
 
     tiles = launch.Tiles(32, 32, 32, 8, 1)
-    assert launch.loss_grid(10 ** 6, 128, 1000, tiles, backward=True) == (4 * 10 ** 6, 32)
-    assert launch.loss_grid(10 ** 6, 128, 1000, tiles, backward=False) == (4 * 10 ** 6, 1)
+    gradient_tiles = launch.Tiles(32, 16, 32, 8, 1, grad_c=256)  # the gradient kernels' chunks: 1000 -> 4
+    assert launch.loss_grid(10 ** 6, 128, 1000, gradient_tiles, backward=True) == (4 * 10 ** 6, 4, 1)
+    assert launch.loss_grid(10 ** 6, 128, 1000, gradient_tiles, backward=True, sides=2) == (4 * 10 ** 6, 4, 2)
+    assert launch.loss_grid(10 ** 6, 128, 1000, tiles, backward=False) == (4 * 10 ** 6, 1, 1)
     assert launch.similarity_grid(10 ** 5, 97, 256, tiles, backward=False) == (10 ** 5 * 16, 1)
     assert launch.similarity_grid(10 ** 5, 97, 256, tiles, backward=True) == (10 ** 5 * 4, 8)
     with pytest.raises(ValueError, match="grid"):
-        launch.loss_grid(2 ** 30, 128, 256, tiles, backward=True)
+        launch.loss_grid(2 ** 30, 128, 256, gradient_tiles, backward=True)
     with pytest.raises(ValueError, match="grid"):
         launch.check_grid((1, 70000))
 
@@ -387,6 +390,36 @@ def test_channels_in_several_chunks_match_float64_reference(op, interpreter):
             _assert_rule(f"similarity {name}", got, s, t, torch.float32)
     else:
         _check_against_reference(op, "map", inputs, torch.float32, "image", 0.07 if op == "nce" else 0.15, 2)
+
+
+# (op, form, B, N, C, negatives, dtype) run with the GPU's tiles: 32×16 gradient tiles, one
+# gradient chunk up to C = 256, two at C = 300, four at C = 1000
+GPU_PLAN_CASES = [
+    ("nce", "map", 2, 97, 123, "batch", torch.float16),
+    ("nce", "rows", 1, 97, 123, "image", torch.float32),
+    ("metric", "map", 1, 97, 123, "image", torch.float32),
+    ("metric", "rows", 2, 97, 123, "batch", torch.float16),
+    ("nce", "map", 1, 37, 300, "image", torch.float32),
+    ("metric", "map", 2, 37, 300, "batch", torch.float16),
+    ("nce", "rows", 2, 20, 1000, "batch", torch.float16),
+    ("metric", "map", 1, 20, 1000, "image", torch.float32),
+    ("metric", "rows", 1, 20, 1000, "batch", torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", GPU_PLAN_CASES, ids=lambda c: _case_id((*c, False)))
+def test_gpu_launch_plan_matches_float64_reference(case, interpreter):
+    """The GPU's launch plan (``gpu_tiles``: its tiles, gradient chunks and grids) run by the
+    interpreter: the same accuracy rule, odd shapes, C in one and in several gradient chunks."""
+    from pdml.kernels import patch_loss_launch as launch
+
+    op, form, batch, n, channels, negatives, dtype = case
+    kernel = f"{op}_backward_kernel"
+    assert launch.tiles_for(dtype, n, channels, False, kernel, form == "map").grad_c == min(256, 2 ** math.ceil(
+        math.log2(channels)))
+    inputs = _make_inputs(form, batch, n, channels, dtype, seed=n + channels, strided=batch == 2)
+    with launch.gpu_tiles():
+        _check_against_reference(op, form, inputs, dtype, negatives, 0.07 if op == "nce" else 0.15, batch)
 
 
 GRAD_SCALE = 2.0 ** 16

@@ -51,8 +51,11 @@ def test_every_launch_configuration_is_enumerated():
         for dtype in aot.DTYPES:
             blocks = {job.block_m for job in jobs if job.kernel == kernel and job.dtype == dtype}
             assert 32 in blocks  # the paper's choice
-            assert (64 in blocks) == (dtype != "fp32")  # wgmma tiles of large groups
+            # wgmma tiles of large groups; the gradient kernels keep 32 rows (their accumulator)
+            assert (64 in blocks) == (dtype != "fp32" and kernel not in launch.GRADIENT_KERNELS)
     assert any(not job.gather for job in jobs)  # rows form
+    for kernel in launch.GRADIENT_KERNELS:  # one gradient chunk up to C = 256, 256-channel chunks above
+        assert {job.grad_c for job in jobs if job.kernel == kernel} == {128, 256}
 
 
 @pytest.mark.parametrize("dtype", aot.DTYPES)
@@ -70,7 +73,7 @@ def test_backward_kernels_compile_for_sm80(kernel, dtype):
     _assert_clean(_compile(kernel, dtype, 128, 256, 80), 80)
 
 
-@pytest.mark.parametrize("kernel", ["nce_forward_kernel", "metric_backward_kernel"])
+@pytest.mark.parametrize("kernel", ["nce_forward_kernel", "metric_forward_kernel"])
 def test_large_groups_use_wgmma_on_sm90(kernel):
     """bf16/fp16 groups of >= 1024 rows take 64-row tiles, which Hopper multiplies with wgmma."""
     record = _compile(kernel, "fp16", 4096, 256, 90)
@@ -86,6 +89,19 @@ def test_fp32_c1000_compiles_within_sm90_shared_memory():
         assert record.shared <= aot.SHARED_LIMIT[90]
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", aot.DTYPES)
+@pytest.mark.parametrize("kernel", ["nce_backward_kernel", "metric_backward_kernel"])
+def test_whole_gradient_accumulators_do_not_spill(kernel, dtype, arch):
+    """C = 256 in one gradient chunk (``GRAD_C = 256``: a [32, 256] fp32 accumulator per
+    program), the configuration that brings the backward to the minimum work, in both forms."""
+    for gather in (True, False):
+        record = _compile(kernel, dtype, 4096, 256, arch, gather=gather)
+        assert "g256" in record.config
+        _assert_clean(record, arch)
+
+
 def test_rows_form_compiles():
     """The rows form (no gather, no normalisation; dq̂ is dq in the input dtype)."""
     _assert_clean(_compile("metric_backward_kernel", "fp16", 128, 256, 90, gather=False), 90)
+    _assert_clean(_compile("metric_positive_kernel", "fp16", 128, 256, 90, gather=False), 90)

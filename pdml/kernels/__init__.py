@@ -6,7 +6,9 @@
   :mod:`.patch_loss_launch` and :mod:`.gather_project_launch`;
 - :mod:`.runtime`: the interpreter or the compiler for a launch, the module copy of each
   mode, the context every launch runs in (device guard);
-- :mod:`.aot`: the compile check of every kernel for a GPU architecture, without a GPU.
+- :mod:`.work`: the dot FLOPs a launch plan issues and the minimum the math needs;
+- :mod:`.aot`: the compile check of every kernel for a GPU architecture, without a GPU,
+  and the table of :mod:`.work` for the named shapes.
 
-Imports point down this list: aot → launchers → runtime and kernel modules.
+Imports point down this list: aot → work → launchers → runtime and kernel modules.
 """

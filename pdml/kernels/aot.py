@@ -16,6 +16,11 @@ prints the table and, with ``--strict``, exits 1 on any compile error, spill, sh
 memory over the architecture's limit, fp16/bf16 dots without tensor cores or fp32 dots
 with them. Uses only APIs present in triton 3.6 and 3.8.
 
+    python -m pdml.kernels.aot --work
+
+prints instead, for the same shapes, the dot FLOPs each loss kernel's GPU launch plan
+issues divided by the minimum the math needs (:mod:`pdml.kernels.work`; compiles nothing).
+
 Spills are counted as triton's launcher counts them (``n_spills`` = the kernel's local
 memory in bytes / 4, read here from the cubin with the cuobjdump triton ships, since the
 count triton reports comes from loading the cubin on a GPU).
@@ -33,19 +38,19 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
-from pdml.kernels import gather_project_launch, patch_loss_launch
+from pdml.kernels import gather_project_launch, patch_loss_launch, work
 
 LOSS_KERNELS = ("nce_forward_kernel", "nce_backward_kernel", "metric_forward_kernel",
-           "metric_backward_kernel", "similarity_forward_kernel", "similarity_backward_kernel",
-           "normaliser_backward_kernel")
+                "metric_backward_kernel", "metric_positive_kernel", "similarity_forward_kernel",
+                "similarity_backward_kernel", "normaliser_backward_kernel")
 KERNELS = LOSS_KERNELS + gather_project_launch.KERNELS
-WITHOUT_DOTS = ("normaliser_backward_kernel",)
+WITHOUT_DOTS = ("metric_positive_kernel", "normaliser_backward_kernel")
 DTYPES = ("fp32", "fp16", "bf16")
 
 SHAPES = {
     "paper": [(128, 128), (128, 256), (1024, 128), (1024, 256)],  # n = 128 per image; 128·B for "batch" (B = 8)
     "cut": [(256, 256)],
-    "large": [(4096, 128), (4096, 256), (4096, 1000)],
+    "large": [(4096, 128), (4096, 256), (4096, 1000), (4096, 1024)],
 }
 """Named shapes ``(rows per group, channels)`` the patch-loss configurations are taken from."""
 
@@ -60,7 +65,10 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 """Largest shared memory per block (bytes, opt-in) of each architecture."""
 
 _FEATURE_POINTERS = ("q_ptr", "k_ptr", "x_ptr", "dx_ptr")
-_NORMALISED_GRAD_POINTERS = ("dqhat_ptr", "dkhat_ptr")  # fp32 scratch (map form) or the gradient (rows)
+_GRAD_POINTERS = {  # kernel -> its pointers that are fp32 scratch in the map form and the gradient in the rows form
+    "nce_backward_kernel": ("dqhat_ptr",),
+    "metric_positive_kernel": ("dq_ptr", "dk_ptr"),
+}
 _FLOAT_SCALARS = ("inv_tau", "pos_scale", "pair_scale")
 
 
@@ -74,13 +82,15 @@ class LossJob(NamedTuple):
     block_c: int
     num_warps: int
     num_stages: int
+    grad_c: int = 0  # gradient channels per program (GRAD_C) of the gradient kernels, else 0
 
     launcher = patch_loss_launch  # the kernels' launcher (a class attribute, not a field)
 
     @property
     def config(self) -> str:
         form = "map" if self.gather else "rows"
-        return (f"{form} {self.block_m}x{self.block_n}x{self.block_c} w{self.num_warps} s{self.num_stages}")
+        grad = f" g{self.grad_c}" if self.grad_c else ""
+        return f"{form} {self.block_m}x{self.block_n}x{self.block_c}{grad} w{self.num_warps} s{self.num_stages}"
 
     @property
     def options(self) -> dict:
@@ -91,11 +101,11 @@ class LossJob(NamedTuple):
         """Every constexpr the launcher may pass (each kernel takes a subset)."""
         return {"GATHER": self.gather, "NORMALISE": self.gather, "SCALE": self.gather and self.dtype != "fp16",
                 "IEEE": self.dtype == "fp32",
-                "BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_C": self.block_c}
+                "BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_C": self.block_c, "GRAD_C": self.grad_c}
 
     def argument_type(self, name: str) -> str:
         """Triton type of the non-constexpr argument ``name``, as the launch helpers pass it."""
-        if name in _FEATURE_POINTERS or (name in _NORMALISED_GRAD_POINTERS and not self.gather):
+        if name in _FEATURE_POINTERS or (name in _GRAD_POINTERS.get(self.kernel, ()) and not self.gather):
             return "*" + self.dtype
         if name == "ids_ptr":
             return "*i64" if self.gather else "*" + self.dtype
@@ -185,7 +195,7 @@ def loss_jobs(shapes: dict = SHAPES, kernels=LOSS_KERNELS, dtypes=DTYPES) -> dic
                 for rows, channels in sizes:
                     for gather in forms:
                         for tiles in patch_loss_launch.launch_configs(_torch_dtype(dtype), rows, channels, kernel, gather):
-                            if kernel in WITHOUT_DOTS:  # no column tiles (see patch_loss_launch._normaliser_backward)
+                            if kernel in WITHOUT_DOTS:  # no column tiles (as patch_loss_launch launches them)
                                 tiles = tiles._replace(block_n=16)
                             job = LossJob(kernel, dtype, gather, *tiles)
                             jobs.setdefault(job, []).append(f"{name}:{rows}:{channels}")
@@ -299,6 +309,29 @@ def format_table(records: list[Record], arch: int) -> str:
     return "\n".join(lines)
 
 
+def work_table(shapes: dict = SHAPES, dtypes=DTYPES) -> str:
+    """Issued / minimum dot FLOPs (:mod:`pdml.kernels.work`) of the forward and backward
+    kernel of each op, with the GPU's tiles, for every shape, dtype and feature form (the
+    similarity op has the map form only)."""
+    columns = [(op, kernel) for op, kernels in work.OP_KERNELS.items() for kernel in kernels]
+    lines = [f"{'shape':6} {'n':>5} {'C':>5} {'dtype':5} {'form':4} "
+             + " ".join(f"{op + (' fwd' if 'forward' in kernel else ' bwd'):>14}" for op, kernel in columns)]
+    for name, sizes in shapes.items():
+        for rows, channels in sizes:
+            for dtype in dtypes:
+                for gather in (True, False):
+                    cells = []
+                    for op, kernel in columns:
+                        if op == "similarity" and not gather:
+                            cells.append(f"{'-':>14}")
+                            continue
+                        ratio = work.gpu_work(kernel, _torch_dtype(dtype), rows, channels, gather).ratio
+                        cells.append(f"{ratio:14.2f}")
+                    lines.append(f"{name:6} {rows:5d} {channels:5d} {dtype:5} {'map' if gather else 'rows':4} "
+                                 + " ".join(cells))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pdml.kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
@@ -307,7 +340,13 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="compiler processes")
     parser.add_argument("--kernel", action="append", choices=KERNELS, help="only these kernels")
     parser.add_argument("--dtype", action="append", choices=DTYPES, help="only these dtypes")
+    parser.add_argument("--work", action="store_true",
+                        help="print issued / minimum dot FLOPs of the loss kernels for the shapes instead of compiling")
     args = parser.parse_args(argv)
+    if args.work:
+        print("dot FLOPs issued by the GPU's launch plan / the minimum the math needs (docs/ops.md, \"Work\")")
+        print(work_table(dtypes=args.dtype or DTYPES))
+        return 0
     if not library_compiles():
         print("triton was imported with TRITON_INTERPRET=1: unset it to compile", file=sys.stderr)
         return 2

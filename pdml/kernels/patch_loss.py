@@ -10,13 +10,17 @@ geometry tuple ``(ptr, s_row, s_c, s_h, s_w)`` and the gather by ``(ids_ptr, n_i
 :func:`_tile_offsets` and :func:`_load_chunk` are the one place rows are addressed.
 
 Grid. Axis 0 enumerates (group, row tile) pairs (``group * tiles + tile``), so the number
-of groups is bounded only by axis 0's 2^31 - 1; axis 1 of the backward kernels is the
-channel chunk of the gradient a program writes (at most ``1024 / 16``).
+of groups is bounded only by axis 0's 2^31 - 1. Axis 1 of the backward kernels is the
+gradient chunk a program writes: ``GRAD_C`` channels of the PatchNCE and metric
+gradients (one chunk, so one program per row tile, whenever C fits the launcher's budget
+of accumulator registers; docs/ops.md, "Work"), ``BLOCK_C`` channels of the similarity's.
+Axis 2 of the metric backward is the side (0: dq̂, 1: dk̂).
 
-Channels are processed in chunks of ``BLOCK_C``: a similarity tile is the sum of the
-chunks' dots, and the norms of a tile's rows come from a pre-pass over the chunks (own
-rows) or from the same chunk loop (the other side's rows). Nothing holds a whole row, so
-any C fits in registers and shared memory in any dtype.
+Channels of a similarity tile are processed in chunks of ``BLOCK_C``: the tile is the sum
+of the chunks' dots, and the norms of a tile's rows come from a pre-pass over the chunks
+(own rows) or from the same chunk loop (the other side's rows). Only a backward
+program's gradient accumulator spans more channels (``GRAD_C``), so each similarity tile
+is computed once per gradient chunk, not once per ``BLOCK_C`` channels of the gradient.
 
 Scaling (map form, ``SCALE``). fp32 and bf16 features of magnitude 1e20 have ``x² = 1e40``,
 which overflows fp32 although ``‖x‖`` does not (docs/ops.md, step 2), and so would the
@@ -42,16 +46,18 @@ PatchNCE keeps an online (running max + sum) logsumexp per row, PatchMetric runn
 exp-sums per row; backward recomputes the tiles.
 
 Gradients. The backward kernels compute ``dL/dx̂_i = Σ_j W_ij ŷ_j`` (x̂, ŷ the normalised
-rows) one channel chunk per program (grid axis 1) and write it, fp32, to a contiguous
+rows) one gradient chunk per program (grid axis 1) and write it, fp32, to a contiguous
 ``[R, C]`` scratch; :func:`normaliser_backward_kernel` then takes each row through the
 normaliser's Jacobian (two passes over the chunks: ``x·dx̂``, then the gradient) and
 stores it in the input dtype: the only cast of a gradient. (The rows form has no
-normaliser: its kernels store dx̂ = dx directly.) Computing ``x·dx̂`` from the stored dx̂
-removes exactly the radial part of the rounded dx̂, as torch's reference does. Operands
-of fp16/bf16 dots are kept in [-1, 1]: upstream gradients (which GradScaler multiplies by
-up to 2^16) are applied in fp32 after the dot or divided out of the operand first
-(:func:`_scaled_dot`). Each gradient row has exactly one writer (ids are distinct; the
-caller zero-fills the rest): no atomics, deterministic.
+normaliser: PatchNCE stores dx̂ = dx directly; the metric's pair terms go to fp32 scratch
+in both forms, and :func:`metric_positive_kernel` adds the positive terms and writes the
+gradient.) Computing ``x·dx̂`` from the stored dx̂ removes exactly the radial part of the
+rounded dx̂, as torch's reference does. Operands of fp16/bf16 dots are kept in [-1, 1]:
+upstream gradients (which GradScaler multiplies by up to 2^16) are applied in fp32 after
+the dot or divided out of the operand first (:func:`_scaled_dot`, or the metric's per-row
+bound). Each gradient row has exactly one writer per launch (ids are distinct; the caller
+zero-fills the rest): no atomics, deterministic.
 
 All block sizes are >= 16 (the GPU's minimum dot shape; the interpreter would accept less).
 """
@@ -237,6 +243,17 @@ def _scaled_dot(w, y, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _group_max_abs(ptr, stride, group, group_rows, BLOCK: tl.constexpr):
+    """``max_j |ptr[(group·group_rows + j)·stride]|`` over the rows of ``group`` (fp32 scalar)."""
+    top = tl.full([BLOCK], 0.0, tl.float32)
+    for start in range(0, group_rows, BLOCK):
+        local = start + tl.arange(0, BLOCK)
+        value = tl.load(ptr + (group * group_rows + local).to(tl.int64) * stride, mask=local < group_rows, other=0.0)
+        top = tl.maximum(top, tl.abs(value.to(tl.float32)))
+    return _max(top, 0)
+
+
+@triton.jit
 def _program_tile(group_rows, BLOCK_M: tl.constexpr):
     """``(group, local rows [BLOCK_M])`` of this program (axis 0 = group * tiles + tile)."""
     tiles = (group_rows + BLOCK_M - 1) // BLOCK_M
@@ -295,9 +312,10 @@ def nce_backward_kernel(
     group_rows, n_img, width, C, inv_tau, grad_stride,
     q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw,
     GATHER: tl.constexpr, NORMALISE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GRAD_C: tl.constexpr,
 ):
-    """dL/dq̂ of PatchNCE for BLOCK_M rows and channel chunk ``program_id(1)``, into the
+    """dL/dq̂ of PatchNCE for BLOCK_M rows and the ``GRAD_C`` channels of gradient chunk
+    ``program_id(1)`` (all channels when C <= GRAD_C: each similarity tile once), into the
     contiguous ``dqhat [R, C]`` (fp32 for :func:`normaliser_backward_kernel`, or the input
     dtype in the rows form, where dq̂ is dq).
 
@@ -309,7 +327,7 @@ def nce_backward_kernel(
     k = (k_ptr, k_srow, k_sc, k_sh, k_sw)
     where = (ids_ptr, n_img, width)
     group, local_m = _program_tile(group_rows, BLOCK_M)
-    chunk = tl.program_id(1) * BLOCK_C
+    chunk = tl.program_id(1) * GRAD_C
     p_q, p_k = _map_scales(scale_ptr, SCALE)
     q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
     inv_q = _inv_norm(_row_stats(q, q_offs, p_q, q, q_offs, p_q, mask_m, C, SCALE, BLOCK_C)[0], p_q, NORMALISE)
@@ -317,7 +335,7 @@ def nce_backward_kernel(
     lse = tl.load(lse_ptr + rows_m, mask=mask_m, other=0.0)
     grad = tl.load(grad_ptr + rows_m.to(tl.int64) * grad_stride, mask=mask_m, other=0.0).to(tl.float32)
 
-    acc = tl.full([BLOCK_M, BLOCK_C], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, GRAD_C], 0.0, tl.float32)
     for start in range(0, group_rows, BLOCK_N):
         local_n = start + tl.arange(0, BLOCK_N)
         k_offs, mask_n = _tile_offsets(k, where, group, local_n, group_rows, GATHER)
@@ -328,9 +346,9 @@ def nce_backward_kernel(
         weight = tl.exp(logits - lse[:, None]) - tl.where(local_m[:, None] == local_n[None, :], 1.0, 0.0)
         weight = tl.where(mask_n[None, :], weight, 0.0)
         # |weight| <= 1 and |k̂| <= 1: safe operands for fp16/bf16 tensor cores; g/τ goes after
-        k_hat = _normalised_chunk(k, k_offs, mask_n, chunk, C, p_k, inv_k, BLOCK_C)
+        k_hat = _normalised_chunk(k, k_offs, mask_n, chunk, C, p_k, inv_k, GRAD_C)
         acc += _dot(weight.to(k_hat.dtype), k_hat, IEEE)
-    _store_rows(dqhat_ptr, rows_m, mask_m, chunk, C, acc * (grad * inv_tau)[:, None], BLOCK_C)
+    _store_rows(dqhat_ptr, rows_m, mask_m, chunk, C, acc * (grad * inv_tau)[:, None], GRAD_C)
 
 
 # ----------------------------------------------------------------------------- PatchMetric
@@ -379,66 +397,130 @@ def metric_forward_kernel(
 
 
 @triton.jit
+def _metric_side_gradient(
+    x, where, p_x, grad_ptr, out_ptr, group, local_m, chunk, group_rows, C, inv_tau, pair_scale, grad_stride,
+    GATHER: tl.constexpr, NORMALISE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GRAD_C: tl.constexpr,
+):
+    """The pair term of dL/dx̂ of one side ``x`` (q or k) for rows ``local_m`` of ``group``,
+    channels ``chunk .. chunk+GRAD_C``, into the contiguous fp32 ``out_ptr [R, C]``:
+
+    ``pair_scale/τ · Σ_{j≠i} (g_i + g_j) e^{S_xx[i,j]/τ} x̂_j``
+
+    (S_xx is symmetric: row i meets x̂_j in v_i and in v_j, so one pass over the column
+    tiles gives the whole sum). Only S_xx is recomputed: the two sides share no tile product.
+    """
+    x_offs, mask_m = _tile_offsets(x, where, group, local_m, group_rows, GATHER)
+    inv_x = _inv_norm(_row_stats(x, x_offs, p_x, x, x_offs, p_x, mask_m, C, SCALE, BLOCK_C)[0], p_x, NORMALISE)
+    rows_m = group * group_rows + local_m
+    grad_m = tl.load(grad_ptr + rows_m.to(tl.int64) * grad_stride, mask=mask_m, other=0.0).to(tl.float32)
+    # |g_i + g_j| <= |g_i| + max_j |g_j|: dividing row i's weights by that bound keeps the
+    # fp16/bf16 dot operand in [-1, 1] with one factor per row for the whole loop, so the
+    # products accumulate in place (a factor per tile needs a second [BLOCK_M, GRAD_C] tile,
+    # which spills); fp32 dots take the weights as they are
+    if IEEE:
+        bound = grad_m * 0.0 + 1.0
+    else:
+        bound = tl.abs(grad_m) + _group_max_abs(grad_ptr, grad_stride, group, group_rows, BLOCK_N)
+        bound = tl.where(bound > 0.0, bound, 1.0)
+
+    acc = tl.full([BLOCK_M, GRAD_C], 0.0, tl.float32)
+    for start in range(0, group_rows, BLOCK_N):
+        local_n = start + tl.arange(0, BLOCK_N)
+        xn_offs, mask_n = _tile_offsets(x, where, group, local_n, group_rows, GATHER)
+        grad_n = tl.load(grad_ptr + (group * group_rows + local_n).to(tl.int64) * grad_stride,
+                         mask=mask_n, other=0.0).to(tl.float32)
+        pair_grad = (grad_m[:, None] + grad_n[None, :]) / bound[:, None]
+        off = (local_m[:, None] == local_n[None, :]) | (mask_n[None, :] == 0)
+        s_xx, sq_xn = _tile_dot(x, x_offs, mask_m, p_x, x, xn_offs, mask_n, p_x, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
+        inv_xn = _inv_norm(sq_xn, p_x, NORMALISE)
+        s_xx = s_xx * inv_x[:, None] * inv_xn[None, :]
+        w_xx = tl.where(off, 0.0, tl.exp((s_xx - 1.0) * inv_tau)) * pair_grad
+        x_hat = _normalised_chunk(x, xn_offs, mask_n, chunk, C, p_x, inv_xn, GRAD_C)
+        acc += _dot(w_xx.to(x_hat.dtype), x_hat, IEEE)
+    pair_coef = pair_scale * inv_tau * tl.exp(inv_tau)
+    _store_rows(out_ptr, rows_m, mask_m, chunk, C, acc * (pair_coef * bound)[:, None], GRAD_C)
+
+
+@triton.jit
 def metric_backward_kernel(
     q_ptr, k_ptr, ids_ptr, scale_ptr, grad_ptr, dqhat_ptr, dkhat_ptr,
-    group_rows, n_img, width, C, inv_tau, pos_scale, pair_scale, grad_stride,
+    group_rows, n_img, width, C, inv_tau, pair_scale, grad_stride,
     q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw,
     GATHER: tl.constexpr, NORMALISE: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GRAD_C: tl.constexpr,
 ):
-    """dL/dq̂ and dL/dk̂ of ``L = Σ_i g_i v_i`` (v from the forward kernel) for BLOCK_M rows
-    and channel chunk ``program_id(1)``, into the contiguous ``dqhat``/``dkhat [R, C]`` (as
-    :func:`nce_backward_kernel`).
+    """The pair terms of dL/dq̂ (``program_id(2) == 0``) or dL/dk̂ (``1``) of
+    ``L = Σ_i g_i v_i`` (v from the forward kernel) for BLOCK_M rows and the ``GRAD_C``
+    channels of gradient chunk ``program_id(1)``, into the contiguous fp32
+    ``dqhat``/``dkhat [R, C]`` (in both forms); :func:`metric_positive_kernel` then adds the
+    positive terms. The math is :func:`_metric_side_gradient`'s.
 
-    ``dq̂_i = -g_i·pos_scale/τ·e^{S_qk[i,i]/τ} k̂_i + pair_scale/τ · Σ_{j≠i} (g_i + g_j) e^{S_qq[i,j]/τ} q̂_j``
-    (S_qq is symmetric: row i meets q̂_j in v_i and in v_j); dk̂ likewise with q ↔ k.
     The exp weights are shifted by the largest possible logit 1/τ (so they lie in (0, 1])
     and e^{1/τ} is put back in fp32 after the dot; the upstream gradients (g_i + g_j) stay
-    in the fp32 weights and :func:`_scaled_dot` keeps the fp16/bf16 operand in [-1, 1].
+    in the fp32 weights, divided by a per-row bound that keeps the fp16/bf16 operand in
+    [-1, 1] (so GradScaler's 2^16 cannot overflow it) and multiplied back after the loop.
     """
+    # dq̂ needs only S_qq and dk̂ only S_kk: one side per program holds one accumulator and
+    # recomputes one similarity matrix, with nothing recomputed twice. The side's tensors are
+    # selected, not branched on: two inlined copies of the loop (an if/else) cost registers.
+    on_q = tl.program_id(2) == 0
+    x = (tl.where(on_q, q_ptr, k_ptr), tl.where(on_q, q_srow, k_srow), tl.where(on_q, q_sc, k_sc),
+         tl.where(on_q, q_sh, k_sh), tl.where(on_q, q_sw, k_sw))
+    where = (ids_ptr, n_img, width)
+    group, local_m = _program_tile(group_rows, BLOCK_M)
+    chunk = tl.program_id(1) * GRAD_C
+    p_x = _map_scale(scale_ptr + tl.where(on_q, 0, 1), SCALE)
+    _metric_side_gradient(x, where, p_x, grad_ptr, tl.where(on_q, dqhat_ptr, dkhat_ptr), group, local_m, chunk,
+                          group_rows, C, inv_tau, pair_scale, grad_stride, GATHER, NORMALISE, SCALE, IEEE,
+                          BLOCK_M, BLOCK_N, BLOCK_C, GRAD_C)
+
+
+@triton.jit
+def _add_positive_term(x, y, where, p_x, p_y, grad_ptr, pair_ptr, out_ptr, local, rows, C, inv_tau, pos_scale,
+                       grad_stride, GATHER: tl.constexpr, NORMALISE: tl.constexpr, SCALE: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """``out_i = pair_i - g_i·pos_scale/τ·e^{S_xy[i,i]/τ} ŷ_i`` for rows ``local`` of one side
+    ``x`` (``y`` the other): ``pair_ptr`` the fp32 ``[R, C]`` pair terms, ``out_ptr`` a
+    contiguous ``[R, C]`` (the pair terms themselves, or the gradient in the input dtype)."""
+    x_offs, mask = _tile_offsets(x, where, 0, local, rows, GATHER)
+    y_offs = _tile_offsets(y, where, 0, local, rows, GATHER)[0]
+    sq_x, sq_y, xy = _row_stats(x, x_offs, p_x, y, y_offs, p_y, mask, C, SCALE, BLOCK_C)
+    inv_y = _inv_norm(sq_y, p_y, NORMALISE)
+    pos = xy * _inv_norm(sq_x, p_x, NORMALISE) * inv_y
+    grad = tl.load(grad_ptr + local.to(tl.int64) * grad_stride, mask=mask, other=0.0).to(tl.float32)
+    coef = (-pos_scale * inv_tau) * grad * tl.exp(pos * inv_tau)
+    offs = local.to(tl.int64) * C
+    for start in range(0, C, BLOCK_C):
+        pair = _load_chunk((pair_ptr, C, 1), offs, mask, start, C, BLOCK_C)
+        y_hat = _load_chunk(y, y_offs, mask, start, C, BLOCK_C).to(tl.float32) * p_y * inv_y[:, None]
+        _store_rows(out_ptr, local, mask, start, C, pair + coef[:, None] * y_hat, BLOCK_C)
+
+
+@triton.jit
+def metric_positive_kernel(
+    q_ptr, k_ptr, ids_ptr, scale_ptr, grad_ptr, dqhat_ptr, dkhat_ptr, dq_ptr, dk_ptr,
+    rows, n_img, width, C, inv_tau, pos_scale, grad_stride,
+    q_srow, q_sc, q_sh, q_sw, k_srow, k_sc, k_sh, k_sw,
+    GATHER: tl.constexpr, NORMALISE: tl.constexpr, SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Adds the positive terms ``-g_i·pos_scale/τ·e^{S_qk[i,i]/τ} k̂_i`` (``program_id(1) == 0``,
+    to ``dqhat``) or ``... q̂_i`` (``1``, to ``dkhat``) of BLOCK_M rows to the pair terms of
+    :func:`metric_backward_kernel` and writes the sum to ``dq``/``dk`` (contiguous ``[R, C]``:
+    the fp32 scratch itself in the map form, the gradient in the input dtype in the rows
+    form). A term of row i needs row i alone (no dot); kept out of the pair kernel, whose
+    accumulator leaves no registers for a tile of the other side."""
     q = (q_ptr, q_srow, q_sc, q_sh, q_sw)
     k = (k_ptr, k_srow, k_sc, k_sh, k_sw)
     where = (ids_ptr, n_img, width)
-    group, local_m = _program_tile(group_rows, BLOCK_M)
-    chunk = tl.program_id(1) * BLOCK_C
-    q_offs, mask_m = _tile_offsets(q, where, group, local_m, group_rows, GATHER)
-    k_offs = _tile_offsets(k, where, group, local_m, group_rows, GATHER)[0]
+    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     p_q, p_k = _map_scales(scale_ptr, SCALE)
-    sq_q, sq_k, qk = _row_stats(q, q_offs, p_q, k, k_offs, p_k, mask_m, C, SCALE, BLOCK_C)
-    inv_q = _inv_norm(sq_q, p_q, NORMALISE)
-    inv_k = _inv_norm(sq_k, p_k, NORMALISE)
-    pos = qk * inv_q * inv_k
-    rows_m = group * group_rows + local_m
-    grad_m = tl.load(grad_ptr + rows_m.to(tl.int64) * grad_stride, mask=mask_m, other=0.0).to(tl.float32)
-
-    acc_q = tl.full([BLOCK_M, BLOCK_C], 0.0, tl.float32)
-    acc_k = tl.full([BLOCK_M, BLOCK_C], 0.0, tl.float32)
-    for start in range(0, group_rows, BLOCK_N):
-        local_n = start + tl.arange(0, BLOCK_N)
-        qn_offs, mask_n = _tile_offsets(q, where, group, local_n, group_rows, GATHER)
-        kn_offs = _tile_offsets(k, where, group, local_n, group_rows, GATHER)[0]
-        grad_n = tl.load(grad_ptr + (group * group_rows + local_n).to(tl.int64) * grad_stride,
-                         mask=mask_n, other=0.0).to(tl.float32)
-        pair_grad = grad_m[:, None] + grad_n[None, :]
-        off = (local_m[:, None] == local_n[None, :]) | (mask_n[None, :] == 0)
-        s_qq, sq_qn = _tile_dot(q, q_offs, mask_m, p_q, q, qn_offs, mask_n, p_q, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
-        inv_qn = _inv_norm(sq_qn, p_q, NORMALISE)
-        s_qq = s_qq * inv_q[:, None] * inv_qn[None, :]
-        w_qq = tl.where(off, 0.0, tl.exp((s_qq - 1.0) * inv_tau)) * pair_grad
-        acc_q += _scaled_dot(w_qq, _normalised_chunk(q, qn_offs, mask_n, chunk, C, p_q, inv_qn, BLOCK_C), IEEE)
-        s_kk, sq_kn = _tile_dot(k, k_offs, mask_m, p_k, k, kn_offs, mask_n, p_k, C, IEEE, SCALE, BLOCK_M, BLOCK_N, BLOCK_C)
-        inv_kn = _inv_norm(sq_kn, p_k, NORMALISE)
-        s_kk = s_kk * inv_k[:, None] * inv_kn[None, :]
-        w_kk = tl.where(off, 0.0, tl.exp((s_kk - 1.0) * inv_tau)) * pair_grad
-        acc_k += _scaled_dot(w_kk, _normalised_chunk(k, kn_offs, mask_n, chunk, C, p_k, inv_kn, BLOCK_C), IEEE)
-    pair_coef = pair_scale * inv_tau * tl.exp(inv_tau)
-    pos_coef = (-pos_scale * inv_tau) * grad_m * tl.exp(pos * inv_tau)
-    q_chunk = _load_chunk(q, q_offs, mask_m, chunk, C, BLOCK_C)
-    k_chunk = _load_chunk(k, k_offs, mask_m, chunk, C, BLOCK_C)
-    dq_hat = pos_coef[:, None] * (k_chunk.to(tl.float32) * p_k * inv_k[:, None]) + pair_coef * acc_q
-    dk_hat = pos_coef[:, None] * (q_chunk.to(tl.float32) * p_q * inv_q[:, None]) + pair_coef * acc_k
-    _store_rows(dqhat_ptr, rows_m, mask_m, chunk, C, dq_hat, BLOCK_C)
-    _store_rows(dkhat_ptr, rows_m, mask_m, chunk, C, dk_hat, BLOCK_C)
+    if tl.program_id(1) == 0:
+        _add_positive_term(q, k, where, p_q, p_k, grad_ptr, dqhat_ptr, dq_ptr, local, rows, C, inv_tau, pos_scale,
+                           grad_stride, GATHER, NORMALISE, SCALE, BLOCK_C)
+    else:
+        _add_positive_term(k, q, where, p_k, p_q, grad_ptr, dkhat_ptr, dk_ptr, local, rows, C, inv_tau, pos_scale,
+                           grad_stride, GATHER, NORMALISE, SCALE, BLOCK_C)
 
 
 # ----------------------------------------------------------------------------- similarity

@@ -14,8 +14,9 @@ tensors run the Triton interpreter (:mod:`pdml.kernels.runtime`).
 """
 from __future__ import annotations
 
+import contextlib
 import types
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import triton
@@ -28,7 +29,7 @@ MAX_CHANNELS = 1024
 (``python -m pdml.kernels.aot``); wider rows would still be chunked correctly."""
 
 MAX_GRID_X = 2 ** 31 - 1
-"""CUDA's limit on grid axis 0 (axes 1 and 2: 65535; axis 1 here is at most C / 16)."""
+"""CUDA's limit on grid axis 0 (axes 1 and 2: 65535; axis 1 here is at most C / 16, axis 2 at most 2)."""
 
 LARGE_GROUP = 1024
 """Groups of at least this many rows get 64-row fp16/bf16 tiles (Hopper's wgmma needs
@@ -36,16 +37,22 @@ LARGE_GROUP = 1024
 
 
 class Tiles(NamedTuple):
-    """One launch configuration: row tiles ``block_m × block_n``, channel chunk ``block_c``."""
+    """One launch configuration: row tiles ``block_m × block_n``, channel chunk ``block_c`` of
+    the similarity products and, for the kernels of :data:`GRADIENT_KERNELS`, ``grad_c``
+    channels of the gradient per program (0 for the other kernels)."""
     block_m: int
     block_n: int
     block_c: int
     num_warps: int
     num_stages: int
+    grad_c: int = 0
 
     def meta(self) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_C=self.block_c,
+        meta = dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_C=self.block_c,
                     num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.grad_c:
+            meta["GRAD_C"] = self.grad_c
+        return meta
 
 
 CHUNK_CHANNELS = {
@@ -56,12 +63,36 @@ CHUNK_CHANNELS = {
     "similarity_forward_kernel": (32, 32, 32, 16),
     "similarity_backward_kernel": (32, 16, 16, 32),
     "normaliser_backward_kernel": (32, 16, 16, 16),
+    "metric_positive_kernel": (32, 16, 16, 16),
 }
 """Channels per chunk of each kernel on the GPU: ``(fp32, fp16/bf16 map form, fp16/bf16
 rows form, fp16/bf16 64-row tiles)``."""
 
 WARPS = {("metric_forward_kernel", False): 4}
 """Warps of a ``(kernel, half precision)`` launch where 8 (the default) spills."""
+
+GRADIENT_KERNELS = ("nce_backward_kernel", "metric_backward_kernel")
+"""The backward kernels whose programs accumulate ``grad_c`` channels of a gradient while
+they recompute the similarity tiles (``GRAD_C``): each similarity tile is recomputed once
+per gradient chunk, so one chunk (``grad_c >= C``) is the least work (docs/ops.md, "Work")."""
+
+GRADIENT_CHANNELS = 256
+"""The widest gradient chunk (``GRAD_C``) on the GPU: a program of :data:`GRADIENT_KERNELS`
+holds the fp32 accumulator ``[32, GRAD_C]`` in registers, beside the similarity tile and
+one ``[16, GRAD_C]`` tile of the other rows. Measured with ``python -m pdml.kernels.aot``
+(triton 3.6 and 3.8, sm_80 and sm_90, fp32/fp16/bf16, map and rows form): 256 channels
+are spill-free in both kernels, 512 spill. So C <= 256 runs in one chunk, C = 1000 in four."""
+
+INTERPRETER_GRAD_C = 256
+"""The interpreter's widest gradient chunk: the GPU's, so C = 300 or 1000 runs in several
+chunks (the last one partial) there too."""
+
+
+def gradient_channels(channels: int, interpret: bool) -> int:
+    """``GRAD_C`` of a launch of :data:`GRADIENT_KERNELS`: all ``channels`` (rounded up to a
+    power of two, at least 16) when the budget allows, else the budget."""
+    budget = INTERPRETER_GRAD_C if interpret else GRADIENT_CHANNELS
+    return min(budget, max(16, triton.next_power_of_2(channels)))
 
 
 def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: bool, kernel: str,
@@ -72,19 +103,28 @@ def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: boo
     GPU: 8 warps (4 where :data:`WARPS` says: the fp32 metric forward, whose overflow-safe
     per-map scaling spilled 2-4 bytes at 8 warps with triton 3.6) without pipelining, 32×32
     tiles, and 64×64 tiles (wgmma) for fp16/bf16 groups of at least :data:`LARGE_GROUP`
-    rows; channel chunks of :data:`CHUNK_CHANNELS`.
+    rows; channel chunks of :data:`CHUNK_CHANNELS`. The gradient kernels
+    (:data:`GRADIENT_KERNELS`) take 32×16 tiles in every dtype and group size and
+    ``grad_c`` from :func:`gradient_channels`: their ``[32, GRAD_C]`` accumulator fits
+    beside 16 columns, not beside 32 (fp32 and the map form spill), and a 64-row
+    accumulator spills at ``GRAD_C = 256`` (sm_90, 12-18 spills) while halving ``GRAD_C``
+    would recompute every similarity tile twice at C = 256.
     Measured with ``python -m pdml.kernels.aot`` (sm_90 and sm_80, triton 3.6 and 3.8):
     no register spills in any kernel. 4 warps or 2 stages spill in the backward kernels,
     and a kernel's other chunk width may spill a few bytes on one architecture or with one
     triton version (ptxas 12.8 / 12.9); the old fp32 backward kernels at 32×256 whole
-    rows spilled 10-21 KB. At most 16 KB of shared memory. The interpreter
+    rows spilled 10-21 KB. At most 64 KB of shared memory. The interpreter
     prefers big tiles (its cost is per operation, not per element). Every block is >= 16
     (the smallest dot a GPU accepts).
     """
+    half = dtype != torch.float32
+    grad_c = gradient_channels(channels, interpret) if kernel in GRADIENT_KERNELS else 0
     if interpret:
         block = min(128, max(16, triton.next_power_of_2(group_rows)))
-        return Tiles(block, block, min(128, max(16, triton.next_power_of_2(channels))), 4, 1)
-    half = dtype != torch.float32
+        return Tiles(block, block, min(128, max(16, triton.next_power_of_2(channels))), 4, 1, grad_c)
+    if kernel in GRADIENT_KERNELS:
+        block = min(32, max(16, triton.next_power_of_2(group_rows)))
+        return Tiles(block, 16, CHUNK_CHANNELS[kernel][0 if not half else 1 if gather else 2], 8, 1, grad_c)
     large = half and group_rows >= LARGE_GROUP
     block = min(64 if large else 32, max(16, triton.next_power_of_2(group_rows)))
     block_c = CHUNK_CHANNELS[kernel][0 if not half else 3 if large else 1 if gather else 2]
@@ -93,8 +133,31 @@ def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: boo
 
 def launch_configs(dtype: torch.dtype, group_rows: int, channels: int, kernel: str, gather: bool) -> list[Tiles]:
     """Every configuration a GPU launch for this shape can use (there is no fallback: the
-    tiles need at most 16 KB of shared memory, which every CUDA GPU has)."""
+    tiles need at most 64 KB of shared memory, which sm_80 and sm_90 have)."""
     return [tiles_for(dtype, group_rows, channels, interpret=False, kernel=kernel, gather=gather)]
+
+
+_GPU_TILES_IN_INTERPRETER = False  # set by gpu_tiles() only
+
+
+@contextlib.contextmanager
+def gpu_tiles() -> Iterator[None]:
+    """Within this context, interpreted launches use the GPU's tiles instead of the
+    interpreter's: the GPU's launch plan run on CPU tensors, for its numerics and its work
+    (:mod:`pdml.kernels.work`). Not thread-safe; meant for tests and measurements."""
+    global _GPU_TILES_IN_INTERPRETER
+    saved, _GPU_TILES_IN_INTERPRETER = _GPU_TILES_IN_INTERPRETER, True
+    try:
+        yield
+    finally:
+        _GPU_TILES_IN_INTERPRETER = saved
+
+
+def _tiles_of(t: torch.Tensor, group_rows: int, channels: int, kernel: str, gather: bool = True) -> Tiles:
+    """:func:`tiles_for` a launch of ``kernel`` on ``t``: the interpreter's tiles for an
+    interpreted launch unless :func:`gpu_tiles` says otherwise, else the GPU's."""
+    interpret = interprets(t) and not _GPU_TILES_IN_INTERPRETER
+    return tiles_for(t.dtype, group_rows, channels, interpret, kernel, gather)
 
 
 def kernels(interpret: bool) -> types.ModuleType:
@@ -111,12 +174,14 @@ def check_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
     return grid
 
 
-def loss_grid(groups: int, group_rows: int, channels: int, tiles: Tiles, backward: bool) -> tuple[int, int]:
-    """``(groups · row tiles, channel chunks)`` of a loss kernel: groups are folded into axis 0
-    so their number is bounded by 2^31 - 1, not by axis 1's 65535; only the backward
-    kernels split the channels over axis 1."""
-    chunks = triton.cdiv(channels, tiles.block_c) if backward else 1
-    return check_grid((groups * triton.cdiv(group_rows, tiles.block_m), chunks))
+def loss_grid(groups: int, group_rows: int, channels: int, tiles: Tiles, backward: bool,
+              sides: int = 1) -> tuple[int, int, int]:
+    """``(groups · row tiles, gradient chunks, sides)`` of a loss kernel: groups are folded into
+    axis 0 so their number is bounded by 2^31 - 1, not by axis 1's 65535; only the backward
+    kernels split the gradient's channels (``tiles.grad_c`` each) over axis 1, and the metric
+    backward its two gradients (``sides = 2``) over axis 2."""
+    chunks = triton.cdiv(channels, tiles.grad_c) if backward else 1
+    return check_grid((groups * triton.cdiv(group_rows, tiles.block_m), chunks, sides))
 
 
 def _launch(t: torch.Tensor, name: str, grid_of, args: tuple, tiles: Tiles, meta: dict) -> None:
@@ -180,8 +245,7 @@ def _normaliser_backward(x: torch.Tensor, ids: Optional[torch.Tensor], maximum: 
         return dxhat
     rows, n_img, width, channels, x_strides = _geometry(x, ids)
     dx = _grad_buffer(x)
-    interpret = interprets(x)
-    tiles = tiles_for(x.dtype, rows, channels, interpret, "normaliser_backward_kernel")._replace(block_n=16)
+    tiles = _tiles_of(x, rows, channels, "normaliser_backward_kernel")._replace(block_n=16)
     _launch(x, "normaliser_backward_kernel", lambda t: check_grid((triton.cdiv(rows, t.block_m),)), (
         x, ids, maximum, dxhat, dx, rows, n_img, width, channels, *x_strides, *_geometry(dx, ids)[4]),
         tiles, dict(GATHER=True, SCALE=scales_rows(x.dtype)))
@@ -202,16 +266,15 @@ class _Setup(NamedTuple):
 def _loss_setup(q: torch.Tensor, ids: Optional[torch.Tensor], groups: int, kernel: str) -> _Setup:
     rows, n_img, width, channels, q_strides = _geometry(q, ids)
     group_rows = rows // groups
-    interpret = interprets(q)
-    tiles = tiles_for(q.dtype, group_rows, channels, interpret, kernel, ids is not None)
+    tiles = _tiles_of(q, group_rows, channels, kernel, ids is not None)
     meta = dict(GATHER=ids is not None, NORMALISE=ids is not None, SCALE=ids is not None and scales_rows(q.dtype),
                 IEEE=q.dtype == torch.float32)
     ids_arg = ids if ids is not None else q  # never read when GATHER is off
     return _Setup(rows, group_rows, channels, (group_rows, n_img, width, channels), q_strides, tiles, meta, ids_arg)
 
 
-def _grid_of(s: _Setup, groups: int, backward: bool):
-    return lambda tiles: loss_grid(groups, s.group_rows, s.channels, tiles, backward)
+def _grid_of(s: _Setup, groups: int, backward: bool, sides: int = 1):
+    return lambda tiles: loss_grid(groups, s.group_rows, s.channels, tiles, backward, sides)
 
 
 def nce_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor], tau: float,
@@ -260,15 +323,38 @@ def metric_forward(q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor]
 
 def metric_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor],
                     tau: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """PatchMetric backward: ``grad [R]`` of the per-row contributions -> ``(dq, dk)``."""
+    """PatchMetric backward: ``grad [R]`` of the per-row contributions -> ``(dq, dk)``.
+
+    Two launches: the pair terms (each similarity matrix recomputed once per gradient
+    chunk) into fp32 scratch, then :func:`_metric_positive` adds the positive terms."""
     s = _loss_setup(q, ids, groups, "metric_backward_kernel")
-    dq_hat, dk_hat = _normalised_grad_buffer(q, ids), _normalised_grad_buffer(k, ids)
+    dq_hat, dk_hat = (torch.empty(s.rows, s.channels, dtype=torch.float32, device=q.device) for _ in range(2))
     maxima = _map_maxima(q, k, ids, grad)
-    _launch(q, "metric_backward_kernel", _grid_of(s, groups, True), (
-        q, k, s.ids_arg, maxima, grad, dq_hat, dk_hat, *s.shape_args, 1.0 / tau,
-        *metric_scales(s.rows, groups, s.channels), grad.stride(0), *s.q_strides, *_geometry(k, ids)[4]),
-        s.tiles, s.meta)
+    pos_scale, pair_scale = metric_scales(s.rows, groups, s.channels)
+    _launch(q, "metric_backward_kernel", _grid_of(s, groups, True, sides=2), (
+        q, k, s.ids_arg, maxima, grad, dq_hat, dk_hat, *s.shape_args, 1.0 / tau, pair_scale, grad.stride(0),
+        *s.q_strides, *_geometry(k, ids)[4]), s.tiles, s.meta)
+    dq_hat, dk_hat = _metric_positive(grad, q, k, ids, maxima, dq_hat, dk_hat, tau, pos_scale)
     return _normaliser_backward(q, ids, maxima[:1], dq_hat), _normaliser_backward(k, ids, maxima[1:], dk_hat)
+
+
+def _metric_positive(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ids: Optional[torch.Tensor],
+                     maxima: torch.Tensor, dq_pair: torch.Tensor, dk_pair: torch.Tensor, tau: float,
+                     pos_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The metric gradients ``dL/dq̂, dL/dk̂`` from their pair terms (fp32 ``[R, C]``): the
+    positive terms added in place in the map form (fp32, for :func:`_normaliser_backward`),
+    into new ``[R, C]`` gradients of the input dtype in the rows form (``x̂ = x``)."""
+    rows, n_img, width, channels, q_strides = _geometry(q, ids)
+    if ids is None and q.dtype != torch.float32:
+        dq, dk = (torch.empty(rows, channels, dtype=q.dtype, device=q.device) for _ in range(2))
+    else:
+        dq, dk = dq_pair, dk_pair
+    tiles = _tiles_of(q, rows, channels, "metric_positive_kernel", ids is not None)._replace(block_n=16)
+    meta = dict(GATHER=ids is not None, NORMALISE=ids is not None, SCALE=ids is not None and scales_rows(q.dtype))
+    _launch(q, "metric_positive_kernel", lambda t: check_grid((triton.cdiv(rows, t.block_m), 2)), (
+        q, k, ids if ids is not None else q, maxima, grad, dq_pair, dk_pair, dq, dk, rows, n_img, width, channels,
+        1.0 / tau, pos_scale, grad.stride(0), *q_strides, *_geometry(k, ids)[4]), tiles, meta)
+    return dq, dk
 
 
 def similarity_grid(batch: int, n_img: int, channels: int, tiles: Tiles, backward: bool) -> tuple[int, int]:
@@ -280,8 +366,7 @@ def similarity_grid(batch: int, n_img: int, channels: int, tiles: Tiles, backwar
 
 
 def _similarity_tiles(q: torch.Tensor, ids: torch.Tensor, kernel: str) -> Tiles:
-    interpret = interprets(q)
-    return tiles_for(q.dtype, ids.numel(), q.shape[1], interpret, kernel)
+    return _tiles_of(q, ids.numel(), q.shape[1], kernel)
 
 
 def similarity_forward(q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
