@@ -69,7 +69,7 @@ def test_ext_rows_vs_eager_paper_shape_cpu(benchmark, op, threads):
     eager_s, fused_s = statistics.median(eager_times), statistics.median(fused_times)
     speedup = eager_s / fused_s
     benchmark.extra_info.update(harness.environment("cpu"))
-    benchmark.extra_info.update(kind="rows-vs-eager", op=op, mode="fwd+bwd", shape=f"rows {ROWS}x{DIMS}",
+    benchmark.extra_info.update(kind="rows-vs-eager", form="rows", op=op, mode="fwd+bwd", shape=f"rows {ROWS}x{DIMS}",
                                 groups=GROUPS, layers=LAYERS, dtype="fp32", device="cpu", backend="ext",
                                 threads=threads, rounds=ROUNDS, eager_median_s=eager_s,
                                 fused_median_s=fused_s, speedup=speedup, target=MIN_SPEEDUP)
