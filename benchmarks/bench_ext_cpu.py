@@ -16,8 +16,6 @@
    (recorded, not asserted: a benchmark on a shared machine measures).
 """
 
-import statistics
-
 import pytest
 import torch
 
@@ -66,29 +64,19 @@ def test_ext_vs_reference_patch_metric_fwd_bwd_cpu(benchmark):
 def test_ext_map_nce_vs_eager_paper_shape_cpu(benchmark, threads):
     run_ext = cases.build_case(dict(MAP_NCE_SPEC, backend="ext"), pool=1)
     run_eager = cases.build_case(dict(MAP_NCE_SPEC, backend="reference"), pool=1)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for _ in range(3):  # warm-up: thread pool, allocator, first touch
-            run_eager(), run_ext()
-        eager_times, ext_times = [], []
-        for _ in range(MAP_NCE_ROUNDS):
-            eager_times.append(harness.seconds(run_eager))
-            ext_times.append(harness.seconds(run_ext))
-        s = cases.SHAPES[MAP_NCE_SPEC["shape"]]
-        benchmark.group = (f"patch_nce fwd+bwd map form paper ({s['layers']} layers x [{s['B']}, {s['C']}, 64, 64], "
+    s, (h, w) = cases.SHAPES[MAP_NCE_SPEC["shape"]], cases.MAP_HW
+    with harness.num_threads(threads):
+        eager_s, ext_s = harness.interleaved_medians(run_eager, run_ext, MAP_NCE_ROUNDS)
+        benchmark.group = (f"patch_nce fwd+bwd map form paper ({s['layers']} layers x [{s['B']}, {s['C']}, {h}, {w}], "
                            f"N={s['N']}) cpu: ext vs eager")
         benchmark.pedantic(run_ext, rounds=10, warmup_rounds=0, iterations=1)
-    finally:
-        torch.set_num_threads(previous_threads)
-    eager_s, ext_s = statistics.median(eager_times), statistics.median(ext_times)
     speedup = eager_s / ext_s
     benchmark.extra_info.update(MAP_NCE_SPEC, kind="map-vs-eager", form="map", backend="ext",
                                 groups=s["B"], layers=s["layers"], threads=threads, rounds=MAP_NCE_ROUNDS,
                                 eager_median_s=eager_s, fused_median_s=ext_s, speedup=speedup,
                                 target=MAP_NCE_MIN_SPEEDUP)
     benchmark.extra_info.update(harness.environment("cpu"))  # after the spec: "device" names the CPU
-    print(f"\npatch_nce fwd+bwd map form, paper shape ({s['layers']} layers x B={s['B']}, C={s['C']}, 64x64 "
+    print(f"\npatch_nce fwd+bwd map form, paper shape ({s['layers']} layers x B={s['B']}, C={s['C']}, {h}x{w} "
           f"maps, N={s['N']}), image negatives, fp32, {threads} thread(s), {harness.device_name('cpu')}:\n"
           f"  median of {MAP_NCE_ROUNDS} interleaved rounds: eager {eager_s * 1e3:.2f} ms, "
           f"ext {ext_s * 1e3:.2f} ms -> speedup {speedup:.2f}x (target >= {MAP_NCE_MIN_SPEEDUP:g}x)")

@@ -414,10 +414,13 @@ class _NceOneSweep(torch.autograd.Function):
 
 
 def patch_nce(fq, fk, ids, tau, groups):
-    if fq.device.type == "cpu" and _needs_grad(fq) and not torch.compiler.is_compiling():
+    if fq.device.type == "cpu" and _needs_grad(fq):
         # One CPU sweep gives the loss and the rows' gradient (as patch_nce_rows below); the
-        # backward then neither gathers again nor recomputes the similarities. Measured at
-        # the paper's shape in benchmarks/bench_ext_cpu.py.
+        # backward then neither gathers again nor recomputes the similarities (measured at
+        # the paper's shape in benchmarks/bench_ext_cpu.py). torch.compile traces the op and
+        # its registered autograd; eager calls take the cheaper plain Function.
+        if torch.compiler.is_compiling():
+            return torch.ops.pdml.patch_nce_with_grad(fq, fk, ids, tau, groups)[0]
         return _NceOneSweep.apply(fq, fk, ids, tau, groups)
     return torch.ops.pdml.patch_nce(fq, fk, ids, tau, groups)[0]
 
