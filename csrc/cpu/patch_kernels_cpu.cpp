@@ -32,13 +32,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdint>
 #include <limits>
 #include <vector>
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 #include "patch_kernels.h"
 #include "patch_math.h"
@@ -299,28 +294,6 @@ Tensor normalise_backward_rows_(Tensor& d_rows, const Tensor& rows_hat, const Te
   return d_rows;
 }
 
-namespace {
-
-// The map gradient (a dense map, e.g. 16 MiB at the paper's shape) is allocated on every
-// backward; when the C library has returned the previous one to the system (it trims the
-// top of its heap), each 4 KiB page faults on first write. Ask for transparent huge pages
-// on the whole 2 MiB blocks inside it, as torch's THP_MEM_ALLOC_ENABLE does for all large
-// allocations: up to 512 times fewer faults, and none of the memory is wasted (the map is
-// written in full). Advice only: where it is not honoured nothing changes.
-void advise_huge_pages(void* data, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)data;
-  (void)bytes;
-#endif
-}
-
-}  // namespace
-
 Tensor scatter_rows(const Tensor& rows, const Tensor& row_scale, const Tensor& ids, at::IntArrayRef map_sizes,
                     at::ScalarType out_dtype) {
   const int64_t batch = map_sizes[0], channels = map_sizes[1], hw = map_sizes[2] * map_sizes[3];
@@ -329,7 +302,6 @@ Tensor scatter_rows(const Tensor& rows, const Tensor& row_scale, const Tensor& i
   const bool scaled = row_scale.defined();
   TORCH_INTERNAL_ASSERT(!scaled || (row_scale.numel() == batch * n && row_scale.scalar_type() == rows.scalar_type()));
   Tensor grad = at::empty(map_sizes, rows.options().dtype(out_dtype));
-  advise_huge_pages(grad.data_ptr(), grad.nbytes());
   const Tensor r_c = rows.contiguous(), s_c = scaled ? row_scale.contiguous() : Tensor(), ids_c = ids.contiguous();
   const int64_t* id = ids_c.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "pdml_scatter_rows", [&] {
