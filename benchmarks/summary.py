@@ -35,13 +35,19 @@ def summarise(records: list[dict]) -> dict:
     the train step (``extra_info["baseline"]``)."""
     groups = defaultdict(dict)
     env = {}
+    device_name = None
     for rec in records:
         info = rec.get("extra_info", {})
+        # an op case's own "device" ("cpu", "cuda") overwrites the environment's device name
+        if info.get("device") not in (None, "cpu", "cuda"):
+            device_name = device_name or info["device"]
         if info.get("kind") in FUSED_VS_EAGER_KINDS and not env:
             env = {k: info.get(k) for k in ("device", "torch", "triton", "commit", "date")}
         if info.get("kind") not in ("op", "train"):
             continue
         env = {k: info.get(k) for k in ("device", "torch", "triton", "commit", "date")}
+    if device_name:
+        env["device"] = device_name
         # A train step's precisions are compared with each other (baseline fp32+reference).
         key = (info["op"], info["mode"], info["shape"], "-" if info["kind"] == "train" else info["dtype"])
         groups[key][info["backend"]] = (rec["stats"]["median"], info)
