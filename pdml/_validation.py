@@ -101,7 +101,9 @@ def _(ids, hw):
 # write through torch), its storage address and the smallest H*W it was found valid for
 # (valid for hw is valid for any larger hw; distinctness does not depend on hw). CPU ids are
 # checked on every call: there the check is cheap and no stall, and CPU tensors are often
-# written behind torch's back (through numpy), which no version counter sees.
+# written behind torch's back (through numpy), which no version counter sees. On a GPU such
+# writes (through ``.data``, DLPack or another library) go unseen too: the record trusts
+# the version counter, so ids written that way must be passed as a new tensor (a clone).
 CACHED_DEVICE_TYPES = ("cuda",)
 
 
