@@ -8,8 +8,9 @@ per ids tensor, not once per call (:func:`check_ids_values`, "Checked once"), an
 are valid by construction are marked so where they are made (:func:`mark_ids_valid`).
 While ``torch.compile`` traces, the ids have no values yet: the check then goes into the
 graph as the opaque op ``pdml_checks::checked_ids``, which runs :func:`check_ids_values`
-when the graph runs, on every backend. Meta tensors (shape only) skip the value checks. The NaN/inf check of the features is off by default (it
-reads every feature): :func:`set_check_finite` or ``PDML_CHECK_FINITE=1`` turns it on.
+when the graph runs, on every backend. Meta tensors (shape only) skip the value checks.
+The NaN/inf check of the features is off by default (it reads every feature, and
+synchronises on a GPU): :func:`set_check_finite` or ``PDML_CHECK_FINITE=1`` turns it on.
 
 This module imports nothing else of pdml, so every layer above it may use it.
 """
