@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "patch_kernels.h"
@@ -294,36 +295,36 @@ Tensor normalise_backward_rows_(Tensor& d_rows, const Tensor& rows_hat, const Te
   return d_rows;
 }
 
-Tensor scatter_rows(const Tensor& rows, const Tensor& row_scale, const Tensor& ids, at::IntArrayRef map_sizes,
-                    at::ScalarType out_dtype) {
+namespace {
+
+// The scatter of scatter_rows and normalise_backward_scatter: -> a contiguous map
+// [map_sizes] of out_dtype, zero except at the sampled pixels, where (r = b·N + i)
+//   grad[b, c, ids[i]] = g[r, c]·g_scale[r] − x[r, c]·x_scale[r]
+// (g, x: [B·N, C] acc rows; g_scale null means 1, x null drops the second term).
+// One task per (image, channel) plane: zero the plane, then write its N sampled pixels
+// while it is in cache (a separate zero fill of the map and a scatter over it would bring
+// every plane in twice). ids are distinct, so no pixel is written twice.
+template <typename acc_t>
+Tensor scatter_planes(const acc_t* g, const acc_t* g_scale, const acc_t* x, const acc_t* x_scale, const Tensor& ids,
+                      at::IntArrayRef map_sizes, const at::TensorOptions& options) {
   const int64_t batch = map_sizes[0], channels = map_sizes[1], hw = map_sizes[2] * map_sizes[3];
   const int64_t n = ids.numel();
-  TORCH_INTERNAL_ASSERT(rows.dim() == 2 && rows.size(0) == batch * n && rows.size(1) == channels);
-  const bool scaled = row_scale.defined();
-  TORCH_INTERNAL_ASSERT(!scaled || (row_scale.numel() == batch * n && row_scale.scalar_type() == rows.scalar_type()));
-  Tensor grad = at::empty(map_sizes, rows.options().dtype(out_dtype));
-  const Tensor r_c = rows.contiguous(), s_c = scaled ? row_scale.contiguous() : Tensor(), ids_c = ids.contiguous();
+  Tensor grad = at::empty(map_sizes, options);
+  const Tensor ids_c = ids.contiguous();
   const int64_t* id = ids_c.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "pdml_scatter_rows", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    TORCH_INTERNAL_ASSERT(r_c.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
-    const acc_t* src = r_c.const_data_ptr<acc_t>();
-    const acc_t* scale = scaled ? s_c.const_data_ptr<acc_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pdml_scatter_planes", [&] {
+    TORCH_INTERNAL_ASSERT((std::is_same_v<acc_t, at::opmath_type<scalar_t>>));
     scalar_t* out = grad.data_ptr<scalar_t>();
-    // One task per (image, channel) plane: zero the plane, then write its N sampled pixels
-    // while it is in cache (a separate zero fill of the map and a scatter over it would
-    // bring every plane in twice). ids are distinct, so no pixel is written twice.
     at::parallel_for(0, batch * channels, 16, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t b = p / channels, c = p % channels;
         scalar_t* plane = out + p * hw;
         std::fill(plane, plane + hw, scalar_t(0));
-        const acc_t* col = src + b * n * channels + c;
-        if (scale != nullptr) {
-          const acc_t* s = scale + b * n;
-          for (int64_t i = 0; i < n; ++i) plane[id[i]] = static_cast<scalar_t>(s[i] * col[i * channels]);
-        } else {
-          for (int64_t i = 0; i < n; ++i) plane[id[i]] = static_cast<scalar_t>(col[i * channels]);
+        for (int64_t i = 0, r = b * n; i < n; ++i, ++r) {
+          acc_t v = g[r * channels + c];
+          if (g_scale != nullptr) v *= g_scale[r];
+          if (x != nullptr) v -= x[r * channels + c] * x_scale[r];
+          plane[id[i]] = static_cast<scalar_t>(v);
         }
       }
     });
@@ -331,11 +332,49 @@ Tensor scatter_rows(const Tensor& rows, const Tensor& row_scale, const Tensor& i
   return grad;
 }
 
+}  // namespace
+
+Tensor scatter_rows(const Tensor& rows, const Tensor& row_scale, const Tensor& ids, at::IntArrayRef map_sizes,
+                    at::ScalarType out_dtype) {
+  const int64_t rows_n = map_sizes[0] * ids.numel();
+  TORCH_INTERNAL_ASSERT(rows.dim() == 2 && rows.size(0) == rows_n && rows.size(1) == map_sizes[1]);
+  const bool scaled = row_scale.defined();
+  TORCH_INTERNAL_ASSERT(!scaled || (row_scale.numel() == rows_n && row_scale.scalar_type() == rows.scalar_type()));
+  const Tensor r_c = rows.contiguous(), s_c = scaled ? row_scale.contiguous() : Tensor();
+  Tensor grad;
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "pdml_scatter_rows", [&] {
+    grad = scatter_planes<scalar_t>(r_c.const_data_ptr<scalar_t>(), scaled ? s_c.const_data_ptr<scalar_t>() : nullptr,
+                                    nullptr, nullptr, ids, map_sizes, rows.options().dtype(out_dtype));
+  });
+  return grad;
+}
+
 Tensor normalise_backward_scatter(const Tensor& d_rows, const Tensor& rows_hat, const Tensor& norms,
                                   const Tensor& ids, at::IntArrayRef map_sizes, at::ScalarType out_dtype) {
-  Tensor d = d_rows.clone(at::MemoryFormat::Contiguous);  // the caller's rows stay as they are
-  normalise_backward_rows_(d, rows_hat, norms);
-  return scatter_rows(d, Tensor(), ids, map_sizes, out_dtype);
+  const int64_t rows = d_rows.size(0), channels = map_sizes[1];
+  const Tensor g_c = d_rows.contiguous(), x_c = rows_hat.contiguous(), n_c = norms.contiguous();
+  // the normaliser's backward per row, g·scale_g − x̂·scale_xhat (patch_math.h), applied as
+  // the rows are scattered: two scales per row, no [B·N, C] intermediate
+  Tensor scales = at::empty({2, rows}, g_c.options());
+  Tensor grad;
+  AT_DISPATCH_FLOATING_TYPES(g_c.scalar_type(), "pdml_normalise_backward_scatter", [&] {
+    using acc_t = scalar_t;
+    const acc_t* g = g_c.const_data_ptr<acc_t>();
+    const acc_t* xhat = x_c.const_data_ptr<acc_t>();
+    const acc_t* norm = n_c.const_data_ptr<acc_t>();
+    acc_t* scale_g = scales.data_ptr<acc_t>();
+    acc_t* scale_xhat = scale_g + rows;
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const auto s = math::normalise_backward_scales(norm[r], row_dot<acc_t>(g + r * channels, xhat + r * channels,
+                                                                                 channels));
+        scale_g[r] = s.scale_g;
+        scale_xhat[r] = s.scale_xhat;
+      }
+    });
+    grad = scatter_planes<acc_t>(g, scale_g, xhat, scale_xhat, ids, map_sizes, g_c.options().dtype(out_dtype));
+  });
+  return grad;
 }
 
 // ------------------------------------------------------------------ PatchNCE
