@@ -46,11 +46,11 @@ def summarise(records: list[dict]) -> dict:
         if info.get("kind") not in ("op", "train"):
             continue
         env = {k: info.get(k) for k in ("device", "torch", "triton", "commit", "date")}
-    if device_name:
-        env["device"] = device_name
         # A train step's precisions are compared with each other (baseline fp32+reference).
         key = (info["op"], info["mode"], info["shape"], "-" if info["kind"] == "train" else info["dtype"])
         groups[key][info["backend"]] = (rec["stats"]["median"], info)
+    if device_name:
+        env["device"] = device_name
     rows = []
     for key, by_backend in groups.items():
         baseline = next(iter(by_backend.values()))[1].get("baseline", BASELINE)
