@@ -12,8 +12,6 @@ holds both medians and the ratio (eager / fused), which the summary tabulates be
 the target of at least 1.5 for both losses (recorded, not asserted: a benchmark on a
 shared machine measures, it does not pass or fail).
 """
-import statistics
-
 import pytest
 import torch
 
@@ -53,23 +51,13 @@ def test_ext_rows_vs_eager_paper_shape_cpu(benchmark, op, threads):
     run_fused = _fwd_bwd(lambda q, k, tau, batch_size: getattr(ops, op)(q, k, tau, batch_size=batch_size,
                                                                          backend="ext"),
                          op, feat_q, feat_k)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for _ in range(3):  # warm-up: thread pool, allocator, first touch
-            run_eager(), run_fused()
-        eager_times, fused_times = [], []
-        for _ in range(ROUNDS):
-            eager_times.append(harness.seconds(run_eager))
-            fused_times.append(harness.seconds(run_fused))
+    with harness.num_threads(threads):
+        eager_s, fused_s = harness.interleaved_medians(run_eager, run_fused, ROUNDS)
         benchmark.group = f"{op} fwd+bwd rows [{ROWS}, {DIMS}] groups={GROUPS} cpu: ext vs eager"
         benchmark.pedantic(run_fused, rounds=10, warmup_rounds=0, iterations=1)
-    finally:
-        torch.set_num_threads(previous_threads)
-    eager_s, fused_s = statistics.median(eager_times), statistics.median(fused_times)
     speedup = eager_s / fused_s
     benchmark.extra_info.update(harness.environment("cpu"))
-    benchmark.extra_info.update(kind="rows-vs-eager", op=op, mode="fwd+bwd", shape=f"rows {ROWS}x{DIMS}",
+    benchmark.extra_info.update(kind="rows-vs-eager", form="rows", op=op, mode="fwd+bwd", shape=f"rows {ROWS}x{DIMS}",
                                 groups=GROUPS, layers=LAYERS, dtype="fp32", device="cpu", backend="ext",
                                 threads=threads, rounds=ROUNDS, eager_median_s=eager_s,
                                 fused_median_s=fused_s, speedup=speedup, target=MIN_SPEEDUP)

@@ -50,7 +50,7 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     # A case that failed before timing has no rounds: it has no figures to summarise.
     result = summary.summarise([b.as_dict(include_data=False) for b in session.benchmarks if b.stats])
-    if not (result["rows"] or result["rows_vs_eager"]):
+    if not (result["rows"] or result["fused_vs_eager"]):
         return
     out_dir = os.environ.get("PDML_BENCH_OUT", os.path.join(harness.REPO, ".benchmarks", "pdml"))
     paths = summary.write(result, out_dir)

@@ -1,6 +1,8 @@
 """Benchmark machinery shared by the ``bench_*.py`` files (not a benchmark itself).
 
 - :func:`environment`: device name, torch/triton versions, git commit, date.
+- :func:`interleaved_medians` (under :func:`num_threads`): a fused call against its eager
+  baseline, timed alternately.
 - :func:`nvml_telemetry`: GPU power, SM clock and memory through nvidia-ml-py.
 - :func:`cuda_peak_extra_memory` / :func:`cpu_peak_extra_memory`: the extra memory a
   case allocates at its peak, measured for real: on CUDA by
@@ -10,11 +12,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -69,6 +73,30 @@ def seconds(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def num_threads(threads: int):
+    """``torch.set_num_threads(threads)`` inside the block, the previous count after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def interleaved_medians(run_eager, run_fused, rounds: int, warmup: int = 3) -> tuple[float, float]:
+    """Median seconds of ``run_eager()`` and ``run_fused()`` timed alternately, call by call,
+    over ``rounds`` rounds after ``warmup`` untimed ones (thread pool, allocator, first
+    touch): a load change on a shared machine affects both alike."""
+    for _ in range(warmup):
+        run_eager(), run_fused()
+    eager_times, fused_times = [], []
+    for _ in range(rounds):
+        eager_times.append(seconds(run_eager))
+        fused_times.append(seconds(run_fused))
+    return statistics.median(eager_times), statistics.median(fused_times)
 
 
 def nvml_telemetry() -> dict:

@@ -15,6 +15,8 @@ import os
 from collections import defaultdict
 
 BASELINE, COMPILED = "reference", "reference-compile"
+# records of a fused loss timed against eager, interleaved, and the form each one measures
+FUSED_VS_EAGER_KINDS = {"rows-vs-eager": "rows", "map-vs-eager": "map"}
 
 
 def _fmt_bytes(n):
@@ -33,14 +35,22 @@ def summarise(records: list[dict]) -> dict:
     the train step (``extra_info["baseline"]``)."""
     groups = defaultdict(dict)
     env = {}
+    device_name = None
     for rec in records:
         info = rec.get("extra_info", {})
+        # an op case's own "device" ("cpu", "cuda") overwrites the environment's device name
+        if info.get("device") not in (None, "cpu", "cuda"):
+            device_name = device_name or info["device"]
+        if info.get("kind") in FUSED_VS_EAGER_KINDS and not env:
+            env = {k: info.get(k) for k in ("device", "torch", "triton", "commit", "date")}
         if info.get("kind") not in ("op", "train"):
             continue
         env = {k: info.get(k) for k in ("device", "torch", "triton", "commit", "date")}
         # A train step's precisions are compared with each other (baseline fp32+reference).
         key = (info["op"], info["mode"], info["shape"], "-" if info["kind"] == "train" else info["dtype"])
         groups[key][info["backend"]] = (rec["stats"]["median"], info)
+    if device_name:
+        env["device"] = device_name
     rows = []
     for key, by_backend in groups.items():
         baseline = next(iter(by_backend.values()))[1].get("baseline", BASELINE)
@@ -66,7 +76,7 @@ def summarise(records: list[dict]) -> dict:
             rows.append(row)
     rows.sort(key=lambda r: (r["op"], r["mode"], r["shape"], r["dtype"], r["backend"]))
     return {"environment": env, "rows": rows, "train_breakdown": _train_breakdown(records),
-            "rows_vs_eager": _rows_vs_eager(records)}
+            "fused_vs_eager": _fused_vs_eager(records)}
 
 
 def _train_breakdown(records: list[dict]) -> list[dict]:
@@ -85,12 +95,18 @@ def _train_breakdown(records: list[dict]) -> list[dict]:
     return out
 
 
-def _rows_vs_eager(records: list[dict]) -> list[dict]:
-    """The fused rows-form loss against eager, timed interleaved (bench_rows_cpu.py)."""
-    out = [{k: rec["extra_info"].get(k) for k in ("op", "shape", "groups", "threads", "eager_median_s",
-                                                  "fused_median_s", "speedup", "target")}
-           for rec in records if rec.get("extra_info", {}).get("kind") == "rows-vs-eager"]
-    return sorted(out, key=lambda r: (r["op"], r["threads"]))
+def _fused_vs_eager(records: list[dict]) -> list[dict]:
+    """The fused losses against eager, timed interleaved: the rows form (bench_rows_cpu.py,
+    all layers in one call) and the map form (bench_ext_cpu.py, one call per layer)."""
+    out = []
+    for rec in records:
+        info = rec.get("extra_info", {})
+        if info.get("kind") in FUSED_VS_EAGER_KINDS:
+            row = {k: info.get(k) for k in ("op", "shape", "groups", "threads", "eager_median_s",
+                                            "fused_median_s", "speedup", "target")}
+            row["form"] = FUSED_VS_EAGER_KINDS[info["kind"]]
+            out.append(row)
+    return sorted(out, key=lambda r: (r["form"], r["op"], r["threads"]))
 
 
 def to_markdown(summary: dict) -> str:
@@ -133,14 +149,15 @@ def to_markdown(summary: dict) -> str:
                 "-" if r["patch_part_s"] is None else f"{r['patch_part_s'] * 1e3:.1f} ms",
                 ratio(None if r["patch_share"] is None else 100 * r["patch_share"], 1),
                 "-" if r["patch_launches"] is None else str(r["patch_launches"])]) + " |")
-    vs_eager = summary.get("rows_vs_eager") or []
+    vs_eager = summary.get("fused_vs_eager") or []
     if vs_eager:
-        head = ["op", "shape", "groups", "threads", "eager", "fused", "× eager", "target"]
-        lines += ["", "Fused rows-form loss (all layers in one call) vs eager, fwd+bwd, interleaved medians:",
+        head = ["form", "op", "shape", "groups", "threads", "eager", "fused", "× eager", "target"]
+        lines += ["", "Fused loss vs eager, fwd+bwd, interleaved medians (rows form: all layers in one "
+                  "call; map form: one call per layer):",
                   "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in vs_eager:
             lines.append("| " + " | ".join([
-                str(r["op"]), str(r["shape"]), str(r["groups"]), str(r["threads"]),
+                str(r["form"]), str(r["op"]), str(r["shape"]), str(r["groups"]), str(r["threads"]),
                 f"{r['eager_median_s'] * 1e3:.2f} ms", f"{r['fused_median_s'] * 1e3:.2f} ms",
                 ratio(r["speedup"]), f"≥ {r['target']:g}"]) + " |")
     return "\n".join(lines) + "\n"

@@ -46,6 +46,14 @@ PDML_DECLARE_KERNELS
 // gradient is d_q scaled row by row — no second pass over the similarities.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_with_grad(const at::Tensor& q, const at::Tensor& k,
                                                                      double tau);
+// The normaliser's backward alone, in place: d_rows [R, C] acc holds ∂L/∂rows_hat and
+// becomes ∂L/∂rows (rows_hat [R, C], norms [R] from gather_normalise). Linear in d_rows.
+at::Tensor normalise_backward_rows_(at::Tensor& d_rows, const at::Tensor& rows_hat, const at::Tensor& norms);
+// The scatter alone: -> grad [map_sizes] (contiguous, out_dtype), zero except
+// grad[b, :, ids[i]] = row_scale[b*N + i] · rows[b*N + i, :] (rows [B*N, C] acc, row_scale
+// [B*N] acc or undefined for 1, ids distinct).
+at::Tensor scatter_rows(const at::Tensor& rows, const at::Tensor& row_scale, const at::Tensor& ids,
+                        at::IntArrayRef map_sizes, at::ScalarType out_dtype);
 }  // namespace cpu
 
 #ifdef PDML_WITH_CUDA

@@ -94,6 +94,40 @@ Tensor patch_nce_backward(const Tensor& grad_loss, const Tensor& fq, const Tenso
   return PDML_ON_DEVICE(fq, normalise_backward_scatter, dq, q, q_norm, ids, fq.sizes(), fq.scalar_type());
 }
 
+// CPU: patch_nce plus ∂loss_r/∂q_r for a unit upstream gradient, [B·N, C] acc, where q_r =
+// fq[b, :, ids[i]] is the gathered row before the normaliser: the sweep gives ∂loss_r/∂q̂_r
+// (cpu::nce_forward_with_grad; a row's loss depends on its own q̂_r only, k being detached)
+// and the normaliser's backward, linear in its upstream gradient, follows at once. The
+// backward (patch_nce_with_grad_backward) is then a row scale and a scatter: no second
+// sweep over the similarities and no second gather.
+std::tuple<Tensor, Tensor, Tensor> patch_nce_with_grad(const Tensor& fq, const Tensor& fk, const Tensor& ids,
+                                                       double tau, int64_t groups) {
+  check_map(fq, fk, ids);
+  const int64_t g = check_map_groups(fq, groups);
+  auto [q, q_norm] = cpu::gather_normalise(fq, ids);
+  auto [k, k_norm] = cpu::gather_normalise(fk, ids);
+  const int64_t c = q.size(1);
+  auto [loss, lse, dq] = cpu::nce_forward_with_grad(q.view({g, -1, c}), k.view({g, -1, c}), tau);
+  Tensor d_rows = dq.view({-1, c});
+  cpu::normalise_backward_rows_(d_rows, q, q_norm);
+  return {loss, lse, d_rows};
+}
+
+// grad_fq from patch_nce_with_grad's d_rows: row r scaled by grad_loss[r], scattered to
+// fq[b, :, ids[i]], zero elsewhere; contiguous, in fq's dtype.
+Tensor patch_nce_with_grad_backward(const Tensor& grad_loss, const Tensor& d_rows, const Tensor& fq,
+                                    const Tensor& ids) {
+  check_features("fq", fq, 4);
+  check_ids(ids, fq);
+  const int64_t rows = fq.size(0) * ids.numel();
+  TORCH_CHECK(d_rows.dim() == 2 && d_rows.size(0) == rows && d_rows.size(1) == fq.size(1) &&
+                  d_rows.scalar_type() == acc_dtype(fq),
+              "patch_nce_with_grad_backward: d_rows must be the [B·N, C] rows patch_nce_with_grad returned");
+  TORCH_CHECK(grad_loss.numel() == rows, "grad_loss must have B·N = ", rows, " entries, got ", grad_loss.numel());
+  return cpu::scatter_rows(d_rows, grad_loss.to(d_rows.scalar_type()).reshape({-1}), ids, fq.sizes(),
+                           fq.scalar_type());
+}
+
 // PatchMetric computes its gradient in the forward sweep (see cpu/patch_kernels_cpu.cpp):
 // with compute_grad the op also returns ∂L/∂q̂, ∂L/∂k̂ as [B·N, C] acc rows (O(B·N·C)),
 // and patch_metric_backward scales them and takes them through normaliser and scatter.
@@ -207,6 +241,8 @@ void register_impls(torch::Library& m) {
 TORCH_LIBRARY_IMPL(pdml, CPU, m) {
   register_impls(m);
   m.impl("patch_nce_rows_with_grad", &patch_nce_rows_with_grad);
+  m.impl("patch_nce_with_grad", &patch_nce_with_grad);
+  m.impl("patch_nce_with_grad_backward", &patch_nce_with_grad_backward);
 }
 
 #ifdef PDML_WITH_CUDA

@@ -43,6 +43,11 @@ TORCH_LIBRARY(pdml, m) {
   m.def("patch_nce(Tensor fq, Tensor fk, Tensor ids, float tau, int groups) -> (Tensor, Tensor)");
   m.def("patch_nce_backward(Tensor grad_loss, Tensor fq, Tensor fk, Tensor ids, Tensor loss, Tensor lse, "
         "float tau, int groups) -> Tensor");
+  // CPU only: the forward that also returns ∂loss_r/∂q_r, the gradient w.r.t. the gathered
+  // row before the normaliser (unit upstream gradient per row, [B·N, C] acc), from the same
+  // sweep; its backward scales the rows and scatters them into a zero map.
+  m.def("patch_nce_with_grad(Tensor fq, Tensor fk, Tensor ids, float tau, int groups) -> (Tensor, Tensor, Tensor)");
+  m.def("patch_nce_with_grad_backward(Tensor grad_loss, Tensor d_rows, Tensor fq, Tensor ids) -> Tensor");
   m.def("patch_metric(Tensor fq, Tensor fk, Tensor ids, float tau, int groups, bool compute_grad) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("patch_metric_backward(Tensor grad, Tensor d_q, Tensor d_k, Tensor fq, Tensor fk, Tensor ids) "

@@ -3,11 +3,14 @@
 Each check raises ``TypeError`` for a wrong type or dtype and ``ValueError`` for a wrong
 shape or value, naming the argument, before any kernel runs (docs/ops.md, "Numerics
 and checks"). The checks that read the ids' values (range, distinctness) synchronise
-with the device. While ``torch.compile`` traces, the ids have no values yet: the check
-then goes into the graph as the opaque op ``pdml_checks::checked_ids``, which runs
-:func:`check_ids_values` when the graph runs, on every backend. Meta tensors (shape only)
-skip the value checks. The NaN/inf check of the features is off by default (it
-reads every feature): :func:`set_check_finite` or ``PDML_CHECK_FINITE=1`` turns it on.
+with the device; on a GPU, where a training step is launch-bound, they therefore run once
+per ids tensor, not once per call (:func:`check_ids_values`, "Checked once"), and ids that
+are valid by construction are marked so where they are made (:func:`mark_ids_valid`).
+While ``torch.compile`` traces, the ids have no values yet: the check then goes into the
+graph as the opaque op ``pdml_checks::checked_ids``, which runs :func:`check_ids_values`
+when the graph runs, on every backend. Meta tensors (shape only) skip the value checks.
+The NaN/inf check of the features is off by default (it reads every feature, and
+synchronises on a GPU): :func:`set_check_finite` or ``PDML_CHECK_FINITE=1`` turns it on.
 
 This module imports nothing else of pdml, so every layer above it may use it.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -91,11 +95,82 @@ def _(ids, hw):
     return torch.empty_like(ids)
 
 
+# Checked once. Reading the ids' values on a GPU costs a host synchronisation, a stall per
+# call in a launch-bound training step, while the same ids tensor serves many calls (the q
+# and k maps of a layer, forward and the heads' gather). So a device tensor that passed the
+# check is remembered, by identity, with its version counter (bumped by every in-place
+# write through torch), its storage address and the smallest H*W it was found valid for
+# (valid for hw is valid for any larger hw; distinctness does not depend on hw). CPU ids are
+# checked on every call: there the check is cheap and no stall, and CPU tensors are often
+# written behind torch's back (through numpy), which no version counter sees. On a GPU such
+# writes (through ``.data``, DLPack or another library) go unseen too: the record trusts
+# the version counter, so ids written that way must be passed as a new tensor (a clone).
+CACHED_DEVICE_TYPES = ("cuda",)
+
+
+class _ValidIds:
+    """id(tensor) -> (weak reference, version, data_ptr, smallest hw it is valid for)."""
+
+    def __init__(self):
+        self.entries: dict[int, tuple] = {}
+
+    @staticmethod
+    def _applies(ids: torch.Tensor) -> bool:
+        # inference tensors have no version counter: they are checked on every call
+        return ids.device.type in CACHED_DEVICE_TYPES and not ids.is_inference()
+
+    def knows(self, ids: torch.Tensor, hw: int) -> bool:
+        if not self._applies(ids):
+            return False
+        entry = self.entries.get(id(ids))
+        return (entry is not None and entry[0]() is ids and entry[1] == ids._version
+                and entry[2] == ids.data_ptr() and entry[3] <= hw)
+
+    def add(self, ids: torch.Tensor, hw: int) -> None:
+        if not self._applies(ids):
+            return
+        key = id(ids)
+        entry = self.entries.get(key)
+        if (entry is not None and entry[0]() is ids and entry[1] == ids._version
+                and entry[2] == ids.data_ptr()):
+            hw = min(hw, entry[3])
+
+        def forget(ref, key=key):
+            current = self.entries.get(key)
+            if current is not None and current[0] is ref:
+                del self.entries[key]
+
+        self.entries[key] = (weakref.ref(ids, forget), ids._version, ids.data_ptr(), hw)
+
+
+_valid_ids = _ValidIds()
+
+
+def mark_ids_valid(ids: torch.Tensor, hw: int) -> torch.Tensor:
+    """Record, without reading them, that ``ids`` (int64 ``[N]``) lie in ``[0, hw)`` and are
+    distinct, so that the ops skip their check (and its device synchronisation) while the
+    tensor is not written to. Only for ids valid by construction (e.g. the first entries of
+    ``torch.randperm(hw)``); returns ``ids``. Nothing is recorded while ``torch.compile``
+    traces (the ids have no storage yet; the compiled graph checks them itself)."""
+    if _can_read_values(ids):
+        _valid_ids.add(ids, hw)
+    return ids
+
+
 def check_ids_values(ids: torch.Tensor, hw: int, name: str = "ids") -> None:
     """Raise ValueError (naming ``name``) unless every id is in ``[0, hw)`` and all are distinct.
 
-    One host synchronisation; the details are worked out only on failure.
+    One host synchronisation; the details are worked out only on failure. A GPU tensor that
+    passed (or was marked by :func:`mark_ids_valid`) is not read again until it is written
+    to ("Checked once" above).
     """
+    if _valid_ids.knows(ids, hw):
+        return
+    _check_ids_values_now(ids, hw, name)
+    _valid_ids.add(ids, hw)
+
+
+def _check_ids_values_now(ids: torch.Tensor, hw: int, name: str) -> None:
     s = torch.sort(ids).values
     bad = (s[0] < 0) | (s[-1] >= hw)
     if s.numel() > 1:

@@ -37,8 +37,19 @@ def draw_patch_ids(hw: int, num_patches: int, device: torch.device,
                    rng_device: Optional[torch.device] = None) -> Tensor:
     """``min(num_patches, hw)`` distinct flat positions in ``[0, hw)``, int64 ``[N]`` on
     ``device``: the first entries of ``torch.randperm(hw)`` drawn by the RNG of
-    ``rng_device`` (the CPU's by default; CUT's sampler draws on its first map's device)."""
-    return torch.randperm(hw, device=rng_device)[:int(min(num_patches, hw))].to(device)
+    ``rng_device`` (the CPU's by default; CUT's sampler draws on its first map's device).
+
+    Valid by construction, so they are marked valid (:func:`pdml._validation.mark_ids_valid`):
+    the ops given them skip the ids check, which on a GPU would synchronise with the host
+    every step. For the same reason a copy from the CPU to a GPU goes through pinned memory
+    without blocking (a blocking host-to-device copy waits for the device)."""
+    ids = torch.randperm(hw, device=rng_device)[:int(min(num_patches, hw))]
+    device = torch.device(device)
+    if ids.device.type == "cpu" and device.type == "cuda":
+        ids = ids.pin_memory().to(device, non_blocking=True)
+    else:
+        ids = ids.to(device)
+    return _validation.mark_ids_valid(ids, hw)
 
 
 def normalise_patch_rows(rows: Tensor, dim: int = -1) -> Tensor:

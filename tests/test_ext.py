@@ -215,6 +215,54 @@ def test_cpu_metric_without_grad_returns_no_gradient_rows():
         torch.testing.assert_close(ops.patch_metric(fq, fk, ids, backend="ext"), loss)
 
 
+def _map_nce_paths(groups, tau=0.07):
+    """The CPU map-form PatchNCE's three gradient paths, as ``(fq, fk, ids) -> loss [B·N]``:
+    the one-sweep Function pdml.ops takes with grad, the one-sweep op's registered autograd
+    (torch.compile's), and the two-sweep op (forward, then a backward that recomputes)."""
+    return {
+        "ops (one sweep)": lambda a, b, i: ext_backend.patch_nce(a, b, i, tau, groups),
+        "patch_nce_with_grad": lambda a, b, i: torch.ops.pdml.patch_nce_with_grad(a, b, i, tau, groups)[0],
+        "patch_nce": lambda a, b, i: torch.ops.pdml.patch_nce(a, b, i, tau, groups)[0],
+    }
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last", "channel_slice"))
+def test_cpu_map_nce_one_sweep_matches_float64_truth(dtype, layout):
+    """The one-sweep map form (loss and ∂loss/∂q_r from one sweep, the backward a scale and a
+    scatter) against the float64 truth, on odd shapes, every layout the gather reads
+    differently, both groupings; and the two-sweep op agrees with it."""
+    fq, fk, ids = make_maps(ODD, dtype)
+    if layout == "channels_last":
+        fq, fk = fq.to(memory_format=torch.channels_last), fk.to(memory_format=torch.channels_last)
+    elif layout == "channel_slice":
+        wide = torch.cat([fq, fk], dim=1)
+        fq, fk = wide[:, :ODD["C"]], wide[:, ODD["C"]:]
+        assert not fq.is_contiguous()
+    for groups, negatives in ((ODD["B"], "image"), (1, "batch")):
+        truth, truth_g = loss_and_grads(lambda a, b: reference.patch_nce(a, b, ids, 0.07, negatives,
+                                                                         compute_dtype=torch.float64),
+                                        [fq.double(), fk.double()])
+        same, same_g = loss_and_grads(lambda a, b: reference.patch_nce(a, b, ids, 0.07, negatives,
+                                                                       compute_dtype=dtype), [fq, fk])
+        for name, fn in _map_nce_paths(groups).items():
+            got, got_g = loss_and_grads(lambda a, b: fn(a, b, ids), [fq, fk])
+            assert_rule(got, same, truth, dtype, f"{name} {layout} groups={groups} loss")
+            assert_rule(got_g[0], same_g[0], truth_g[0], dtype, f"{name} {layout} groups={groups} grad fq")
+            assert not got_g[1].any()  # fk detached (CUT)
+
+
+def test_cpu_map_nce_with_grad_takes_the_one_sweep_path():
+    """pdml.ops' map-form PatchNCE on CPU with grad runs the one-sweep op (what
+    benchmarks/bench_ext_cpu.py measures), and the forward-only call the plain op."""
+    fq, fk, ids = make_maps(TINY, torch.float32)
+    leaf = fq.clone().requires_grad_(True)
+    assert type(ops.patch_nce(leaf, fk, ids, backend="ext").grad_fn).__name__ == "_NceOneSweepBackward"
+    torch.testing.assert_close(ops.patch_nce(fq, fk, ids, backend="ext"),
+                               ops.patch_nce(leaf, fk, ids, backend="ext").detach(), rtol=0, atol=0)
+    assert ops.patch_nce(fq, fk, ids, backend="ext").grad_fn is None
+
+
 # --------------------------------------------------------------------------- the C++ checks
 
 def test_cpp_ops_reject_bad_ids_themselves():
@@ -225,12 +273,20 @@ def test_cpp_ops_reject_bad_ids_themselves():
     for bad, msg in ((torch.tensor([0, hw]), "ids must lie in"), (torch.tensor([-1, 2]), "ids must lie in"),
                      (torch.tensor([3, 3]), "ids must be distinct")):
         for call in (lambda: torch.ops.pdml.patch_nce(fq, fk, bad, 0.07, 2),
+                     lambda: torch.ops.pdml.patch_nce_with_grad(fq, fk, bad, 0.07, 2),
+                     lambda: torch.ops.pdml.patch_nce_with_grad_backward(torch.ones(4), torch.ones(4, 5), fq, bad),
                      lambda: torch.ops.pdml.patch_metric(fq, fk, bad, 0.15, 2, True),
                      lambda: torch.ops.pdml.patch_similarity(fq, fk, bad)):
             with pytest.raises(RuntimeError, match=msg):
                 call()
     with pytest.raises(RuntimeError, match="groups"):
         torch.ops.pdml.patch_nce_rows(torch.randn(10, 4), torch.randn(10, 4), 0.07, 3)
+    rows = fq.shape[0] * ids.numel()
+    for d_rows in (torch.ones(rows, 4), torch.ones(rows - 1, 5), torch.ones(rows, 5, dtype=torch.float64)):
+        with pytest.raises(RuntimeError, match=r"d_rows must be the \[B·N, C\] rows"):
+            torch.ops.pdml.patch_nce_with_grad_backward(torch.ones(rows), d_rows, fq, ids)
+    with pytest.raises(RuntimeError, match="grad_loss must have B·N"):
+        torch.ops.pdml.patch_nce_with_grad_backward(torch.ones(rows + 1), torch.ones(rows, 5), fq, ids)
     for groups in (0, 3):  # the map form's groups must divide B = 2
         for call in (lambda: torch.ops.pdml.patch_nce(fq, fk, ids, 0.07, groups),
                      lambda: torch.ops.pdml.patch_metric(fq, fk, ids, 0.15, groups, True)):
@@ -264,7 +320,13 @@ def opcheck_samples(device="cpu", dtype=torch.float32):
             ("patch_metric_rows", (q, k, 0.15, groups, False)),
         ]
         if device == "cpu":  # the one-sweep forward + gradient has CPU kernels only
-            samples.append(("patch_nce_rows_with_grad", (q_g, k_g, 0.07, groups)))
+            _, _, d_rows = torch.ops.pdml.patch_nce_with_grad(fq, fk, ids, 0.07, groups)
+            samples += [
+                ("patch_nce_rows_with_grad", (q_g, k_g, 0.07, groups)),
+                ("patch_nce_with_grad", (fq_g, fk_g, ids, 0.07, groups)),
+                ("patch_nce_with_grad", (fq, fk, ids, 0.07, groups)),
+                ("patch_nce_with_grad_backward", (torch.randn_like(loss), d_rows, fq, ids)),
+            ]
     n = ids.numel()
     samples += [
         ("patch_similarity", (fq.clone().requires_grad_(True), fk.clone().requires_grad_(True), ids)),
@@ -275,7 +337,7 @@ def opcheck_samples(device="cpu", dtype=torch.float32):
 
 OP_NAMES = ("patch_nce", "patch_nce_backward", "patch_metric", "patch_metric_backward", "patch_similarity",
             "patch_similarity_backward", "patch_nce_rows", "patch_nce_rows_backward", "patch_metric_rows",
-            "patch_nce_rows_with_grad")
+            "patch_nce_rows_with_grad", "patch_nce_with_grad", "patch_nce_with_grad_backward")
 
 
 def test_opcheck_covers_every_op():

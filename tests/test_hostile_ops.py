@@ -151,6 +151,16 @@ def test_metric_row_terms_sum_to_the_metric_loss():
 
 
 @pytest.mark.skipif(ext_backend.LOAD_ERROR is not None, reason="pdml._C not loaded")
+@pytest.mark.parametrize("op", ["patch_nce", "patch_nce_with_grad"])
+def test_gradgradcheck_ext_map_nce_ops_called_directly(op):
+    """The map-form PatchNCE ops' own autograd formulas (torch.compile takes them; pdml.ops
+    takes the one-sweep Function on CPU, which test_gradgradcheck_float64 covers)."""
+    fq, fk, ids = maps(c=4, h=3, w=4, n=5, dtype=torch.float64, seed=2)
+    assert torch.autograd.gradgradcheck(lambda a: getattr(torch.ops.pdml, op)(a, fk, ids, 0.5, 1)[0],
+                                        [fq.clone().requires_grad_(True)])
+
+
+@pytest.mark.skipif(ext_backend.LOAD_ERROR is not None, reason="pdml._C not loaded")
 @pytest.mark.parametrize("op", ["patch_nce_rows", "patch_nce_rows_with_grad"])
 def test_gradgradcheck_ext_rows_nce_ops_called_directly(op):
     """The rows-form PatchNCE ops' own autograd formulas (torch.compile and CUDA take them)."""

@@ -6,12 +6,18 @@
 // accumulated with a second GEMM (dA_I += W A_J). Memory beyond the O(B·N·C) rows is
 // one tile per thread; the n×n matrix never exists.
 //
+// Gather and scatter run plane by plane ((image, channel) planes of the map): a row's
+// channels lie a whole plane apart, so a row-by-row walk would miss cache and TLB on every
+// entry; the scatter zeroes each plane just before writing its sampled pixels into it.
+//
 // Parallelism (at::parallel_for):
 // - PatchNCE (forward and backward): over (group, row tile) tasks, each writing only its
 //   own rows; the backward recomputes the tiles. nce_forward_with_grad skips that
 //   recomputation: a row's loss depends on its own q̂_i only (k is detached), so its
 //   gradient for a unit upstream gradient comes out of the forward sweep and the backward
-//   of any per-row upstream gradient is a row scale (2 tile GEMMs per tile pair, not 3).
+//   of any per-row upstream gradient is a row scale (2 tile GEMMs per tile pair, not 3);
+//   the map form (patch_nce_with_grad) also takes it through the normaliser's backward
+//   (normalise_backward_rows_), so its backward is a scale and a scatter (scatter_rows).
 // - PatchMetric: its gradient needs no global normaliser (unlike PatchNCE's logsumexp),
 //   so the forward computes it in the same sweep when asked (compute_grad), and the
 //   backward only scales it. The similarity of q with q (and k with k) is symmetric, so each
@@ -27,6 +33,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "patch_kernels.h"
@@ -217,21 +224,41 @@ std::tuple<Tensor, Tensor> gather_normalise(const Tensor& fmap, const Tensor& id
   const Tensor ids_c = ids.contiguous();
   const int64_t* id = ids_c.const_data_ptr<int64_t>();
   const int64_t sb = fmap.stride(0), sc = fmap.stride(1), sh = fmap.stride(2), sw = fmap.stride(3);
+  std::vector<int64_t> offset(n);  // each id's element offset inside one channel plane
+  for (int64_t i = 0; i < n; ++i) offset[i] = (id[i] / width) * sh + (id[i] % width) * sw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fmap.scalar_type(), "pdml_gather_normalise", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* src = fmap.const_data_ptr<scalar_t>();
     acc_t* out = rows.data_ptr<acc_t>();
     acc_t* out_norm = norms.data_ptr<acc_t>();
+    if (sc == 1) {
+      // channels innermost (channels-last): a row's channels are adjacent, gather by rows
+      at::parallel_for(0, batch * n, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* x = src + (r / n) * sb + offset[r % n];
+          acc_t* y = out + r * channels;
+          for (int64_t c = 0; c < channels; ++c) y[c] = static_cast<acc_t>(x[c]);
+        }
+      });
+    } else {
+      // A row's channels lie a plane apart (H*W elements for a contiguous map): reading
+      // them row by row misses the cache and the TLB on every entry. Read plane by plane
+      // instead, the N sampled pixels of one (image, channel) plane at a time, and write
+      // them as column c of the image's [N, C] rows (which stay in cache).
+      at::parallel_for(0, batch * channels, 16, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t b = p / channels, c = p % channels;
+          const scalar_t* plane = src + b * sb + c * sc;
+          acc_t* y = out + b * n * channels + c;
+          for (int64_t i = 0; i < n; ++i) y[i * channels] = static_cast<acc_t>(plane[offset[i]]);
+        }
+      });
+    }
     at::parallel_for(0, batch * n, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / n, pos = id[r % n];
-        const scalar_t* x = src + b * sb + (pos / width) * sh + (pos % width) * sw;
         acc_t* y = out + r * channels;
         acc_t absmax = 0;
-        for (int64_t c = 0; c < channels; ++c) {
-          y[c] = static_cast<acc_t>(x[c * sc]);
-          absmax = std::max(absmax, std::abs(y[c]));
-        }
+        for (int64_t c = 0; c < channels; ++c) absmax = std::max(absmax, std::abs(y[c]));
         const auto scale = math::norm_scale(absmax);
         acc_t sumsq = 0;
         for (int64_t c = 0; c < channels; ++c) {
@@ -247,33 +274,105 @@ std::tuple<Tensor, Tensor> gather_normalise(const Tensor& fmap, const Tensor& id
   return {rows, norms};
 }
 
-Tensor normalise_backward_scatter(const Tensor& d_rows, const Tensor& rows_hat, const Tensor& norms,
-                                  const Tensor& ids, at::IntArrayRef map_sizes, at::ScalarType out_dtype) {
-  const int64_t channels = map_sizes[1], hw = map_sizes[2] * map_sizes[3];
-  const int64_t n = ids.numel(), rows = d_rows.size(0);
-  Tensor grad = at::zeros(map_sizes, d_rows.options().dtype(out_dtype));
-  const Tensor g_c = d_rows.contiguous(), x_c = rows_hat.contiguous(), n_c = norms.contiguous();
-  const Tensor ids_c = ids.contiguous();
-  const int64_t* id = ids_c.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "pdml_normalise_backward_scatter", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    TORCH_INTERNAL_ASSERT(g_c.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
-    const acc_t* g = g_c.const_data_ptr<acc_t>();
+Tensor normalise_backward_rows_(Tensor& d_rows, const Tensor& rows_hat, const Tensor& norms) {
+  TORCH_INTERNAL_ASSERT(d_rows.dim() == 2 && d_rows.is_contiguous() && d_rows.sizes() == rows_hat.sizes());
+  const int64_t rows = d_rows.size(0), channels = d_rows.size(1);
+  const Tensor x_c = rows_hat.contiguous(), n_c = norms.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(d_rows.scalar_type(), "pdml_normalise_backward_rows", [&] {
+    using acc_t = scalar_t;
+    acc_t* g = d_rows.data_ptr<acc_t>();
     const acc_t* xhat = x_c.const_data_ptr<acc_t>();
     const acc_t* norm = n_c.const_data_ptr<acc_t>();
-    scalar_t* out = grad.data_ptr<scalar_t>();
-    // ids are distinct (checked by the op), so rows never write the same entry.
     at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const acc_t* gr = g + r * channels;
+        acc_t* gr = g + r * channels;
         const acc_t* xr = xhat + r * channels;
-        const auto s = math::normalise_backward_scales(norm[r], row_dot(gr, xr, channels));
-        scalar_t* dst = out + (r / n) * channels * hw + id[r % n];
-        for (int64_t c = 0; c < channels; ++c) {
-          dst[c * hw] = static_cast<scalar_t>(gr[c] * s.scale_g - xr[c] * s.scale_xhat);
+        const auto s = math::normalise_backward_scales(norm[r], row_dot<acc_t>(gr, xr, channels));
+        for (int64_t c = 0; c < channels; ++c) gr[c] = gr[c] * s.scale_g - xr[c] * s.scale_xhat;
+      }
+    });
+  });
+  return d_rows;
+}
+
+namespace {
+
+// The scatter of scatter_rows and normalise_backward_scatter: -> a contiguous map
+// [map_sizes] of out_dtype, zero except at the sampled pixels, where (r = b·N + i)
+//   grad[b, c, ids[i]] = g[r, c]·g_scale[r] − x[r, c]·x_scale[r]
+// (g, x: [B·N, C] acc rows; g_scale null means 1, x null drops the second term).
+// One task per (image, channel) plane: zero the plane, then write its N sampled pixels
+// while it is in cache (a separate zero fill of the map and a scatter over it would bring
+// every plane in twice). ids are distinct, so no pixel is written twice.
+template <typename acc_t>
+Tensor scatter_planes(const acc_t* g, const acc_t* g_scale, const acc_t* x, const acc_t* x_scale, const Tensor& ids,
+                      at::IntArrayRef map_sizes, const at::TensorOptions& options) {
+  const int64_t batch = map_sizes[0], channels = map_sizes[1], hw = map_sizes[2] * map_sizes[3];
+  const int64_t n = ids.numel();
+  Tensor grad = at::empty(map_sizes, options);
+  const Tensor ids_c = ids.contiguous();
+  const int64_t* id = ids_c.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pdml_scatter_planes", [&] {
+    TORCH_INTERNAL_ASSERT((std::is_same_v<acc_t, at::opmath_type<scalar_t>>));
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * channels, 16, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t b = p / channels, c = p % channels;
+        scalar_t* plane = out + p * hw;
+        std::fill(plane, plane + hw, scalar_t(0));
+        for (int64_t i = 0, r = b * n; i < n; ++i, ++r) {
+          acc_t v = g[r * channels + c];
+          if (g_scale != nullptr) v *= g_scale[r];
+          if (x != nullptr) v -= x[r * channels + c] * x_scale[r];
+          plane[id[i]] = static_cast<scalar_t>(v);
         }
       }
     });
+  });
+  return grad;
+}
+
+}  // namespace
+
+Tensor scatter_rows(const Tensor& rows, const Tensor& row_scale, const Tensor& ids, at::IntArrayRef map_sizes,
+                    at::ScalarType out_dtype) {
+  const int64_t rows_n = map_sizes[0] * ids.numel();
+  TORCH_INTERNAL_ASSERT(rows.dim() == 2 && rows.size(0) == rows_n && rows.size(1) == map_sizes[1]);
+  const bool scaled = row_scale.defined();
+  TORCH_INTERNAL_ASSERT(!scaled || (row_scale.numel() == rows_n && row_scale.scalar_type() == rows.scalar_type()));
+  const Tensor r_c = rows.contiguous(), s_c = scaled ? row_scale.contiguous() : Tensor();
+  Tensor grad;
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "pdml_scatter_rows", [&] {
+    grad = scatter_planes<scalar_t>(r_c.const_data_ptr<scalar_t>(), scaled ? s_c.const_data_ptr<scalar_t>() : nullptr,
+                                    nullptr, nullptr, ids, map_sizes, rows.options().dtype(out_dtype));
+  });
+  return grad;
+}
+
+Tensor normalise_backward_scatter(const Tensor& d_rows, const Tensor& rows_hat, const Tensor& norms,
+                                  const Tensor& ids, at::IntArrayRef map_sizes, at::ScalarType out_dtype) {
+  const int64_t rows = d_rows.size(0), channels = map_sizes[1];
+  const Tensor g_c = d_rows.contiguous(), x_c = rows_hat.contiguous(), n_c = norms.contiguous();
+  // the normaliser's backward per row, g·scale_g − x̂·scale_xhat (patch_math.h), applied as
+  // the rows are scattered: two scales per row, no [B·N, C] intermediate
+  Tensor scales = at::empty({2, rows}, g_c.options());
+  Tensor grad;
+  AT_DISPATCH_FLOATING_TYPES(g_c.scalar_type(), "pdml_normalise_backward_scatter", [&] {
+    using acc_t = scalar_t;
+    const acc_t* g = g_c.const_data_ptr<acc_t>();
+    const acc_t* xhat = x_c.const_data_ptr<acc_t>();
+    const acc_t* norm = n_c.const_data_ptr<acc_t>();
+    acc_t* scale_g = scales.data_ptr<acc_t>();
+    acc_t* scale_xhat = scale_g + rows;
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const auto s = math::normalise_backward_scales(norm[r], row_dot<acc_t>(g + r * channels, xhat + r * channels,
+                                                                                 channels));
+        scale_g[r] = s.scale_g;
+        scale_xhat[r] = s.scale_xhat;
+      }
+    });
+    grad = scatter_planes<acc_t>(g, scale_g, xhat, scale_xhat, ids, map_sizes, g_c.options().dtype(out_dtype));
   });
   return grad;
 }

@@ -13,6 +13,10 @@ in the map form a divisor of B, consecutive images sharing a group):
 - ``pdml::patch_nce(fq, fk, ids, tau, groups) -> (loss [B·N] acc, lse [B·N] acc)``
   and ``patch_nce_backward(grad_loss, fq, fk, ids, loss, lse, tau, groups) -> grad_fq``
   (the backward recomputes the similarities tile by tile; ``fk`` gets no gradient, as in CUT).
+- ``pdml::patch_nce_with_grad(fq, fk, ids, tau, groups) -> (loss, lse, d_rows [B·N, C] acc)``
+  (CPU): the forward that also gives ``∂loss_r/∂q_r`` w.r.t. the gathered rows before the
+  normaliser, from the same sweep; ``patch_nce_with_grad_backward(grad_loss, d_rows, fq, ids)
+  -> grad_fq`` scales the rows and scatters them (no second sweep, no second gather).
 - ``pdml::patch_metric(fq, fk, ids, tau, groups, compute_grad)
   -> (loss 0-dim acc, d_q [B·N, C] acc, d_k [B·N, C] acc)``: with ``compute_grad`` the
   gradient w.r.t. the normalised rows comes out of the same sweep as the loss (it needs no
@@ -164,6 +168,46 @@ def _patch_nce_grad(ctx, grad_loss, _grad_lse):
     if ctx.needs_input_grad[0]:
         grad_fq = torch.ops.pdml.patch_nce_backward(grad_loss, fq, fk, ids, loss, lse, ctx.tau, ctx.groups)
     return grad_fq, None, None, None, None  # fk is detached (CUT)
+
+
+# ---------------------------------------------------------------------- pdml::patch_nce_with_grad
+
+@_fake("patch_nce_with_grad")
+def _(fq, fk, ids, tau, groups):
+    rows = fq.shape[0] * ids.shape[0]
+    acc = _acc_dtype(fq.dtype)
+    return (fq.new_empty(rows, dtype=acc), fq.new_empty(rows, dtype=acc),
+            fq.new_empty((rows, fq.shape[1]), dtype=acc))
+
+
+@_fake("patch_nce_with_grad_backward")
+def _(grad_loss, d_rows, fq, ids):
+    return fq.new_empty(fq.shape)
+
+
+def _patch_nce_with_grad_setup(ctx, inputs, output):
+    fq, fk, ids, tau, groups = inputs
+    ctx.save_for_backward(fq, fk, ids, output[2])
+    ctx.tau, ctx.groups = tau, groups
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _nce_map_grad(fq, fk, ids, d_rows, tau, groups, needs_input_grad, grad_loss) -> tuple:
+    """The gradient of the map-form PatchNCE from ``d_rows`` (∂loss_r/∂q_r, [B·N, C] acc, from
+    the forward's sweep): row r scaled by ``grad_loss[r]`` and scattered to ``fq``; the
+    reference's with a graph under ``create_graph=True``."""
+    if creating_graph():
+        return tuple(reference_grads(reference.map_nce, (fq, fk, ids, tau, groups), needs_input_grad, grad_loss))
+    grad_fq = None
+    if needs_input_grad[0]:
+        grad_fq = torch.ops.pdml.patch_nce_with_grad_backward(grad_loss, d_rows, fq, ids)
+    return grad_fq, None, None, None, None  # fk is detached (CUT)
+
+
+@_autograd("patch_nce_with_grad", _patch_nce_with_grad_setup)
+def _patch_nce_with_grad_grad(ctx, grad_loss, _grad_lse, _grad_d_rows):
+    fq, fk, ids, d_rows = ctx.saved_tensors
+    return _nce_map_grad(fq, fk, ids, d_rows, ctx.tau, ctx.groups, ctx.needs_input_grad, grad_loss)
 
 
 # ---------------------------------------------------------------------- pdml::patch_metric
@@ -351,7 +395,33 @@ def _gather_project_grad(ctx, grad):
 # ---------------------------------------------------------------------- backend callables
 # Validated arguments (pdml/_validation.py), named as registry.Backend's fields.
 
+class _NceOneSweep(torch.autograd.Function):
+    """Map-form PatchNCE on CPU from one sweep (``patch_nce_with_grad``): the forward keeps
+    ∂loss_r/∂q_r, the backward scales and scatters it. A plain autograd Function, as
+    :class:`_NceRowsOneSweep`, for the same reason."""
+
+    @staticmethod
+    def forward(ctx, fq, fk, ids, tau, groups):
+        loss, _, d_rows = torch.ops.pdml.patch_nce_with_grad(fq, fk, ids, tau, groups)
+        ctx.save_for_backward(fq, fk, ids, d_rows)
+        ctx.tau, ctx.groups = tau, groups
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        fq, fk, ids, d_rows = ctx.saved_tensors
+        return _nce_map_grad(fq, fk, ids, d_rows, ctx.tau, ctx.groups, ctx.needs_input_grad, grad_loss)
+
+
 def patch_nce(fq, fk, ids, tau, groups):
+    if fq.device.type == "cpu" and _needs_grad(fq):
+        # One CPU sweep gives the loss and the rows' gradient (as patch_nce_rows below); the
+        # backward then neither gathers again nor recomputes the similarities (measured at
+        # the paper's shape in benchmarks/bench_ext_cpu.py). torch.compile traces the op and
+        # its registered autograd; eager calls take the cheaper plain Function.
+        if torch.compiler.is_compiling():
+            return torch.ops.pdml.patch_nce_with_grad(fq, fk, ids, tau, groups)[0]
+        return _NceOneSweep.apply(fq, fk, ids, tau, groups)
     return torch.ops.pdml.patch_nce(fq, fk, ids, tau, groups)[0]
 
 

@@ -20,7 +20,8 @@ Features are maps ``[B, C, H, W]`` with ``ids`` int64 ``[N]`` (gathered and norm
 in the kernels), or rows ``[R, C]`` with ``ids=None`` (used as given). ``groups`` is the
 number of groups of negatives (docs/ops.md): consecutive blocks of ``R // groups`` rows;
 in the map form it divides B. ``check_ids=True`` checks the ids' values (range,
-distinctness: one device synchronisation) before any kernel runs, for callers of the ops
+distinctness: one device synchronisation, the first time an ids tensor is seen,
+:func:`pdml._validation.check_ids_values`) before any kernel runs, for callers of the ops
 themselves; the backend functions below pass ``False``: :mod:`pdml.ops` checked the ids
 already (eagerly, or inside the compiled graph).
 
