@@ -194,6 +194,11 @@ def test_runs_whose_folders_are_gone_are_restored_from_ablation_json(quick, tmp_
     code, _ = _main(["--preset", "quick", "--out", str(copy), "--no-progress",
                      "--no-classical"])
     assert code == 2
+    # an ablation.json that is not one (edited by hand, cut short by a full disk): refused
+    (copy / "ablation.json").write_text('{"format": "pdml-hu-')
+    code, _ = _main(["--preset", "quick", "--out", str(copy), "--no-progress",
+                     "--no-classical"])
+    assert code == 2
 
 
 def test_a_run_stopped_by_its_time_limit_is_resumed_when_its_checkpoint_is_kept(

@@ -172,10 +172,16 @@ def _earlier(out: Path) -> tuple[dict, float]:
     """What an earlier ``out/ablation.json`` of this format kept: its run records by
     ``(setting, role, arm, seed)`` (their folders under ``out``) and the wall time of every
     invocation that wrote it; ``({}, 0.0)`` when there is none."""
+    from pdml.training import TrainError
+
     path = out / "ablation.json"
     if not path.exists():
         return {}, 0.0
-    doc = json.loads(path.read_text())
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainError(f"{path} cannot be read as an experiment's result ({e}); move it "
+                         f"away or choose another --out") from None
     if doc.get("format") != FORMAT or doc.get("version") != VERSION:
         return {}, 0.0
     runs = {(r["setting"], r["role"], r["arm"], r["seed"]):

@@ -16,7 +16,6 @@ from pdml.experiments.provenance import commit_label
 FIGURES = {"tradeoff": "tradeoff.png", "curves": "curves.png", "examples": "examples.png"}
 
 
-
 def _earlier_wall(doc: dict) -> str:
     """", N min in all with the earlier invocations (M runs restored from their
     records)" when earlier invocations wrote this folder; else ""."""
@@ -26,6 +25,7 @@ def _earlier_wall(doc: dict) -> str:
     restored = sum(r["how"] == "restored" for r in doc["runs"])
     note = f" ({restored} runs restored from their records)" if restored else ""
     return f", {(earlier + doc['elapsed_s']) / 60:.0f} min in all with the earlier ones{note}"
+
 
 def _num(stat: dict, spec: str, ci: bool = False) -> str:
     text = format(stat["mean"], spec)

@@ -115,8 +115,8 @@ def restored_record(cfg, kept: Optional[dict]) -> Optional[dict]:
     saved, wanted = _comparable(kept["config"]), _comparable(cfg.to_dict())
     if saved != wanted:
         differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-        raise TrainError(f"the ablation.json beside {run_dir} kept a run with other settings "
-                         f"({', '.join(differ)}); choose another --out")
+        raise TrainError(f"the earlier ablation.json kept the run {run_dir} with other "
+                         f"settings ({', '.join(differ)}); choose another --out")
     return {**kept, "how": "restored", "run_dir": str(run_dir),
             "config": {**kept["config"], "out": str(run_dir)}}
 
