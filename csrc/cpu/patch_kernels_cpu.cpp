@@ -61,9 +61,13 @@ TileSpan tile_span(int64_t tile, int64_t n) {
   return {begin, std::min(kTile, n - begin)};
 }
 
-// The first rows*cols entries of a flat scratch buffer, as a contiguous [rows, cols].
-Tensor scratch_matrix(const Tensor& scratch, int64_t rows, int64_t cols) {
-  return scratch.narrow(0, 0, rows * cols).view({rows, cols});
+// One tile of similarities, row_tile · col_tileᵀ ([rows, C] · [cols, C]ᵀ), written into the
+// first rows·cols entries of a flat per-thread scratch buffer: a contiguous [rows, cols].
+Tensor similarity_tile(const Tensor& scratch, const Tensor& row_tile, const Tensor& col_tile) {
+  Tensor s = scratch.narrow(0, 0, row_tile.size(0) * col_tile.size(0))
+                 .view({row_tile.size(0), col_tile.size(0)});
+  at::mm_out(s, row_tile, col_tile.t());
+  return s;
 }
 
 Tensor rows_of(const Tensor& x, int64_t group, TileSpan span) {
@@ -413,8 +417,7 @@ void nce_sweep(const Tensor& q, const Tensor& k, double tau, acc_t* loss_p, acc_
       for (int64_t j = 0; j < tiles; ++j) {
         const TileSpan cols = tile_span(j, n);
         const Tensor k_cols = rows_of(k, g, cols);
-        Tensor s = scratch_matrix(scratch, rows.size, cols.size);
-        at::mm_out(s, q_rows, k_cols.t());
+        Tensor s = similarity_tile(scratch, q_rows, k_cols);
         acc_t* sp = s.data_ptr<acc_t>();
         if (j == own) {  // the sweep covers the negatives only: drop j = i
           for (int64_t r = 0; r < rows.size; ++r) sp[r * cols.size + r] = kNegInf;
@@ -512,8 +515,7 @@ Tensor nce_backward(const Tensor& q, const Tensor& k, const Tensor& loss, const 
           const Tensor k_cols = rows_of(k, g, cols);
           // W = (1/τ)·[p_ij] with the positive's p_0 − 1 on the diagonal (the filled entry
           // is a constant): then dq̂_I = Σ_J W_IJ K_J is nce_grad_finish's sum as one GEMM.
-          Tensor w = scratch_matrix(scratch, rows.size, cols.size);
-          at::mm_out(w, q_rows, k_cols.t());
+          Tensor w = similarity_tile(scratch, q_rows, k_cols);
           acc_t* wp = w.data_ptr<acc_t>();
           for (int64_t r = 0; r < rows.size; ++r) {
             exp_shifted_scaled(wp + r * cols.size, cols.size, inv_tau, row_lse[r], inv_tau);
@@ -560,15 +562,14 @@ std::tuple<Tensor, Tensor, Tensor> metric_forward(const Tensor& q, const Tensor&
       std::vector<double> partial(tasks.size());
       at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
         const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: plain ATen
-      Tensor scratch = at::empty({kTile * kTile}, q.options());
+        Tensor scratch = at::empty({kTile * kTile}, q.options());
         for (int64_t t = t0; t < t1; ++t) {
           const PairTask& task = tasks[t];
           const Tensor& a = task.matrix == 0 ? k : q;
           const TileSpan rows = tile_span(task.first, n), cols = tile_span(task.second, n);
           const bool diagonal = task.first == task.second;
           const Tensor a_rows = rows_of(a, task.group, rows), a_cols = rows_of(a, task.group, cols);
-          Tensor w = scratch_matrix(scratch, rows.size, cols.size);
-          at::mm_out(w, a_rows, a_cols.t());
+          Tensor w = similarity_tile(scratch, a_rows, a_cols);
           acc_t* wp = w.data_ptr<acc_t>();
           exp_shifted(wp, rows.size * cols.size, inv_tau, acc_t(0));  // metric_pair_term
           if (diagonal) {
