@@ -81,18 +81,15 @@ GRADIENT_CHANNELS = 256
 holds the fp32 accumulator ``[32, GRAD_C]`` in registers, beside the similarity tile and
 one ``[16, GRAD_C]`` tile of the other rows. Measured with ``python -m pdml.kernels.aot``
 (triton 3.6 and 3.8, sm_80 and sm_90, fp32/fp16/bf16, map and rows form): 256 channels
-are spill-free in both kernels, 512 spill. So C <= 256 runs in one chunk, C = 1000 in four."""
-
-INTERPRETER_GRAD_C = 256
-"""The interpreter's widest gradient chunk: the GPU's, so C = 300 or 1000 runs in several
-chunks (the last one partial) there too."""
+are spill-free in both kernels, 512 spill. So C <= 256 runs in one chunk, C = 1000 in four.
+The interpreter uses the same budget, so C = 300 or 1000 runs in several chunks (the last
+one partial) there too."""
 
 
-def gradient_channels(channels: int, interpret: bool) -> int:
+def gradient_channels(channels: int) -> int:
     """``GRAD_C`` of a launch of :data:`GRADIENT_KERNELS`: all ``channels`` (rounded up to a
-    power of two, at least 16) when the budget allows, else the budget."""
-    budget = INTERPRETER_GRAD_C if interpret else GRADIENT_CHANNELS
-    return min(budget, max(16, triton.next_power_of_2(channels)))
+    power of two, at least 16) when :data:`GRADIENT_CHANNELS` allows, else that budget."""
+    return min(GRADIENT_CHANNELS, max(16, triton.next_power_of_2(channels)))
 
 
 def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: bool, kernel: str,
@@ -118,7 +115,7 @@ def tiles_for(dtype: torch.dtype, group_rows: int, channels: int, interpret: boo
     (the smallest dot a GPU accepts).
     """
     half = dtype != torch.float32
-    grad_c = gradient_channels(channels, interpret) if kernel in GRADIENT_KERNELS else 0
+    grad_c = gradient_channels(channels) if kernel in GRADIENT_KERNELS else 0
     if interpret:
         block = min(128, max(16, triton.next_power_of_2(group_rows)))
         return Tiles(block, block, min(128, max(16, triton.next_power_of_2(channels))), 4, 1, grad_c)
