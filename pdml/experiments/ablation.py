@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from pdml._files import atomic_write_bytes
 from pdml.classical import METHODS as CLASSICAL_METHODS
 from pdml.experiments import design, report
 from pdml.experiments.design import Arm
@@ -163,9 +164,7 @@ class Experiment:
         return doc
 
     def write(self, doc: dict) -> None:
-        tmp = self.out / "ablation.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        tmp.replace(self.out / "ablation.json")
+        atomic_write_bytes(self.out / "ablation.json", (json.dumps(doc, indent=1) + "\n").encode())
 
 
 def _earlier(out: Path) -> tuple[dict, float]:

@@ -18,6 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any, Optional
 
+from pdml._files import atomic_write_bytes
 from pdml.experiments.endpoints import eval_records, run_values
 from pdml.experiments.provenance import source_commit
 
@@ -43,6 +44,14 @@ def _comparable(config: dict) -> dict:
     return d
 
 
+def _other_settings(saved: dict, cfg) -> list[str]:
+    """The settings in which a run's saved config (``config.json``, or the record an
+    ``ablation.json`` kept) differs from ``cfg`` as :func:`_comparable` reads both, sorted;
+    [] for the same run."""
+    saved, wanted = _comparable(saved), _comparable(cfg.to_dict())
+    return sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+
+
 def _provenance(run_dir: Path) -> dict:
     """``run_dir/provenance.json``, or an empty record (``{"sessions": []}``)."""
     path = run_dir / "provenance.json"
@@ -56,9 +65,7 @@ def _record_session(run_dir: Path, how: str) -> dict:
     record["sessions"].append({"how": how, **source_commit(),
                                "utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
     return record
 
 
@@ -87,10 +94,8 @@ def train_or_reuse(cfg, stream) -> tuple[dict, str, dict]:
     if not (finished or capped or checkpoint):
         provenance = _record_session(run_dir, "trained")
         return train(cfg, stream=stream), "trained", provenance
-    saved = _comparable(json.loads((run_dir / "config.json").read_text()))
-    wanted = _comparable(cfg.to_dict())
-    if saved != wanted:
-        differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    differ = _other_settings(json.loads((run_dir / "config.json").read_text()), cfg)
+    if differ:
         raise TrainError(f"{run_dir} holds a run with other settings ({', '.join(differ)}); "
                          f"choose another --out")
     if finished or not checkpoint:
@@ -112,9 +117,8 @@ def restored_record(cfg, kept: Optional[dict]) -> Optional[dict]:
     if kept is None or _summary(run_dir) is not None or \
             (run_dir / "checkpoints" / "last.pt").exists():
         return None
-    saved, wanted = _comparable(kept["config"]), _comparable(cfg.to_dict())
-    if saved != wanted:
-        differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    differ = _other_settings(kept["config"], cfg)
+    if differ:
         raise TrainError(f"the earlier ablation.json kept the run {run_dir} with other "
                          f"settings ({', '.join(differ)}); choose another --out")
     return {**kept, "how": "restored", "run_dir": str(run_dir),
