@@ -237,7 +237,8 @@ def _train_parser() -> argparse.ArgumentParser:
     _setting(loss, "d_input", choices=D_INPUTS,
              help="what the discriminator judges: the image (the paper), its 3x3 high-pass, where "
                   "noise stands out, or both as two channels (image+highpass: noise and CT "
-                  "numbers at once)")
+                  "numbers at once), +lowpass: and the local mean in a soft-tissue window, "
+                  "where a CT-number offset stands out")
     ex = p.add_argument_group("execution")
     _setting(ex, "precision", choices=PRECISIONS, help="autocast precision; fp16 adds a GradScaler")
     _setting(ex, "loss_backend", choices=ops.BACKEND_NAMES,

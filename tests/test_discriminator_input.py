@@ -8,10 +8,11 @@ import torch.nn.functional as F
 
 from pdml.data import builtin_dataset, hu_to_unit, wavelet_split
 from pdml.models import PatchDiscriminator
-from pdml.models.discriminator import HighPass
+from pdml.models.discriminator import HighPass, LowPass
 from pdml.training import make_config
 from pdml.training.data import HighFrequencyCrops
-from pdml.training.networks import build_networks, discriminator_highpass_gain
+from pdml.training.networks import (build_networks, discriminator_highpass_gain,
+                                    discriminator_lowpass, to_network)
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
@@ -94,6 +95,44 @@ def test_image_and_highpass_input_gives_the_first_layer_both_views():
             make_config("tiny", d_input="highpass", arch=arch))
 
 
+# --------------------------------------------------------------------- image+highpass+lowpass
+
+def test_lowpass_view_is_the_local_mean_in_a_soft_tissue_window():
+    torch.manual_seed(0)
+    three = PatchDiscriminator(highpass_gain=5.0, keep_image=True, lowpass=(2.0, -0.5))
+    assert three.net[0].parametrizations.weight.original.shape[1] == 3
+    x = torch.randn(2, 1, 16, 16)
+    local_mean = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    torch.testing.assert_close(three.input_filter(x), torch.cat(
+        [x, 5.0 * (x - local_mean), torch.tanh(2.0 * local_mean - 0.5)], 1))
+    two = PatchDiscriminator(highpass_gain=5.0, keep_image=True)
+    # no state of its own: only the first conv's input width differs from image+highpass
+    assert list(three.state_dict()) == list(two.state_dict())
+    with pytest.raises(ValueError, match="lowpass needs keep_image"):
+        PatchDiscriminator(highpass_gain=5.0, lowpass=(2.0, 0.0))
+    with pytest.raises(ValueError, match="gain"):
+        LowPass(0.0)
+    for center_hu in (0.0, None):  # whole images centred on water, and the paper's low edge
+        cfg = make_config("tiny", d_input="image+highpass+lowpass", wavelet=False,
+                          input_center_hu=center_hu)
+        assert discriminator_lowpass(make_config("tiny", d_input="image+highpass",
+                                                 wavelet=False, input_center_hu=center_hu)) is None
+        d = build_networks(cfg)[1]
+        hu = torch.tensor([-1000.0, -100.0, 40.0, 140.0, 1000.0], dtype=torch.float64)
+        flat = to_network(hu_to_unit(hu, clip=False), cfg)[:, None, None, None].expand(5, 1, 4, 4)
+        view = d.input_filter.double()(flat.contiguous())[:, 2, 0, 0]
+        # tanh((HU − 40) / 100): 0 at soft tissue, +100 HU there is tanh(1), air and bone saturate
+        torch.testing.assert_close(view, torch.tanh((hu - 40.0) / 100.0))
+        # per HU in soft tissue the view moves 1/100, the image channel net_scale/2000
+        image_per_hu = cfg.resolved_net_scale / 2000.0
+        assert discriminator_lowpass(cfg)[0] == pytest.approx(0.01 / image_per_hu)
+        assert 0.01 / image_per_hu >= 10.0, cfg.resolved_net_scale
+    for arch in ("pdml", "dmlct"):
+        d = build_networks(make_config("tiny", d_input="image+highpass+lowpass", arch=arch))[1]
+        assert d.net[0].parametrizations.weight.original.shape[1] == 3
+        assert d(torch.randn(1, 1, 32, 32)).shape[1] == 1
+
+
 HELD_OUT_ACCURACY = 0.9
 
 
@@ -157,12 +196,14 @@ def _held_out_accuracy(d_input: str, task: str, steps: int = 400) -> float:
 @pytest.mark.parametrize("d_input,task,separates", [
     ("image+highpass", "noise", True),
     ("image+highpass", "offset", True),
+    ("image+highpass+lowpass", "noise", True),
+    ("image+highpass+lowpass", "offset", True),
     ("image", "noise", False),      # noise of ~20 HU is 0.01 units of the image
     ("highpass", "offset", False),  # the high-pass removes a constant offset
 ])
 def test_only_image_and_highpass_sees_both_noise_and_the_acquisition_offset(d_input, task,
                                                                              separates):
-    # measured (400 steps): image+highpass 1.00 / 1.00, image 0.50 on noise, highpass
-    # 0.50 on the offset (docs/hu-shift.md)
+    # measured (400 steps): image+highpass 1.00 / 1.00, image+highpass+lowpass 1.00 /
+    # 1.00, image 0.50 on noise, highpass 0.50 on the offset (docs/hu-shift.md)
     accuracy = _held_out_accuracy(d_input, task)
     assert (accuracy >= HELD_OUT_ACCURACY) is separates, (d_input, task, accuracy)

@@ -128,12 +128,13 @@ class DmlCtGenerator(FeatureGenerator):
 def dml_ct_discriminator(channels: int = 1, ndf: int = 32, layers: int = 3,
                          init_std: Optional[float] = INIT_STD,
                          highpass_gain: Optional[float] = None,
-                         keep_image: bool = False) -> PatchDiscriminator:
+                         keep_image: bool = False,
+                         lowpass: Optional[tuple[float, float]] = None) -> PatchDiscriminator:
     """DML_CT's ``NLayerDiscriminatorSN`` (``ndf`` 32, ``n_layers`` 3 by default);
-    ``highpass_gain`` and ``keep_image`` as in :class:`PatchDiscriminator` (pdml's options,
-    not DML_CT's)."""
+    ``highpass_gain``, ``keep_image`` and ``lowpass`` as in :class:`PatchDiscriminator`
+    (pdml's options, not DML_CT's)."""
     return PatchDiscriminator(channels, ndf, layers, highpass_gain=highpass_gain,
-                              keep_image=keep_image,
+                              keep_image=keep_image, lowpass=lowpass,
                               attention_reduction=DISCRIMINATOR_REDUCTION, init_std=init_std)
 
 

@@ -34,10 +34,15 @@ ARCHS = ("pdml", "dmlct")
 """Network sets: pdml's own (:class:`pdml.models.RRDNGenerator`), the paper's reference code's
 (:mod:`pdml.models.dmlct`). A config without ``arch`` (runs before it existed) is "pdml"."""
 PRECISIONS = ("fp32", "bf16", "fp16")
-D_INPUTS = ("image", "highpass", "image+highpass")
+D_INPUTS = ("image", "highpass", "image+highpass", "image+highpass+lowpass")
 D_HIGHPASS_HU = 20.0
 """HU per unit of the discriminator's input with ``d_input="highpass"`` (LD noise of ~25 HU
 is then about one unit, whatever the networks' scale)."""
+D_LOWPASS_HU = 100.0
+"""Width (HU per unit before the tanh) of the soft window of ``d_input``'s "lowpass" view,
+the local 3×3 mean: a 100 HU offset inside soft tissue moves it by about half a unit."""
+D_LOWPASS_CENTER_HU = 40.0
+"""Centre of that window: soft tissue (a standard abdomen window's level)."""
 DEFAULT_TAU = {METRIC_LOSS: 0.15, "patchnce": 0.07, "none": 0.15}
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -123,7 +128,9 @@ class TrainConfig(SourceSettings):
     # What the discriminator judges: "image" (the paper), "highpass": the image's 3×3
     # high-pass, one unit = D_HIGHPASS_HU HU, where LD noise stands out against the
     # anatomy (docs/training.md), or "image+highpass": both as two input channels, noise
-    # and CT numbers at once (docs/hu-shift.md). Runs stored without it trained with "image".
+    # and CT numbers at once (docs/hu-shift.md); "image+highpass+lowpass" adds the local
+    # mean in a soft-tissue window (D_LOWPASS_*), where a CT-number offset is ten times
+    # larger than in the image. Runs stored without it trained with "image".
     d_input: str = "image"
     head_dim: int = 128
     # losses

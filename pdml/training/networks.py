@@ -15,7 +15,7 @@ from typing import Optional
 from pdml.data import HU_WINDOW, hu_to_unit
 from pdml.models import (FeatureGenerator, PatchDiscriminator, ProjectionHeads, RRDNGenerator,
                          dmlct, init_normal_)
-from pdml.training.config import D_HIGHPASS_HU, TrainConfig
+from pdml.training.config import D_HIGHPASS_HU, D_LOWPASS_CENTER_HU, D_LOWPASS_HU, TrainConfig
 
 
 def build_generator(cfg: TrainConfig) -> FeatureGenerator:
@@ -51,22 +51,38 @@ def from_network(values, cfg: TrainConfig):
 def discriminator_highpass_gain(cfg: TrainConfig) -> Optional[float]:
     """The gain of the discriminator's high-pass input (None: it sees the image): the
     networks see ``unit window · net_scale``, the discriminator ``HU / D_HIGHPASS_HU``."""
-    if cfg.d_input not in ("highpass", "image+highpass"):
+    if "highpass" not in cfg.d_input:
         return None
     window_hu = HU_WINDOW[1] - HU_WINDOW[0]
     return window_hu / D_HIGHPASS_HU / cfg.resolved_net_scale
 
 
+def discriminator_lowpass(cfg: TrainConfig) -> Optional[tuple[float, float]]:
+    """``(gain, offset)`` of the discriminator's soft-window view of the local mean
+    (:class:`pdml.models.discriminator.LowPass`; None without it): the networks' values
+    ``x`` are HU ``x · window / net_scale + zero``, the view ``tanh((mean₃ₓ₃(HU) −
+    D_LOWPASS_CENTER_HU) / D_LOWPASS_HU)``. With the wavelet split the networks see the
+    zero-mean high band, so the view is nearly flat there (it is meant for whole images)."""
+    if not cfg.d_input.endswith("+lowpass"):
+        return None
+    hu_per_unit = (HU_WINDOW[1] - HU_WINDOW[0]) / cfg.resolved_net_scale
+    return (hu_per_unit / D_LOWPASS_HU,
+            (network_zero_hu(cfg) - D_LOWPASS_CENTER_HU) / D_LOWPASS_HU)
+
+
 def build_networks(cfg: TrainConfig) -> tuple[FeatureGenerator, PatchDiscriminator, Optional[ProjectionHeads]]:
     generator = build_generator(cfg)
     gain = discriminator_highpass_gain(cfg)
-    keep_image = cfg.d_input == "image+highpass"
+    keep_image = cfg.d_input.startswith("image+")
+    lowpass = discriminator_lowpass(cfg)
     if cfg.arch == "dmlct":
         discriminator = dmlct.dml_ct_discriminator(channels=1, ndf=cfg.ndf, layers=cfg.d_layers,
-                                                   highpass_gain=gain, keep_image=keep_image)
+                                                   highpass_gain=gain, keep_image=keep_image,
+                                                   lowpass=lowpass)
     else:
         discriminator = PatchDiscriminator(channels=1, ndf=cfg.ndf, layers=cfg.d_layers,
-                                           highpass_gain=gain, keep_image=keep_image)
+                                           highpass_gain=gain, keep_image=keep_image,
+                                           lowpass=lowpass)
     heads = None
     if cfg.loss != "none":
         heads = ProjectionHeads(cfg.loss_layers, in_channels=cfg.features,
