@@ -69,7 +69,7 @@ def test_every_arm_and_seed_of_the_plan_is_trained_once_with_its_settings(quick)
         assert cfg["seed"] == run["seed"] and cfg["nd_offset_hu"] == arm.nd_offset_hu
         assert cfg["loss"] == arm.loss and cfg["supervised"] == arm.supervised
         assert cfg["wavelet"] == (arm.setting == "paper")
-        assert cfg["d_input"] == ("image" if arm.setting == "paper" else "image+highpass")
+        assert cfg["d_input"] == ("image" if arm.setting == "paper" else "image+highpass+lowpass")
         assert cfg["builtin_layout"] == "same-anatomy" and cfg["eval_figures"] is False
         assert cfg["max_minutes"] is None and not run["stopped_early"]
         if arm.lambda_metric is not None:
