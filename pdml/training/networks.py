@@ -48,13 +48,17 @@ def from_network(values, cfg: TrainConfig):
     return values / cfg.resolved_net_scale + zero
 
 
+def _hu_per_network_unit(cfg: TrainConfig) -> float:
+    """HU per unit of what the networks see (``unit window · net_scale``)."""
+    return (HU_WINDOW[1] - HU_WINDOW[0]) / cfg.resolved_net_scale
+
+
 def discriminator_highpass_gain(cfg: TrainConfig) -> Optional[float]:
     """The gain of the discriminator's high-pass input (None: it sees the image): the
     networks see ``unit window · net_scale``, the discriminator ``HU / D_HIGHPASS_HU``."""
-    if "highpass" not in cfg.d_input:
+    if "highpass" not in cfg.d_input.split("+"):
         return None
-    window_hu = HU_WINDOW[1] - HU_WINDOW[0]
-    return window_hu / D_HIGHPASS_HU / cfg.resolved_net_scale
+    return _hu_per_network_unit(cfg) / D_HIGHPASS_HU
 
 
 def discriminator_lowpass(cfg: TrainConfig) -> Optional[tuple[float, float]]:
@@ -63,10 +67,9 @@ def discriminator_lowpass(cfg: TrainConfig) -> Optional[tuple[float, float]]:
     ``x`` are HU ``x · window / net_scale + zero``, the view ``tanh((mean₃ₓ₃(HU) −
     D_LOWPASS_CENTER_HU) / D_LOWPASS_HU)``. With the wavelet split the networks see the
     zero-mean high band, so the view is nearly flat there (it is meant for whole images)."""
-    if not cfg.d_input.endswith("+lowpass"):
+    if "lowpass" not in cfg.d_input.split("+"):
         return None
-    hu_per_unit = (HU_WINDOW[1] - HU_WINDOW[0]) / cfg.resolved_net_scale
-    return (hu_per_unit / D_LOWPASS_HU,
+    return (_hu_per_network_unit(cfg) / D_LOWPASS_HU,
             (network_zero_hu(cfg) - D_LOWPASS_CENTER_HU) / D_LOWPASS_HU)
 
 
