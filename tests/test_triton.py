@@ -77,11 +77,15 @@ def _run(fn, inputs, weight):
 
 
 def _assert_rule(name, impl, same, truth, dtype):
-    """The accuracy rule, elementwise."""
+    """The accuracy rule, elementwise. ``tol`` is at least the same-dtype reference's worst
+    error: where a small result comes from large terms (NCE rows whose positive dominates:
+    loss ~0.01 from logits ~1/tau) rounding is set by the terms, and the reference can be
+    exact by luck at the very element where the kernel, summing in another order, is not."""
     impl, same, truth = (x.detach().double().cpu() for x in (impl, same, truth))
-    tol = TOL[dtype] * max(truth.abs().max().item(), 1e-12)
+    same_err = (same - truth).abs()
+    tol = max(TOL[dtype] * truth.abs().max().item(), same_err.max().item(), 1e-12)
     err = (impl - truth).abs()
-    bound = 2 * (same - truth).abs() + tol
+    bound = 2 * same_err + tol
     assert torch.isfinite(impl).all(), f"{name}: non-finite values"
     excess = (err - bound).max().item()
     assert excess <= 0, (f"{name}: |impl - truth| exceeds the bound by {excess:.3g} "

@@ -24,6 +24,7 @@ may differ (``tests/test_models_dense.py`` holds the two equal in float64).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -75,13 +76,21 @@ def _seen(buf: torch.Tensor, channels: int) -> torch.Tensor:
     return buf[:, :channels].contiguous(memory_format=CHANNELS_LAST)
 
 
+@functools.cache
+def _onednn_bf16_supported() -> bool:
+    """Whether this CPU runs oneDNN's bf16 convolution (AVX512BW/VL/DQ or AVX-NE-CONVERT)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _conv(buf: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
           slope: Optional[float]) -> torch.Tensor:
     """``leaky_relu(conv2d(buf, weight, bias), slope)`` (no activation when ``slope`` is
     None); on a CPU in fp32 / bf16 the activation runs inside oneDNN's conv (one pass over
-    the output fewer; its fp16 path needs AVX512-FP16, so fp16 runs apart)."""
-    if (buf.device.type == "cpu" and buf.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available()):
+    the output fewer). oneDNN's bf16 conv needs AVX512-BF16-class instructions and its fp16
+    conv AVX512-FP16, so on other CPUs those dtypes run through ATen's conv apart."""
+    if (buf.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and (buf.dtype == torch.float32
+                 or (buf.dtype == torch.bfloat16 and _onednn_bf16_supported()))):
         attr, scalars = ("none", []) if slope is None else ("leaky_relu", [slope])
         return torch.ops.mkldnn._convolution_pointwise(buf, weight, bias, [0, 0], [1, 1], [1, 1],
                                                        1, attr, scalars, "")
