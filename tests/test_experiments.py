@@ -247,6 +247,86 @@ def test_a_run_stopped_by_a_signal_is_not_a_result(tmp_path, monkeypatch):
             pool.next_done()
 
 
+def _long_tiny_runs(root: Path, n: int) -> list:
+    from pdml import training
+
+    return [training.make_config("tiny", out=str(root / "runs" / f"seed{s}"), seed=s,
+                                 steps=100_000, ckpt_every=10**6, eval_every=10**6,
+                                 progress=False, threads=1) for s in range(n)]
+
+
+def _when(condition, timeout_s: float = 300.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_sigterm_stops_the_pool_workers_after_their_step_and_starts_no_new_run(tmp_path):
+    """SIGTERM to the experiment (as to any process of a shell's job): each of the two
+    training workers stops after its current step with a checkpoint (resumed next time),
+    the pool waits for them, and the third run never starts."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+
+    from pdml.experiments import runner
+
+    handler = signal.getsignal(signal.SIGTERM)
+    cfgs = _long_tiny_runs(tmp_path, 3)
+    metrics = [Path(c.out) / "metrics.jsonl" for c in cfgs]
+
+    def stop_when_both_train():
+        _when(lambda: all(m.exists() for m in metrics[:2]))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    printed = io.StringIO()
+    stopper = threading.Thread(target=stop_when_both_train, daemon=True)
+    with pytest.raises(KeyboardInterrupt):
+        with runner.RunPool(2, tmp_path / "logs", printed) as pool:
+            for i, cfg in enumerate(cfgs):
+                pool.submit(i, cfg)
+            stopper.start()
+            pool.next_done()
+    stopper.join(1)
+    assert "stopping 2 running run(s)" in printed.getvalue()
+    assert not multiprocessing.active_children()
+    for cfg in cfgs[:2]:
+        summary = json.loads((Path(cfg.out) / "summary.json").read_text())
+        assert summary["interrupted"] == "SIGTERM" and 0 < summary["steps"] < 100_000
+        assert (Path(cfg.out) / "checkpoints" / "last.pt").exists()
+    assert not Path(cfgs[2].out).exists()
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_a_pool_worker_that_dies_is_an_error_naming_its_run(tmp_path):
+    import multiprocessing
+    import os
+    import signal
+    import threading
+
+    from pdml.experiments import runner
+    from pdml.training import TrainError
+
+    cfg, = _long_tiny_runs(tmp_path, 1)
+
+    def kill_the_worker():
+        _when(lambda: (Path(cfg.out) / "metrics.jsonl").exists())
+        (worker,) = multiprocessing.active_children()
+        os.kill(worker.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_worker, daemon=True)
+    with runner.RunPool(2, tmp_path / "logs", io.StringIO()) as pool:
+        pool.submit("key", cfg)
+        killer.start()
+        with pytest.raises(TrainError, match=r"seed0 ended without a result \(exit code -9\)"):
+            pool.next_done()
+    killer.join(1)
+
+
 def test_the_result_file_is_written_as_runs_finish_and_ctrl_c_is_one_line(tmp_path, monkeypatch,
                                                                          capsys):
     from pdml.experiments import runner

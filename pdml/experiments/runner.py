@@ -13,8 +13,10 @@ run's record as it finishes.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Optional
 
@@ -154,6 +156,38 @@ def _train_in_worker(cfg, log_path: Optional[str]) -> tuple[dict, str, dict, flo
     return summary, how, provenance, time.time() - t0
 
 
+def _worker_main(cfg, log_path: str, send) -> None:
+    """A worker process of :class:`RunPool`: trains ``cfg`` (:func:`_train_in_worker`) and
+    sends the result through ``send`` (the exception instead when it failed). It
+    leaves the pool's process group first, so that a terminal's Ctrl-C reaches only the
+    pool, which stops each worker once (a second signal would stop a run at once, without
+    the checkpoint of its step)."""
+    os.setpgrp()
+    try:
+        outcome = _train_in_worker(cfg, log_path)
+    except BaseException as e:  # noqa: BLE001 - handed to the pool, raised there
+        outcome = e if _picklable(e) else RuntimeError(f"{type(e).__name__}: {e}")
+    try:
+        send.send(outcome)
+    except BrokenPipeError:  # the pool stopped waiting for it
+        pass
+    send.close()
+
+
+def _picklable(error: BaseException) -> bool:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # noqa: BLE001 - any failure: the pool gets a plain copy
+        return False
+    return True
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def _name(cfg) -> str:
     """A run's name for logs: its folder and the one above (``<setting>-<arm>-seed<k>``)."""
     return "-".join(Path(cfg.out).parts[-2:])
@@ -162,51 +196,119 @@ def _name(cfg) -> str:
 class RunPool:
     """Runs trained ``jobs`` at a time: ``submit(key, cfg)``, then ``next_done() -> (key,
     record)`` as each finishes (:func:`run_record`). ``jobs == 1`` trains in this process,
-    one run per :meth:`next_done`, in the order submitted; more jobs use worker processes
-    (spawned; each run's terminal output to ``log_dir/<setting>-<run folder>.log``). A failed run raises
-    its error from :meth:`next_done`. Use as a context manager."""
+    one run per :meth:`next_done`, in the order submitted; more jobs train each run in a
+    process of its own (spawned; its terminal output to
+    ``log_dir/<setting>-<run folder>.log``), started only when a place is free. A failed
+    run raises its error from :meth:`next_done`. Use as a context manager.
+
+    Stopping: inside the block SIGTERM raises KeyboardInterrupt here, as Ctrl-C does. The
+    workers run in process groups of their own, so a terminal's Ctrl-C reaches only this
+    process; leaving the block on an error sends each running worker one SIGTERM, which
+    stops its run after the current step with a checkpoint (resumed next time), and waits
+    for them. No new run starts after that."""
+
+    STOP_WAIT_S = 300.0
+    """How long leaving on an error waits for the workers' checkpoints before killing them
+    (every file a run writes is atomic: a kill loses at most the steps since the last)."""
 
     def __init__(self, jobs: int, log_dir: Path, stream):
         self.jobs, self.log_dir, self.stream = jobs, Path(log_dir), stream
         self._queue: list[tuple[Any, Any]] = []
-        self._futures: dict[Future, tuple[Any, Any]] = {}
-        self._executor: Optional[ProcessPoolExecutor] = None
+        self._running: dict[Any, tuple[Any, Any, Any]] = {}  # result pipe -> (key, cfg, process)
+        self._context = self._previous_sigterm = None
 
     def __enter__(self) -> "RunPool":
         if self.jobs > 1:
             import multiprocessing
 
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._executor = ProcessPoolExecutor(
-                self.jobs, mp_context=multiprocessing.get_context("spawn"))
+            self._context = multiprocessing.get_context("spawn")
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=exc[0] is None, cancel_futures=exc[0] is not None)
+        try:
+            if self._running:
+                self._stop_workers()
+        finally:
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+                self._previous_sigterm = None
 
     @property
     def pending(self) -> int:
-        return len(self._queue) + len(self._futures)
+        return len(self._queue) + len(self._running)
 
     def submit(self, key, cfg) -> None:
-        if self._executor is None:
-            self._queue.append((key, cfg))
-            return
-        log = str(self.log_dir / (_name(cfg) + ".log"))
-        self._futures[self._executor.submit(_train_in_worker, cfg, log)] = (key, cfg)
+        self._queue.append((key, cfg))
 
     def next_done(self) -> tuple[Any, dict]:
-        if self._executor is None:
+        if self.jobs == 1:
             key, cfg = self._queue.pop(0)
             summary, how, provenance, wall = _train_in_worker(cfg, None)
         else:
-            done, _ = wait(self._futures, return_when=FIRST_COMPLETED)
-            future = next(iter(done))
-            key, cfg = self._futures.pop(future)
-            summary, how, provenance, wall = future.result()
+            while self._queue and len(self._running) < self.jobs:
+                self._start(*self._queue.pop(0))
+            key, cfg, outcome = self._next_outcome()
+            if isinstance(outcome, BaseException):
+                raise outcome
+            summary, how, provenance, wall = outcome
         if summary.get("interrupted"):  # a stop signal reached the run: resumed next time
             raise KeyboardInterrupt(f"{_name(cfg)} stopped at step {summary['steps']}")
         print(f"[hu-shift] {_name(cfg)}: {how}, {summary['steps']} steps, {wall:.0f} s",
               file=self.stream, flush=True)
         return key, run_record(cfg, summary, how, provenance, wall)
+
+    def _start(self, key, cfg) -> None:
+        receive, send = self._context.Pipe(duplex=False)
+        log = str(self.log_dir / (_name(cfg) + ".log"))
+        process = self._context.Process(target=_worker_main, name=_name(cfg),
+                                        args=(cfg, log, send))
+        process.start()
+        send.close()  # the worker holds the only sending end: its exit ends the pipe
+        self._running[receive] = (key, cfg, process)
+
+    def _next_outcome(self) -> tuple[Any, Any, Any]:
+        """The first worker to finish -> (key, cfg, its result or error); a worker that
+        ended without one (killed, crashed) gives a TrainError with its exit code."""
+        from multiprocessing.connection import wait
+
+        from pdml.training import TrainError
+
+        receive = wait(list(self._running))[0]
+        key, cfg, process = self._running.pop(receive)
+        try:
+            outcome = receive.recv()
+        except EOFError:
+            process.join()
+            outcome = TrainError(f"the worker training {_name(cfg)} ended without a result "
+                                 f"(exit code {process.exitcode}); run the same command "
+                                 f"again to resume it")
+        finally:
+            receive.close()
+        process.join()
+        return key, cfg, outcome
+
+    def _stop_workers(self) -> None:
+        """One SIGTERM to every running worker, then wait for each (killed after
+        :attr:`STOP_WAIT_S`, or at once on another KeyboardInterrupt)."""
+        running, self._running = self._running, {}
+        processes = [process for _, _, process in running.values()]
+        self._queue.clear()
+        print(f"[hu-shift] stopping {len(processes)} running run(s) after their current step",
+              file=self.stream, flush=True)
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.STOP_WAIT_S
+        try:
+            for process in processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+        finally:  # also on a second Ctrl-C: no worker outlives the pool
+            for process in processes:
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+        for receive in running:  # after the joins: a result (a few kB) fits the pipe
+            receive.close()
