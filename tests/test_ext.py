@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -250,6 +252,45 @@ def test_cpu_map_nce_one_sweep_matches_float64_truth(dtype, layout):
             assert_rule(got, same, truth, dtype, f"{name} {layout} groups={groups} loss")
             assert_rule(got_g[0], same_g[0], truth_g[0], dtype, f"{name} {layout} groups={groups} grad fq")
             assert not got_g[1].any()  # fk detached (CUT)
+
+
+BIG = dict(B=2, C=64, H=64, W=64, N=97)
+"""A 2 MiB float32 map: its gradient comes from fresh zeroed pages (csrc/cpu/zeroed_pages.h)."""
+
+
+def _resident_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("op", ("patch_nce", "patch_metric"))
+def test_cpu_gradient_maps_of_fresh_pages_are_exact_zero_elsewhere_and_freed(op):
+    """Gradient maps of >= 2 MiB come from anonymous (huge) pages, not the heap: the same
+    rule against the float64 truth, exact zeros at every pixel not sampled, usable like any
+    tensor (accumulated into, written in place), and given back when freed."""
+    check_against_truth(op, "image", "map", torch.float32, BIG)
+    fq, fk, ids = make_maps(BIG, torch.float32)
+    leaf = fq.clone().requires_grad_(True)
+    fn = getattr(ops, op)
+    for _ in range(2):  # the second backward accumulates into the first's map
+        fn(leaf, fk, ids, backend="ext").sum().backward()
+    once = leaf.grad.clone() / 2
+    unsampled = torch.ones(BIG["H"] * BIG["W"], dtype=torch.bool)
+    unsampled[ids] = False
+    assert once.flatten(2)[:, :, ids].abs().max() > 0
+    assert not once.flatten(2)[:, :, unsampled].any()
+    leaf.grad.mul_(0.5)
+    torch.testing.assert_close(leaf.grad, once, rtol=0, atol=0)
+    if not Path("/proc/self/status").exists():
+        return
+    leaf.grad = None
+    before = _resident_mib()
+    for _ in range(40):  # 80 MiB of gradient maps if they were never unmapped
+        grad, = torch.autograd.grad(fn(leaf, fk, ids, backend="ext").sum(), leaf)
+        del grad
+    assert _resident_mib() - before < 24
 
 
 def test_cpu_map_nce_with_grad_takes_the_one_sweep_path():

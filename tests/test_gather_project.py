@@ -245,6 +245,26 @@ def test_ext_cpu_kernels_match_float64_truth(case):
 
 
 @needs_ext
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ext_cpu_gradient_map_of_fresh_pages(layout):
+    """A map of >= 2 MiB: its gradient comes from fresh zeroed pages (csrc/cpu/zeroed_pages.h)
+    in fmap's memory format; the same rule, exact zeros off the sampled pixels."""
+    gen = torch.Generator().manual_seed(3)
+    big = torch.randn(2, 70, 64, 66, generator=gen)
+    fmap = big[:, 3:67, :, 1:65]  # [2, 64, 64, 64] float32: 2 MiB
+    fmap = {"contiguous": fmap.contiguous(), "slice": fmap,
+            "channels_last": fmap.contiguous(memory_format=torch.channels_last)}[layout]
+    ids = torch.randperm(64 * 64, generator=gen)[:97]
+    weight = torch.randn(D, 64, generator=gen) / 8
+    grad = torch.randn(2 * 97, D, generator=gen)
+    inputs = (fmap, ids, weight, None, grad)
+    out = torch.ops.pdml.gather_project(fmap, ids, weight, None)
+    grads = torch.ops.pdml.gather_project_backward(grad, fmap, ids, weight, False)
+    check_against_truth(out, (grads[0], grads[1], None), inputs, torch.float32)
+    assert grads[0].stride() == torch.zeros_like(fmap).stride()
+
+
+@needs_ext
 def test_ext_bfloat16_cpu_kernels():
     inputs = make_inputs(torch.bfloat16, "channels_last", True)
     fmap, ids, weight, bias, grad = inputs

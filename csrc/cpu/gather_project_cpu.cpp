@@ -11,6 +11,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include "cpu/zeroed_pages.h"
 #include "gather_project.h"
 
 namespace pdml {
@@ -62,7 +63,7 @@ Tensor gather_rows(const Tensor& fmap, const Tensor& ids) {
 // grad_fmap = zeros like fmap (its memory format when dense), grad_fmap[b, :, ids[i]] =
 // d_rows[b*N + i] (acc -> fmap's dtype).
 Tensor scatter_rows(const Tensor& d_rows, const Tensor& fmap, const Tensor& ids) {
-  Tensor out = at::zeros_like(fmap);
+  Tensor out = zeroed_pages_like(fmap);
   const int64_t n = ids.numel(), channels = fmap.size(1), width = fmap.size(3);
   const int64_t total = fmap.size(0) * n;
   const Tensor idx = ids.contiguous();

@@ -8,7 +8,7 @@
 //
 // Gather and scatter run plane by plane ((image, channel) planes of the map): a row's
 // channels lie a whole plane apart, so a row-by-row walk would miss cache and TLB on every
-// entry; the scatter zeroes each plane just before writing its sampled pixels into it.
+// entry; the scatter writes into a map of fresh zeroed pages (zeroed_pages.h).
 //
 // Parallelism (at::parallel_for):
 // - PatchNCE (forward and backward): over (group, row tile) tasks, each writing only its
@@ -36,6 +36,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/zeroed_pages.h"
 #include "patch_kernels.h"
 #include "patch_math.h"
 
@@ -305,15 +306,15 @@ namespace {
 // [map_sizes] of out_dtype, zero except at the sampled pixels, where (r = b·N + i)
 //   grad[b, c, ids[i]] = g[r, c]·g_scale[r] − x[r, c]·x_scale[r]
 // (g, x: [B·N, C] acc rows; g_scale null means 1, x null drops the second term).
-// One task per (image, channel) plane: zero the plane, then write its N sampled pixels
-// while it is in cache (a separate zero fill of the map and a scatter over it would bring
-// every plane in twice). ids are distinct, so no pixel is written twice.
+// The map starts as zeroed pages (zeroed_pages.h: no fill here, no heap-dependent page
+// faults); one task per (image, channel) plane writes its N sampled pixels. ids are
+// distinct, so no pixel is written twice.
 template <typename acc_t>
 Tensor scatter_planes(const acc_t* g, const acc_t* g_scale, const acc_t* x, const acc_t* x_scale, const Tensor& ids,
                       at::IntArrayRef map_sizes, const at::TensorOptions& options) {
   const int64_t batch = map_sizes[0], channels = map_sizes[1], hw = map_sizes[2] * map_sizes[3];
   const int64_t n = ids.numel();
-  Tensor grad = at::empty(map_sizes, options);
+  Tensor grad = zeroed_pages(map_sizes, options);
   const Tensor ids_c = ids.contiguous();
   const int64_t* id = ids_c.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pdml_scatter_planes", [&] {
@@ -323,7 +324,6 @@ Tensor scatter_planes(const acc_t* g, const acc_t* g_scale, const acc_t* x, cons
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t b = p / channels, c = p % channels;
         scalar_t* plane = out + p * hw;
-        std::fill(plane, plane + hw, scalar_t(0));
         for (int64_t i = 0, r = b * n; i < n; ++i, ++r) {
           acc_t v = g[r * channels + c];
           if (g_scale != nullptr) v *= g_scale[r];
