@@ -21,6 +21,8 @@ shared machine affects baseline and new alike; medians over the rounds):
   ``Conv2d`` call of that step (shapes recorded from a baseline step) as one channels-last
   ``conv2d`` forward and backward to input and weight, nothing else: what the step would
   take if everything but oneDNN's convolutions were free.
+- ``train step --compile`` (``--only step,compile``): the same step with pdml-train's
+  ``--compile`` (inductor), its first step's seconds (compilation included) recorded.
 - ``pdml-denoise``: the console script on a generated 512² DICOM series, each call in a
   fresh process: today's (fp32, baseline blocks, whole slices, glibc's default allocator)
   against its defaults; and (``--only rss``) its peak resident memory on series of
@@ -190,15 +192,16 @@ def train_cases(archs, precisions) -> list[Case]:
 
 # ------------------------------------------------------------------------------ train step
 
-def _step_run(arch: str, tmp: str):
-    """bench_train.py's paper-shape TrainingRun (arch as given) and a batch pool."""
+def _step_run(arch: str, tmp: str, compile: bool = False):
+    """bench_train.py's paper-shape TrainingRun (arch as given; ``compile``: pdml-train
+    --compile) and a batch pool."""
     from pdml.training import TrainingRun, make_config
 
     os.environ["PDML_CACHE_DIR"] = os.path.join(tmp, "cache")
     cfg = make_config("tiny", arch=arch, batch_size=TRAIN_SHAPE[0], num_patches=128,
-                      precision="fp32", loss_backend="auto", device="cpu",
-                      out=os.path.join(tmp, f"run-{arch}"), threads=torch.get_num_threads(),
-                      progress=False)
+                      precision="fp32", loss_backend="auto", device="cpu", compile=compile,
+                      out=os.path.join(tmp, f"run-{arch}{'-compiled' if compile else ''}"),
+                      threads=torch.get_num_threads(), progress=False)
     run = TrainingRun(cfg, stream=open(os.devnull, "w"))
     scale = cfg.resolved_net_scale
     g = torch.Generator().manual_seed(0)
@@ -267,6 +270,25 @@ def step_cases(archs, tmp) -> list[Case]:
                           flops, base))
         cases.append(Case(group, f"{group} convs alone fp32", "fp32",
                           convs_alone(step_conv_calls(run, batch)), flops, base))
+    return cases
+
+
+def compiled_step_cases(archs, tmp, compile_s: dict, eager: list[Case]) -> list[Case]:
+    """``train step <arch> --compile``: the same step with pdml-train's ``--compile``
+    (torch.compile of the networks, inductor), against the eager one-buffer step (in
+    ``eager``, :func:`step_cases`) as its baseline; the first step's seconds (compilation
+    included) go to ``compile_s[arch]``."""
+    flops = {c.group: c.flops for c in eager}
+    cases = []
+    for arch in archs:
+        run, batch = _step_run(arch, tmp, compile=True)
+        started = time.perf_counter()
+        run.train_step(*batch)
+        compile_s[arch] = time.perf_counter() - started
+        group = f"train step {arch} paper shape"
+        cases.append(Case(group, f"{group} --compile fp32", "fp32",
+                          lambda run=run, batch=batch: run.train_step(*batch), flops[group],
+                          f"{group} one-buffer fp32"))
     return cases
 
 
@@ -466,6 +488,8 @@ def to_markdown(result: dict) -> str:
         lines.append(f"\ntrain step {arch}: peak memory over the resting process: baseline "
                      f"{m['baseline'] / 2**20:.0f} MiB, one-buffer {m['new'] / 2**20:.0f} MiB "
                      f"(× {m['new'] / m['baseline']:.2f})")
+    for arch, sec in result.get("compile_first_step_s", {}).items():
+        lines.append(f"\ntrain step {arch} --compile: first step (compilation included) {sec:.0f} s")
     for r in result.get("denoise_rss", []):
         lines.append(f"\npdml-denoise (defaults) on {r['slices']} slices 512²: peak resident "
                      f"memory {r['peak_rss_bytes'] / 2**30:.2f} GiB, {r['wall_s']:.0f} s")
@@ -478,7 +502,8 @@ def main(argv=None) -> int:
     p.add_argument("--archs", default="dmlct,pdml")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--only", default="denoise,train,step,memory,cli,rss",
-                   help="comma-separated parts to run")
+                   help="comma-separated parts to run (also: compile, the step with "
+                        "pdml-train's --compile beside the eager step; minutes of compilation)")
     p.add_argument("--cli-slices", type=int, default=8)
     p.add_argument("--rss-slices", default="40,200")
     p.add_argument("--out", default=os.path.join(harness.REPO, ".benchmarks", "generator"))
@@ -499,6 +524,11 @@ def main(argv=None) -> int:
             cases += train_cases(archs, precisions)
         if "step" in parts:
             cases += step_cases(archs, tmp)
+        compile_s: dict = {}
+        if "compile" in parts:
+            if "step" not in parts:
+                p.error("--only compile needs step too (its eager baseline)")
+            cases += compiled_step_cases(archs, tmp, compile_s, cases)
         if "cli" in parts:
             cases += cli_cases("dmlct", args.cli_slices, tmp)
         rates = run_rounds(cases, args.rounds, log)
@@ -510,6 +540,8 @@ def main(argv=None) -> int:
               "python": platform.python_version(),
               "matmul_gflop_per_s": {k: v / 1e9 for k, v in rates.items()},
               "rows": [c.row(by_name) for c in cases]}
+    if compile_s:
+        result["compile_first_step_s"] = compile_s
     for row in result["rows"]:
         if row["group"].startswith("pdml-denoise"):
             slices = int(row["group"].split()[2].split("x")[0])

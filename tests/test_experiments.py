@@ -280,8 +280,10 @@ def test_sigterm_stops_the_pool_workers_after_their_step_and_starts_no_new_run(t
     metrics = [Path(c.out) / "metrics.jsonl" for c in cfgs]
 
     def stop_when_both_train():
-        _when(lambda: all(m.exists() for m in metrics[:2]))
-        os.kill(os.getpid(), signal.SIGTERM)
+        try:
+            _when(lambda: all(m.exists() for m in metrics[:2]))
+        finally:  # also on a timeout: the pool must not wait for 100,000 steps
+            os.kill(os.getpid(), signal.SIGTERM)
 
     printed = io.StringIO()
     stopper = threading.Thread(target=stop_when_both_train, daemon=True)
@@ -314,9 +316,11 @@ def test_a_pool_worker_that_dies_is_an_error_naming_its_run(tmp_path):
     cfg, = _long_tiny_runs(tmp_path, 1)
 
     def kill_the_worker():
-        _when(lambda: (Path(cfg.out) / "metrics.jsonl").exists())
-        (worker,) = multiprocessing.active_children()
-        os.kill(worker.pid, signal.SIGKILL)
+        try:
+            _when(lambda: (Path(cfg.out) / "metrics.jsonl").exists())
+        finally:  # also on a timeout: the pool must not wait for 100,000 steps
+            (worker,) = multiprocessing.active_children()
+            os.kill(worker.pid, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_the_worker, daemon=True)
     with runner.RunPool(2, tmp_path / "logs", io.StringIO()) as pool:

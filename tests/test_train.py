@@ -369,6 +369,33 @@ def test_figures_carry_psnr_and_hu_shift(tmp_path, monkeypatch):
     assert [list(line.get_ydata()) for line in psnr_lines] == [[40.0], [38.0]]
 
 
+def test_compiled_step_trains_as_the_eager_step(tmp_path):
+    """``--compile`` (inductor) on the paper's network: the first two steps give the losses
+    and weights of the eager steps (float32 rounding apart)."""
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        cfg = make_config("tiny", arch="dmlct", compile=compiled, progress=False,
+                          out=str(tmp_path / f"run-{compiled}"))
+        run = TrainingRun(cfg)
+        try:
+            batch = run._batch(0)
+            losses = [run.train_step(*batch) for _ in range(2)]
+            weights = {k: v.detach().clone() for k, v in run.generator.named_parameters()}
+        finally:
+            run.close()
+        results.append((losses, weights))
+    (eager_losses, eager_w), (comp_losses, comp_w) = results
+    for eager, comp in zip(eager_losses, comp_losses):
+        assert eager.keys() == comp.keys()
+        for key in eager:
+            torch.testing.assert_close(comp[key], eager[key], rtol=1e-3, atol=1e-4,
+                                       msg=lambda m: f"{key}: {m}")
+    for key in eager_w:
+        torch.testing.assert_close(comp_w[key], eager_w[key], rtol=1e-3, atol=1e-5,
+                                   msg=lambda m: f"{key}: {m}")
+
+
 @pytest.mark.parametrize("precision,loss,backend", [
     ("fp32", "dml", "auto"), ("fp32", "patchnce", "auto"), ("fp32", "none", "auto"),
     ("bf16", "dml", "auto"), ("fp16", "dml", "auto"), ("fp32", "dml", "ext")])

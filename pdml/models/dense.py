@@ -188,4 +188,24 @@ def dense_convs(x: torch.Tensor, weights: Sequence[torch.Tensor],
         if w.dim() != 4 or w.shape[1] != want or tuple(w.shape[2:]) != (3, 3):
             raise ValueError(f"dense_convs: weights[{i}] must be [out, {want}, 3, 3], "
                              f"got {tuple(w.shape)}")
+    if torch.compiler.is_compiling():
+        return _dense_convs_composite(x, weights, biases, slope, activate_last)
     return DenseConvs.apply(x, slope, activate_last, len(weights), *weights, *biases)
+
+
+def _dense_convs_composite(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                           biases: Sequence[Optional[torch.Tensor]], slope: float,
+                           activate_last: bool) -> torch.Tensor:
+    """:func:`dense_convs` from ATen ops (concatenate, replicate-pad, conv): what
+    torch.compile traces, since it cannot trace :class:`DenseConvs`' in-place buffer
+    (oneDNN's fused conv has no meta kernel); inductor plans the copies itself."""
+    feats = x
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        out = F.conv2d(F.pad(feats, (1, 1, 1, 1), mode="replicate"), w, b)
+        last = i == len(weights) - 1
+        if not last or activate_last:
+            out = F.leaky_relu(out, slope)
+        if last:
+            return out
+        feats = torch.cat([feats, out], dim=1)
+    raise AssertionError("unreachable: weights is not empty")

@@ -79,8 +79,12 @@ class FeatureGenerator(nn.Module):
              block_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
         # channels-last from here on: the layout of the dense blocks' buffer
         # (pdml.models.dense), so that the sums and the 1×1 fusion conv between them do
-        # not convert layouts (oneDNN's convs are several times slower on NCHW)
-        head = self.head(x).contiguous(memory_format=torch.channels_last)
+        # not convert layouts (oneDNN's convs are several times slower on NCHW). Not under
+        # torch.compile: the dense blocks run as ATen ops there, and inductor's replicate
+        # padding backward assumes contiguous inputs (docs/training.md, "--compile").
+        head = self.head(x)
+        if not torch.compiler.is_compiling():
+            head = head.contiguous(memory_format=torch.channels_last)
         if tap("head", head):
             return None
         h = head

@@ -31,6 +31,12 @@ from pdml.models import FeatureGenerator, ProjectionHeads
 from pdml.sample import draw_patch_ids, sampled_rows
 from pdml.training.config import AUTOCAST_DTYPES, METRIC_LOSS, TrainConfig, TrainError
 
+COMPILE_OPTIONS = {"layout_optimization": False}
+"""Inductor settings of ``--compile``: the networks keep their tensors' layouts. With
+inductor's own choice (channels-last conv outputs) the backward of replicate padding, which
+every 3×3 conv here uses, returns strides its shape function does not predict, and the
+compiled step stops with an assertion (torch 2.14)."""
+
 
 def sample_patch_ids(hw: int, num_patches: int, layers: int, device: torch.device
                      ) -> list[torch.Tensor]:
@@ -246,7 +252,7 @@ def build_step(cfg: TrainConfig, *, generator: nn.Module, discriminator: nn.Modu
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
-        return torch.compile(module) if cfg.compile else module
+        return torch.compile(module, options=COMPILE_OPTIONS) if cfg.compile else module
 
     if cfg.supervised:
         return SupervisedStep(cfg, generator=wrap(generator), opt_g=opt_g, sched_g=sched_g,
