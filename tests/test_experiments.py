@@ -331,6 +331,41 @@ def test_a_pool_worker_that_dies_is_an_error_naming_its_run(tmp_path):
     killer.join(1)
 
 
+_POOL_SCRIPT = """
+import io, sys
+from pdml import training
+from pdml.experiments import runner
+cfg = training.make_config("tiny", out=sys.argv[1], steps=100_000, ckpt_every=10**6,
+                           eval_every=10**6, progress=False, threads=1)
+with runner.RunPool(2, sys.argv[2], io.StringIO()) as pool:
+    pool.submit("key", cfg)
+    pool.next_done()
+"""
+
+
+def test_a_pool_killed_outright_stops_its_workers_after_their_step(tmp_path):
+    """SIGKILL to the experiment's process (no handler runs there): its worker still stops
+    after its step with a checkpoint instead of training on alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    run = tmp_path / "run"
+    pool = subprocess.Popen([sys.executable, "-c", _POOL_SCRIPT, str(run), str(tmp_path / "logs")])
+    try:
+        _when(lambda: (run / "metrics.jsonl").exists())
+    finally:
+        os.kill(pool.pid, signal.SIGKILL)
+        pool.wait()
+    _when(lambda: (run / "summary.json").exists(), timeout_s=120)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["interrupted"] == "SIGTERM" and summary["steps"] < 100_000
+    assert (run / "checkpoints" / "last.pt").exists()
+
+
 def test_the_result_file_is_written_as_runs_finish_and_ctrl_c_is_one_line(tmp_path, monkeypatch,
                                                                          capsys):
     from pdml.experiments import runner

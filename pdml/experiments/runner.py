@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -145,8 +146,6 @@ def run_record(cfg, summary: dict, how: str, provenance: dict, wall_s: float) ->
 
 def _train_in_worker(cfg, log_path: Optional[str]) -> tuple[dict, str, dict, float]:
     """:func:`train_or_reuse` (in a worker process: its output to ``log_path``)."""
-    import sys
-
     t0 = time.time()
     if log_path is None:
         summary, how, provenance = train_or_reuse(cfg, sys.stdout)
@@ -156,13 +155,15 @@ def _train_in_worker(cfg, log_path: Optional[str]) -> tuple[dict, str, dict, flo
     return summary, how, provenance, time.time() - t0
 
 
-def _worker_main(cfg, log_path: str, send) -> None:
+def _worker_main(cfg, log_path: str, send, pool_pid: int) -> None:
     """A worker process of :class:`RunPool`: trains ``cfg`` (:func:`_train_in_worker`) and
     sends the result through ``send`` (the exception instead when it failed). It
     leaves the pool's process group first, so that a terminal's Ctrl-C reaches only the
     pool, which stops each worker once (a second signal would stop a run at once, without
-    the checkpoint of its step)."""
+    the checkpoint of its step); and it is stopped like that when the pool's process dies,
+    however it died (:func:`_stop_with_the_pool`)."""
     os.setpgrp()
+    _stop_with_the_pool(pool_pid)
     try:
         outcome = _train_in_worker(cfg, log_path)
     except BaseException as e:  # noqa: BLE001 - handed to the pool, raised there
@@ -172,6 +173,22 @@ def _worker_main(cfg, log_path: str, send) -> None:
     except BrokenPipeError:  # the pool stopped waiting for it
         pass
     send.close()
+
+
+def _stop_with_the_pool(pool_pid: int) -> None:
+    """On Linux: SIGTERM to this process when its parent, the pool (``pool_pid``), dies,
+    even by SIGKILL (``prctl(PR_SET_PDEATHSIG)``), so that no run outlives the experiment;
+    a pool already gone means exit now. Elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    from pdml.training.interrupt import exit_status
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    if os.getppid() != pool_pid:  # the pool died before the request took effect
+        os._exit(exit_status(signal.SIGTERM))
 
 
 def _picklable(error: BaseException) -> bool:
@@ -264,7 +281,7 @@ class RunPool:
         receive, send = self._context.Pipe(duplex=False)
         log = str(self.log_dir / (_name(cfg) + ".log"))
         process = self._context.Process(target=_worker_main, name=_name(cfg),
-                                        args=(cfg, log, send))
+                                        args=(cfg, log, send, os.getpid()))
         process.start()
         send.close()  # the worker holds the only sending end: its exit ends the pipe
         self._running[receive] = (key, cfg, process)
