@@ -10,9 +10,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/util/strides.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -49,7 +50,11 @@ inline at::Tensor zeroed_pages(at::IntArrayRef sizes, at::IntArrayRef strides, c
 
 // Contiguous.
 inline at::Tensor zeroed_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return zeroed_pages(sizes, c10::contiguous_strides(sizes), options);
+  std::vector<int64_t> strides(sizes.size(), 1);
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 2; d >= 0; --d) {
+    strides[d] = strides[d + 1] * std::max<int64_t>(sizes[d + 1], 1);
+  }
+  return zeroed_pages(sizes, strides, options);
 }
 
 // Zeros of t's sizes, dtype and layout (its strides when t is dense, as at::zeros_like).
