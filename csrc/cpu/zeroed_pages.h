@@ -11,9 +11,7 @@
 
 #include <ATen/ATen.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -48,13 +46,10 @@ inline at::Tensor zeroed_pages(at::IntArrayRef sizes, at::IntArrayRef strides, c
   return at::empty_strided(sizes, strides, options).zero_();
 }
 
-// Contiguous.
+// Contiguous (its strides from a meta tensor: no memory).
 inline at::Tensor zeroed_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  std::vector<int64_t> strides(sizes.size(), 1);
-  for (int64_t d = static_cast<int64_t>(sizes.size()) - 2; d >= 0; --d) {
-    strides[d] = strides[d + 1] * std::max<int64_t>(sizes[d + 1], 1);
-  }
-  return zeroed_pages(sizes, strides, options);
+  const at::Tensor layout = at::empty(sizes, options.device(at::kMeta));
+  return zeroed_pages(sizes, layout.strides(), options);
 }
 
 // Zeros of t's sizes, dtype and layout (its strides when t is dense, as at::zeros_like).

@@ -199,13 +199,11 @@ def _dense_convs_composite(x: torch.Tensor, weights: Sequence[torch.Tensor],
     """:func:`dense_convs` from ATen ops (concatenate, replicate-pad, conv): what
     torch.compile traces, since it cannot trace :class:`DenseConvs`' in-place buffer
     (oneDNN's fused conv has no meta kernel); inductor plans the copies itself."""
+    def conv(feats, w, b):
+        return F.conv2d(F.pad(feats, (1, 1, 1, 1), mode="replicate"), w, b)
+
     feats = x
-    for i, (w, b) in enumerate(zip(weights, biases)):
-        out = F.conv2d(F.pad(feats, (1, 1, 1, 1), mode="replicate"), w, b)
-        last = i == len(weights) - 1
-        if not last or activate_last:
-            out = F.leaky_relu(out, slope)
-        if last:
-            return out
-        feats = torch.cat([feats, out], dim=1)
-    raise AssertionError("unreachable: weights is not empty")
+    for w, b in zip(weights[:-1], biases[:-1]):
+        feats = torch.cat([feats, F.leaky_relu(conv(feats, w, b), slope)], dim=1)
+    last = conv(feats, weights[-1], biases[-1])
+    return F.leaky_relu(last, slope) if activate_last else last
